@@ -1,0 +1,942 @@
+"""Redis sources for streamz.
+
+Three source nodes, registered on ``Stream`` (and through streamz's
+``streamz.sources`` entry points, so ``from streamz import Stream`` is enough):
+
+``Stream.from_redis_list(keys)``
+    Pops items from the head of one or more Redis lists and emits each item.
+    At-most-once: an item popped and lost in a crash is gone.
+``Stream.from_redis_streams(streams)``
+    Reads one or more Redis Streams with XREAD from a start id and emits an
+    ``Entry(stream, id, fields, deliveries)`` per entry. Nothing is consumed:
+    ``source.last_ids`` tells where to resume.
+``Stream.from_redis_consumer_group(streams, group, consumer)``
+    Reads as one consumer of a consumer group (XREADGROUP) and emits the same
+    ``Entry``. At-least-once: an entry is acknowledged (XACK) only once it has
+    left the whole pipeline; unacknowledged entries come back when a consumer
+    of the same name starts again.
+
+All three share one lifecycle (``_RedisSource``): ``start()`` connects and
+raises any misconfiguration in the caller's thread; one read loop runs on the
+streamz event loop with redis.asyncio; a lost connection is retried with capped
+exponential back-off; ``stop()`` interrupts a blocking read at once, gives back
+what it read but did not emit, flushes acknowledgements and closes the
+connections. Errors raised downstream are logged on the ``streamz_redis`` logger
+with the entry's id, and the source keeps running.
+"""
+
+import asyncio
+import atexit
+import logging
+import os
+import re
+import threading
+import weakref
+from collections import defaultdict
+from typing import Any, NamedTuple, Optional
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from streamz import RefCounter, Stream
+from streamz.core import sync
+from streamz.sources import Source
+
+__all__ = [
+    "Entry",
+    "from_redis_consumer_group",
+    "from_redis_list",
+    "from_redis_streams",
+]
+
+log = logging.getLogger("streamz_redis")
+
+DEFAULT_URL = "redis://localhost:6379/0"
+
+# Back-off between attempts to reach a Redis that went away (seconds).
+BACKOFF_FIRST = 0.1
+BACKOFF_CAP = 5.0
+
+# stop() must end reading within half a second, even mid-way through a
+# blocking read; this is how long it waits for the loop before cancelling it.
+STOP_DEADLINE = 0.5
+
+# How long stop() waits for the last acknowledgements to reach Redis.
+FLUSH_DEADLINE = 5.0
+
+# Errors that mean "Redis is not reachable right now": retried, never fatal.
+CONNECTION_ERRORS = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    OSError,
+)
+
+
+class Entry(NamedTuple):
+    """One entry of a Redis Stream, as emitted by the stream sources.
+
+    ``stream`` and ``id`` are ``str``; ``fields`` is a dict, decoded to ``str``
+    unless the source was made with ``decode=False``. ``deliveries`` is how
+    many times Redis has delivered the entry to the group (1 for a first
+    delivery), or ``None`` where Redis does not say (``from_redis_streams``,
+    replayed pending entries).
+    """
+
+    stream: str
+    id: str
+    fields: dict
+    deliveries: Optional[int] = None
+
+
+# --------------------------------------------------------------------------
+# The boundary: every Redis reply becomes a Python value here, and only here.
+# --------------------------------------------------------------------------
+
+_STREAM_ID = re.compile(r"\d+(-\d+)?")
+
+
+def _check_start_id(start_id, allowed=("$",)):
+    """Return ``start_id`` as ``str``, or raise ``ValueError`` naming it."""
+    if isinstance(start_id, bytes):
+        start_id = start_id.decode("ascii", "replace")
+    if not isinstance(start_id, str) or not (
+        start_id in allowed or _STREAM_ID.fullmatch(start_id)
+    ):
+        raise ValueError(
+            f"malformed start id {start_id!r}: expected one of "
+            f"{', '.join(map(repr, allowed))}, '0', '<milliseconds>' or "
+            "'<milliseconds>-<sequence>'"
+        )
+    return start_id
+
+
+def _text(value):
+    """A key, id or stream name from Redis, as ``str``."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _make_decoder(decode):
+    """The function that turns one Redis value into what the source emits.
+
+    ``decode`` is True (UTF-8), False (bytes unchanged) or an encoding name.
+    The function raises ``UnicodeDecodeError`` on a value it cannot decode.
+    """
+    if decode is False or decode is None:
+        return None
+    encoding = "utf-8" if decode is True else decode
+    "".encode(encoding)  # an unknown encoding fails here, in __init__
+
+    def decoder(value):
+        return value.decode(encoding) if isinstance(value, bytes) else value
+
+    return decoder
+
+
+def _entry_fields(raw_fields, decoder):
+    """The fields of a stream entry, decoded; ``None`` if Redis had none."""
+    if not raw_fields:
+        # XREADGROUP answers nil fields for a pending entry that was deleted
+        # or trimmed from the stream since it was delivered.
+        return None
+    if decoder is None:
+        return raw_fields
+    return {decoder(k): decoder(v) for k, v in raw_fields.items()}
+
+
+def _safe_url(url):
+    """``url`` with any password replaced, fit for reprs, logs and errors."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable Redis URL>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def _as_list(names, what):
+    if isinstance(names, (str, bytes)):
+        return [_text(names)]
+    names = [_text(n) for n in names]
+    if not names:
+        raise ValueError(f"{what}: give at least one name")
+    return names
+
+
+def _streams_with_ids(streams, start_id, allowed):
+    """``streams`` (a name, a list of names or a dict name -> start id) as a
+    dict of name -> checked start id."""
+    if isinstance(streams, dict):
+        pairs = [(_text(k), v) for k, v in streams.items()]
+        if not pairs:
+            raise ValueError("streams: give at least one stream")
+    else:
+        pairs = [(name, start_id) for name in _as_list(streams, "streams")]
+    return {name: _check_start_id(sid, allowed) for name, sid in pairs}
+
+
+# --------------------------------------------------------------------------
+# Acknowledgement by streamz reference counting
+# --------------------------------------------------------------------------
+
+_PENDING, _DONE, _FAILED = 0, 1, 2
+
+
+class _Ack:
+    """The RefCounter callback of one emitted entry.
+
+    streamz calls it on every release that brings the count to zero, so it
+    must act once: the first call acknowledges, later calls do nothing. An
+    entry whose processing raised is marked failed first and never acked.
+    """
+
+    __slots__ = ("source", "key", "item", "state")
+
+    def __init__(self, source, key, item):
+        self.source = source
+        self.key = key  # stream name or list key
+        self.item = item  # entry id or raw list item
+        self.state = _PENDING
+
+    def __call__(self):
+        if self.state == _PENDING:
+            self.state = _DONE
+            self.source._done(self)
+
+    def fail(self):
+        if self.state == _PENDING:
+            self.state = _FAILED
+            self.source._failed(self)
+
+
+# --------------------------------------------------------------------------
+# The shared lifecycle
+# --------------------------------------------------------------------------
+
+_running_sources = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_running_sources():
+    """Flush acknowledgements of sources still running when Python exits."""
+    for source in list(_running_sources):
+        try:
+            if not source._on_loop_thread():
+                source.stop()
+        except Exception:  # pragma: no cover - best effort at exit
+            log.exception("%s: could not stop cleanly at exit", source)
+
+
+class _RedisSource(Source):
+    """What every Redis source shares: connections, the read loop, back-off,
+    start/stop, and acknowledgement batching.
+
+    A subclass says how to prepare (``_prepare``), how to read one batch
+    (``_read``), how to give back what was read but not emitted (``_give_back``)
+    and, if it acknowledges, what ``_ack_batch`` sends to Redis.
+    """
+
+    acknowledges = False
+
+    def __init__(
+        self,
+        *,
+        url=None,
+        client_kwargs=None,
+        client=None,
+        decode=True,
+        timeout=1.0,
+        count=100,
+        **kwargs,
+    ):
+        if timeout is None or timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        if not isinstance(count, int) or count < 1:
+            raise ValueError(f"count must be a positive integer, not {count!r}")
+        self.url = url or os.environ.get("REDIS_URL") or DEFAULT_URL
+        self.client_kwargs = dict(client_kwargs or {})
+        self.client = client
+        self.decode = decode
+        self._decoder = _make_decoder(decode)
+        self.timeout = timeout
+        self.count = count
+        self._redis = None  # pooled connections: non-blocking commands, acks
+        self._blocking = None  # one connection that only runs blocking reads
+        self._blocking_id = None  # its CLIENT ID, so stop() can CLIENT UNBLOCK it
+        self._task = None  # the read loop
+        self._starting = None
+        self._acks = defaultdict(list)  # key -> items whose acks await a flush
+        self._flusher = None
+        self._in_flight = {}  # (key, item) -> _Ack, emitted and not yet done
+        super().__init__(**kwargs)
+
+    def __str__(self):
+        return f"<{type(self).__name__} {self._describe()} at {self._where()}>"
+
+    __repr__ = __str__
+
+    def _where(self):
+        if self.client is not None:
+            kw = self.client.connection_pool.connection_kwargs
+            return f"redis://{kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
+        return _safe_url(self.url)
+
+    def _describe(self):  # pragma: no cover - overridden
+        return ""
+
+    # ---- start and stop, from any thread --------------------------------
+
+    def _on_loop_thread(self):
+        try:
+            return asyncio.get_running_loop() is self.loop.asyncio_loop
+        except RuntimeError:
+            return False
+
+    def start(self):
+        """Connect, prepare and start reading.
+
+        In streamz's default mode this blocks until the source is ready and
+        raises any problem (Redis unreachable, wrong password, a key of the
+        wrong type, a malformed start id) here. Inside a running event loop
+        (``asynchronous=True``) it returns an awaitable that does the same:
+        ``await source.start()``.
+        """
+        if self._on_loop_thread():
+            return asyncio.ensure_future(self._start())
+        sync(self.loop, self._start)
+
+    def stop(self):
+        """Stop reading, give back what was read but not emitted, flush
+        acknowledgements and close the connections.
+
+        Blocks until done in streamz's default mode; inside the event loop it
+        returns an awaitable. ``start()`` afterwards resumes.
+        """
+        if self._on_loop_thread():
+            return asyncio.ensure_future(self._stop())
+        if self.loop is not None:
+            sync(self.loop, self._stop)
+
+    async def _start(self):
+        if self._starting is not None:  # start() while a start is under way
+            return await asyncio.shield(self._starting)
+        if self._task is not None:
+            return
+        self._starting = asyncio.get_running_loop().create_future()
+        try:
+            await self._connect()
+            await self._prepare()
+        except BaseException as exc:
+            await self._close()
+            self._starting.set_exception(exc)
+            self._starting.exception()  # retrieved: raised below instead
+            self._starting = None
+            raise self._explain(exc) from exc
+        self.stopped = False
+        self.started = True
+        _running_sources.add(self)
+        self._task = asyncio.ensure_future(self._run())
+        self._starting.set_result(None)
+        self._starting = None
+        if any(self._acks.values()):  # acks left over from before a stop()
+            self._schedule_flush()
+
+    def _explain(self, exc):
+        """``exc`` with a message that names this source and its server."""
+        if isinstance(exc, (ValueError, TypeError)):
+            return exc
+        message = f"{self} could not start: {exc}"
+        try:
+            return type(exc)(message)
+        except Exception:
+            return RuntimeError(message)
+
+    async def _stop(self):
+        if self._starting is not None:
+            try:
+                await asyncio.shield(self._starting)
+            except Exception:
+                return
+        task = self._task
+        if task is None:
+            return
+        self.stopped = True
+        deadline = asyncio.get_running_loop().time() + STOP_DEADLINE
+        while not task.done():
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                task.cancel()  # Redis does not answer: give up on the read
+                break
+            await self._unblock()
+            await asyncio.wait([task], timeout=min(0.05, remaining))
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # pragma: no cover - _run logs its own errors
+            log.exception("%s: read loop failed", self)
+        self._task = None
+        _running_sources.discard(self)
+        await self._flush_acks_before_close()
+        await self._close()
+
+    async def _unblock(self):
+        """Wake the blocking read with CLIENT UNBLOCK: it returns as if it had
+        timed out, so nothing it was about to pop is lost (a cancelled BLPOP
+        can lose the item it popped)."""
+        if self._blocking_id is None or self._redis is None:
+            return
+        try:
+            await asyncio.wait_for(
+                self._redis.execute_command("CLIENT UNBLOCK", self._blocking_id),
+                STOP_DEADLINE,
+            )
+        except Exception:
+            pass  # the deadline in _stop cancels the read instead
+
+    # ---- connections ----------------------------------------------------
+
+    async def _connect(self):
+        if self.client is not None:
+            self._redis = self.client
+        else:
+            kwargs = dict(self.client_kwargs)
+            # This loop retries with back-off and logs; redis-py's own silent
+            # retries would only delay a clear error from start().
+            kwargs.setdefault("retry", Retry(NoBackoff(), 0))
+            kwargs["decode_responses"] = False
+            self._redis = redis.asyncio.from_url(self.url, **kwargs)
+        await self._redis.ping()
+        if self.uses_blocking_reads:
+            self._blocking = self._redis.client()  # one dedicated connection
+            await self._blocking.initialize()
+            self._blocking.connection.register_connect_callback(self._on_blocking_connect)
+            self._blocking_id = await self._blocking.client_id()
+
+    async def _on_blocking_connect(self, connection):
+        # A reconnected connection has a new CLIENT ID.
+        await connection.send_command("CLIENT", "ID")
+        self._blocking_id = await connection.read_response()
+
+    uses_blocking_reads = True
+
+    def _block_seconds(self):
+        """How long one blocking read may wait on the server.
+
+        BLOCK must stay below the client's socket_timeout or redis-py raises
+        TimeoutError (and drops the connection) while Redis is merely idle.
+        """
+        socket_timeout = self._redis.connection_pool.connection_kwargs.get("socket_timeout")
+        if socket_timeout:
+            return max(0.01, min(self.timeout, socket_timeout / 2))
+        return self.timeout
+
+    async def _close(self):
+        blocking, self._blocking, self._blocking_id = self._blocking, None, None
+        own, self._redis = self._redis, None
+        for client in (blocking, None if own is self.client else own):
+            if client is not None:
+                try:
+                    await client.aclose()
+                except Exception:  # pragma: no cover - closing a dead socket
+                    pass
+
+    # ---- the read loop --------------------------------------------------
+
+    async def _run(self):
+        backoff = BACKOFF_FIRST
+        while not self.stopped:
+            try:
+                batch = await self._read()
+                backoff = BACKOFF_FIRST
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.stopped:
+                    break
+                if isinstance(exc, CONNECTION_ERRORS):
+                    log.warning(
+                        "%s: Redis is unreachable (%s); retrying in %.1f s",
+                        self, exc, backoff,
+                    )
+                    self._on_disconnect()
+                else:
+                    recovered = await self._recover(exc)
+                    if recovered:
+                        continue
+                    log.error("%s: read failed (%r); retrying in %.1f s", self, exc, backoff)
+                await self._sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_CAP)
+                continue
+            await self._emit_batch(batch)
+
+    async def _sleep(self, seconds):
+        """Sleep, but wake as soon as stop() is called."""
+        deadline = asyncio.get_running_loop().time() + seconds
+        while not self.stopped:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return
+            await asyncio.sleep(min(remaining, 0.05))
+
+    async def _emit_batch(self, batch):
+        """Emit each ``(value, origin)`` of a batch in turn, awaiting its
+        futures (the back-pressure). An origin that is an ``_Ack`` is tracked
+        until it leaves the pipeline. On stop(), what is left is given back."""
+        for position, (value, origin) in enumerate(batch):
+            if self.stopped:
+                await self._give_back(batch[position:])
+                return
+            if isinstance(origin, _Ack):
+                await self._emit_tracked(value, origin)
+            else:
+                await self._emit_untracked(value)
+
+    async def _emit_untracked(self, value):
+        try:
+            futures = self._emit(value)
+            if futures:
+                await asyncio.gather(*futures)
+        except Exception:
+            log.exception("%s: processing failed for %s", self, _name_of(value))
+
+    async def _emit_tracked(self, value, ack):
+        # The source holds its own reference until the emit's futures are
+        # done: rate_limit, map_async and async sinks release theirs early.
+        self._in_flight[ack.key, ack.item] = ack
+        ref = RefCounter(initial=1, cb=ack, loop=self.loop)
+        try:
+            futures = self._emit(value, metadata=[{"ref": ref}])
+            if futures:
+                await asyncio.gather(*futures)
+        except Exception:
+            log.exception("%s: processing failed for %s; not acknowledged", self, _name_of(value))
+            ack.fail()
+        ref.release()
+
+    # ---- hooks for subclasses ------------------------------------------
+
+    async def _prepare(self):
+        """Called by start() once connected: check keys, resolve ids."""
+
+    async def _read(self):  # pragma: no cover - abstract
+        """Read one batch: a list of ``(value, origin)``, where origin is an
+        ``_Ack`` for a tracked value, else whatever ``_give_back`` needs."""
+        raise NotImplementedError
+
+    async def _give_back(self, rest):
+        """Return what was read but not emitted because of stop()."""
+
+    def _on_disconnect(self):
+        """Called when the connection is lost while reading."""
+
+    async def _recover(self, exc):
+        """Handle a Redis error while reading; True if handled."""
+        return False
+
+    # ---- acknowledgements ----------------------------------------------
+
+    def _done(self, ack):
+        """An entry left the pipeline: queue its acknowledgement."""
+        self._in_flight.pop((ack.key, ack.item), None)
+        self._acks[ack.key].append(ack.item)
+        if self._redis is not None:
+            self._schedule_flush()
+
+    def _failed(self, ack):
+        self._in_flight.pop((ack.key, ack.item), None)
+
+    def _schedule_flush(self):
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush_acks())
+
+    async def _flush_acks(self):
+        """Send queued acknowledgements until none are left: one command per
+        key per round trip, batching whatever arrived during the last one."""
+        backoff = BACKOFF_FIRST
+        while any(self._acks.values()) and self._redis is not None:
+            batch, self._acks = self._acks, defaultdict(list)
+            try:
+                await self._ack_batch(batch)
+                backoff = BACKOFF_FIRST
+            except Exception as exc:
+                for key, items in batch.items():
+                    self._acks[key][:0] = items
+                if isinstance(exc, CONNECTION_ERRORS) and not self.stopped:
+                    log.warning("%s: acknowledgement failed (%s); retrying in %.1f s", self, exc, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, BACKOFF_CAP)
+                    continue
+                log.error("%s: acknowledgement failed (%r); will retry", self, exc)
+                return
+
+    async def _flush_acks_before_close(self):
+        if not self.acknowledges:
+            return
+        if any(self._acks.values()):
+            self._schedule_flush()
+        if self._flusher is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._flusher), FLUSH_DEADLINE)
+            except Exception:
+                pass
+        left = sum(len(items) for items in self._acks.values())
+        if left:
+            log.warning(
+                "%s: %d acknowledgement(s) not sent before closing; they are sent "
+                "on the next start(), or the entries are delivered again",
+                self, left,
+            )
+
+    async def _ack_batch(self, batch):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _name_of(value):
+    """How a log line names an emitted value."""
+    if isinstance(value, Entry):
+        return f"entry {value.id} of stream {value.stream!r}"
+    text = repr(value)
+    return f"item {text[:80]}{'...' if len(text) > 80 else ''}"
+
+
+# --------------------------------------------------------------------------
+# The sources
+# --------------------------------------------------------------------------
+
+
+@Stream.register_api(staticmethod)
+class from_redis_list(_RedisSource):
+    """Pop items from the head of Redis lists and emit each one.
+
+    Waits with BLPOP over the keys, in the order given; where a backlog is
+    waiting it pops up to ``count`` items per key in one round trip (LPOP with
+    a count). Delivery is **at-most-once**: an item is removed from Redis when
+    it is read, so an item held in memory when the process dies is lost. An
+    item read but not yet emitted when ``stop()`` is called goes back to the
+    head of its list.
+
+    Parameters
+    ----------
+    keys : str or list of str
+        The list key, or several keys, read in the order given.
+    timeout : float
+        Longest one blocking read waits on Redis, in seconds (kept below the
+        client's ``socket_timeout``). ``stop()`` interrupts it at once.
+    count : int
+        Most items popped from one list in one round trip.
+    decode : bool or str
+        ``True`` (default) emits ``str`` decoded as UTF-8, ``False`` emits the
+        ``bytes`` unchanged, a string names another encoding. An item that
+        cannot be decoded is logged and moved to ``dead_letter_list``.
+    dead_letter_list : str, optional
+        Where undecodable items go; default ``"<key>:dead-letter"``.
+    url : str, optional
+        Redis URL; default the ``REDIS_URL`` environment variable, else
+        ``redis://localhost:6379/0``.
+    client_kwargs : dict, optional
+        Extra keyword arguments for ``redis.asyncio.Redis`` (username,
+        password, ssl options, timeouts).
+    client : redis.asyncio.Redis, optional
+        A ready client; wins over ``url`` and ``client_kwargs``.
+    **kwargs
+        For ``streamz.Source``: ``start``, ``asynchronous``, ``loop``,
+        ``stream_name``.
+
+    Examples
+    --------
+    >>> source = Stream.from_redis_list("jobs")  # doctest: +SKIP
+    >>> source.sink(print)  # doctest: +SKIP
+    >>> source.start()  # doctest: +SKIP
+    """
+
+    def __init__(self, keys, *, timeout=1.0, count=100, dead_letter_list=None, **kwargs):
+        self.keys = _as_list(keys, "keys")
+        self.dead_letter_list = dead_letter_list
+        super().__init__(timeout=timeout, count=count, **kwargs)
+
+    def _describe(self):
+        return ", ".join(map(repr, self.keys))
+
+    async def _prepare(self):
+        for key in self.keys:
+            kind = _text(await self._redis.type(key))
+            if kind not in ("list", "none"):
+                raise TypeError(f"Redis key {key!r} holds a {kind}, not a list")
+
+    async def _read(self):
+        # A backlog: up to `count` items from each key in one round trip.
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in self.keys:
+                pipe.lpop(key, self.count)
+            replies = await pipe.execute()
+        popped = [
+            (key, item)
+            for key, items in zip(self.keys, replies)
+            if items
+            for item in items
+        ]
+        if not popped:
+            # Nothing waiting: block until an item arrives (or time runs out).
+            reply = await self._blocking.blpop(self.keys, self._block_seconds())
+            if reply is None:
+                return []
+            popped = [(_text(reply[0]), reply[1])]
+        return await self._decode_items(popped)
+
+    async def _decode_items(self, popped):
+        if self._decoder is None:
+            return [(item, (key, item)) for key, item in popped]
+        batch = []
+        for key, item in popped:
+            try:
+                batch.append((self._decoder(item), (key, item)))
+            except UnicodeDecodeError as exc:
+                await self._dead_letter(key, item, exc)
+        return batch
+
+    async def _dead_letter(self, key, item, exc):
+        target = self.dead_letter_list or f"{key}:dead-letter"
+        log.error(
+            "%s: item %r of list %r cannot be decoded (%s); moved to list %r",
+            self, item[:80], key, exc, target,
+        )
+        await self._redis.rpush(target, item)
+
+    async def _give_back(self, rest):
+        # stop() came mid-batch: the unemitted items go back to the head of
+        # their lists, in their order, as the bytes Redis had.
+        by_key = defaultdict(list)
+        for _, (key, raw) in rest:
+            by_key[key].append(raw)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key, raws in by_key.items():
+                pipe.lpush(key, *reversed(raws))
+            await pipe.execute()
+
+
+@Stream.register_api(staticmethod)
+class from_redis_streams(_RedisSource):
+    """Read one or more Redis Streams (XREAD) from a start id.
+
+    Emits ``Entry(stream, id, fields, deliveries=None)`` per entry, in the
+    order Redis returns them. Nothing is consumed or acknowledged: the
+    source's ``last_ids`` (stream -> id of the last entry emitted) tells where
+    to resume, for example ``Stream.from_redis_streams(source.last_ids)``.
+
+    Parameters
+    ----------
+    streams : str, list of str, or dict of str to str
+        A stream name, several, or a dict of name -> start id.
+    start_id : str
+        Where to start for streams given without an id: ``"$"`` (default)
+        means entries added after ``start()`` is called (resolved by
+        ``start()`` itself, so nothing added after it returns is missed),
+        ``"0"`` the beginning, or an explicit id ``"<ms>-<seq>"``.
+    count : int
+        Most entries read in one round trip.
+    timeout : float
+        Longest one blocking read waits on Redis, in seconds.
+    decode : bool or str
+        ``True`` (default) decodes field names and values as UTF-8, ``False``
+        keeps them as ``bytes``, a string names another encoding. An entry
+        that cannot be decoded is logged and skipped; it stays in the stream.
+    url, client_kwargs, client, **kwargs
+        As for ``from_redis_list``.
+    """
+
+    def __init__(self, streams, *, start_id="$", count=100, timeout=1.0, **kwargs):
+        self.start_ids = _streams_with_ids(streams, start_id, allowed=("$",))
+        self.last_ids = {}
+        super().__init__(timeout=timeout, count=count, **kwargs)
+
+    def _describe(self):
+        return ", ".join(map(repr, self.start_ids))
+
+    async def _prepare(self):
+        for name, start_id in self.start_ids.items():
+            kind = _text(await self._redis.type(name))
+            if kind not in ("stream", "none"):
+                raise TypeError(f"Redis key {name!r} holds a {kind}, not a stream")
+            if name in self.last_ids:
+                continue  # start() after stop() resumes where it stopped
+            if start_id == "$":
+                # Resolve "$" now: a later XREAD with "$" would skip whatever
+                # is added between start() returning and that read.
+                last = await self._redis.xrevrange(name, count=1)
+                start_id = _text(last[0][0]) if last else "0-0"
+            self.last_ids[name] = start_id
+
+    async def _read(self):
+        reply = await self._blocking.xread(
+            self.last_ids, count=self.count, block=int(self._block_seconds() * 1000)
+        )
+        batch = []
+        for raw_name, entries in reply:
+            name = _text(raw_name)
+            for raw_id, raw_fields in entries:
+                entry_id = _text(raw_id)
+                try:
+                    fields = _entry_fields(raw_fields, self._decoder)
+                except UnicodeDecodeError as exc:
+                    log.error(
+                        "%s: entry %s of stream %r cannot be decoded (%s); skipped, "
+                        "it stays in the stream", self, entry_id, name, exc,
+                    )
+                    self.last_ids[name] = entry_id
+                    continue
+                batch.append((Entry(name, entry_id, fields), None))
+        return batch
+
+    async def _emit_batch(self, batch):
+        for entry, _ in batch:
+            if self.stopped:
+                return  # last_ids still point before the unemitted entries
+            self.last_ids[entry.stream] = entry.id
+            await self._emit_untracked(entry)
+
+
+@Stream.register_api(staticmethod)
+class from_redis_consumer_group(_RedisSource):
+    """Read Redis Streams as one consumer of a consumer group (XREADGROUP).
+
+    Several sources with the same ``group`` and different ``consumer`` names
+    share the entries. Emits ``Entry(stream, id, fields, deliveries)``.
+
+    Delivery is **at-least-once**. An entry is acknowledged (XACK) only once it
+    has left the whole pipeline, by streamz reference counting: after every
+    sink it reached, or at once if a ``filter`` dropped it. Nodes that hold
+    elements (``buffer``, ``partition``, windows, ``collect``, ``latest``)
+    delay the acknowledgement until they let go. Acks are batched: one XACK
+    per stream per round trip, sent as soon as the previous one returns, and
+    flushed on ``stop()``. An entry whose processing raised is not
+    acknowledged: it stays pending and comes back on the next start of a
+    consumer with the same name, which first replays its own pending entries.
+
+    Parameters
+    ----------
+    streams : str, list of str, or dict of str to str
+        A stream name, several, or a dict of name -> start id for the group.
+    group : str
+        The consumer group; created by ``start()`` if missing (with MKSTREAM).
+    consumer : str
+        This consumer's name. Keep it across restarts: pending entries are
+        replayed only to a consumer of the same name.
+    start_id : str
+        Where a new group starts: ``"$"`` (default) entries added after
+        ``start()``, ``"0"`` the whole stream, or an explicit id. Ignored for
+        a group that already exists.
+    count : int
+        Most entries read in one round trip.
+    timeout : float
+        Longest one blocking read waits on Redis, in seconds.
+    decode : bool or str
+        As for ``from_redis_streams``. An entry that cannot be decoded is
+        logged and not acknowledged: it stays pending.
+    url, client_kwargs, client, **kwargs
+        As for ``from_redis_list``.
+    """
+
+    acknowledges = True
+
+    def __init__(self, streams, group, consumer, *, start_id="$", count=100, timeout=1.0, **kwargs):
+        self.start_ids = _streams_with_ids(streams, start_id, allowed=("$",))
+        self.group = _text(group)
+        self.consumer = _text(consumer)
+        self._replay_from = None  # stream -> id while replaying pending entries
+        super().__init__(timeout=timeout, count=count, **kwargs)
+
+    def _describe(self):
+        names = ", ".join(map(repr, self.start_ids))
+        return f"{names} group={self.group!r} consumer={self.consumer!r}"
+
+    async def _prepare(self):
+        for name, start_id in self.start_ids.items():
+            kind = _text(await self._redis.type(name))
+            if kind not in ("stream", "none"):
+                raise TypeError(f"Redis key {name!r} holds a {kind}, not a stream")
+            await self._create_group(name, start_id)
+        self._replay_from = {name: "0" for name in self.start_ids}
+
+    async def _create_group(self, name, start_id):
+        try:
+            await self._redis.xgroup_create(name, self.group, start_id, mkstream=True)
+        except redis.exceptions.ResponseError as exc:
+            if not str(exc).startswith("BUSYGROUP"):
+                raise
+
+    async def _read(self):
+        if self._replay_from:
+            batch = await self._read_pending()
+            if batch is not None:
+                return batch
+        reply = await self._blocking.xreadgroup(
+            self.group,
+            self.consumer,
+            {name: ">" for name in self.start_ids},
+            count=self.count,
+            block=int(self._block_seconds() * 1000),
+        )
+        return self._batch_of(reply, deliveries=1)
+
+    async def _read_pending(self):
+        """One batch of this consumer's own pending entries, or None once
+        they are all replayed."""
+        reply = await self._redis.xreadgroup(
+            self.group, self.consumer, self._replay_from, count=self.count
+        )
+        any_entry = False
+        for raw_name, entries in reply:
+            if entries:
+                any_entry = True
+                self._replay_from[_text(raw_name)] = _text(entries[-1][0])
+        if not any_entry:
+            self._replay_from = None
+            return None
+        return self._batch_of(reply, deliveries=None)
+
+    def _batch_of(self, reply, deliveries):
+        batch = []
+        trimmed = []
+        for raw_name, entries in reply:
+            name = _text(raw_name)
+            for raw_id, raw_fields in entries:
+                entry_id = _text(raw_id)
+                if (name, entry_id) in self._in_flight:
+                    continue  # replayed while still on its way through the pipeline
+                ack = _Ack(self, name, entry_id)
+                try:
+                    fields = _entry_fields(raw_fields, self._decoder)
+                except UnicodeDecodeError as exc:
+                    log.error(
+                        "%s: entry %s of stream %r cannot be decoded (%s); not "
+                        "acknowledged, it stays pending", self, entry_id, name, exc,
+                    )
+                    continue
+                if fields is None:
+                    log.warning(
+                        "%s: pending entry %s of stream %r was deleted from the "
+                        "stream; acknowledged without emitting it", self, entry_id, name,
+                    )
+                    trimmed.append(ack)
+                    continue
+                batch.append((Entry(name, entry_id, fields, deliveries), ack))
+        for ack in trimmed:
+            ack()
+        return batch
+
+    async def _ack_batch(self, batch):
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for name, ids in batch.items():
+                if ids:
+                    pipe.xack(name, self.group, *ids)
+            await pipe.execute()
+
+    def _on_disconnect(self):
+        # Entries delivered just before the connection dropped may never have
+        # reached us; they are pending under our name, so replay them first.
+        self._replay_from = {name: "0" for name in self.start_ids}
