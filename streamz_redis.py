@@ -465,9 +465,11 @@ class _RedisSource(Source):
                     )
                     self._on_disconnect()
                 else:
-                    recovered = await self._recover(exc)
-                    if recovered:
-                        continue
+                    try:
+                        if await self._recover(exc):
+                            continue
+                    except Exception as recovery_error:
+                        exc = recovery_error
                     log.error("%s: read failed (%r); retrying in %.1f s", self, exc, backoff)
                 await self._sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_CAP)
@@ -935,6 +937,18 @@ class from_redis_consumer_group(_RedisSource):
                 if ids:
                     pipe.xack(name, self.group, *ids)
             await pipe.execute()
+
+    async def _recover(self, exc):
+        if not str(exc).startswith("NOGROUP"):
+            return False
+        # The stream or the group was deleted, or Redis restarted empty.
+        # Recreate the group from the stream's beginning, so that entries
+        # added since it vanished are not skipped.
+        log.warning("%s: %s; recreating the group from id 0", self, exc)
+        for name in self.start_ids:
+            await self._create_group(name, "0")
+        self._replay_from = {name: "0" for name in self.start_ids}
+        return True
 
     def _on_disconnect(self):
         # Entries delivered just before the connection dropped may never have

@@ -1,0 +1,730 @@
+"""Scenarios a user of streamz-redis would recognise, against real redis-servers.
+
+The servers are the tests' own (see conftest.py). No test waits on a fixed
+sleep: each waits for a condition, with a deadline.
+"""
+
+import asyncio
+import logging
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio
+from streamz import Stream
+from streamz.core import sync
+from tornado.ioloop import IOLoop
+
+import streamz_redis
+from conftest import free_port, wait_for
+from streamz_redis import Entry
+
+HERE = Path(__file__).parent
+
+
+def pending(r, stream, group):
+    return r.xpending(stream, group)["pending"]
+
+
+def call_count(r, command):
+    """How many times the server ran ``command`` since CONFIG RESETSTAT."""
+    stats = r.info("commandstats")
+    return stats.get(f"cmdstat_{command}", {}).get("calls", 0)
+
+
+def on_loop(source, coroutine_function):
+    """Run a coroutine on the source's event loop and return its result."""
+    return sync(source.loop, coroutine_function)
+
+
+async def settle():
+    """Let the loop run every callback already scheduled (such as a
+    RefCounter callback), then wait for the acks those queued."""
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+def wait_for_acks(source):
+    async def drained():
+        await settle()
+        if source._flusher is not None:
+            await asyncio.shield(source._flusher)
+
+    on_loop(source, drained)
+
+
+# --------------------------------------------------------------------------
+# Installation: the quickstart needs nothing but `from streamz import Stream`
+# --------------------------------------------------------------------------
+
+
+def test_nodes_are_found_through_entry_points_without_importing_the_module(server, r):
+    script = textwrap.dedent(
+        """
+        import sys
+        from streamz import Stream
+        source = Stream.from_redis_list("test-list")
+        assert "streamz_redis" in sys.modules  # loaded by the entry point, not by us
+        seen = []
+        source.sink(seen.append)
+        source.start()
+        import redis, time, os
+        with redis.Redis.from_url(os.environ["REDIS_URL"]) as client:
+            for i in range(5):
+                client.rpush("test-list", i)
+        deadline = time.monotonic() + 10
+        while len(seen) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        source.stop()
+        print(seen)
+        for name in ("from_redis_streams", "from_redis_consumer_group"):
+            assert callable(getattr(Stream, name))
+        """
+    )
+    env = dict(os.environ, PYTHONPATH="")  # the installed package, not this folder
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd="/", capture_output=True,
+        text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['0', '1', '2', '3', '4']"
+
+
+# --------------------------------------------------------------------------
+# from_redis_list
+# --------------------------------------------------------------------------
+
+
+def test_list_items_are_emitted_in_order(server, r):
+    source = Stream.from_redis_list("test-list")
+    seen = source.sink_to_list()
+    source.start()
+    for i in range(5):
+        r.rpush("test-list", i)
+    wait_for(lambda: len(seen) == 5)
+    assert seen == ["0", "1", "2", "3", "4"]
+    assert r.llen("test-list") == 0
+
+
+def test_several_lists_are_read_in_the_order_given(server, r):
+    r.rpush("second", "b1", "b2")
+    r.rpush("first", "a1", "a2")
+    source = Stream.from_redis_list(["first", "second"])
+    seen = source.sink_to_list()
+    source.start()
+    wait_for(lambda: len(seen) == 4)
+    assert seen == ["a1", "a2", "b1", "b2"]
+
+
+def test_a_backlog_is_popped_in_batches_not_one_round_trip_per_item(server, r):
+    r.rpush("backlog", *range(1000))
+    r.config_resetstat()
+    source = Stream.from_redis_list("backlog", count=100)
+    seen = source.sink_to_list()
+    source.start()
+    wait_for(lambda: len(seen) == 1000)
+    assert seen == [str(i) for i in range(1000)]
+    assert call_count(r, "lpop") <= 12  # ten full batches, and the empty one after
+    assert call_count(r, "blpop") <= 2
+
+
+def test_binary_items_pass_through_unchanged_when_decoding_is_off(server, r):
+    payload = bytes(range(256))
+    r.rpush("binary", payload)
+    source = Stream.from_redis_list("binary", decode=False)
+    seen = source.sink_to_list()
+    source.start()
+    wait_for(lambda: seen)
+    assert seen == [payload]
+
+
+def test_an_undecodable_list_item_is_logged_and_moved_to_the_dead_letter_list(server, r, caplog):
+    r.rpush("text", "before", b"\xff\xfe", "after")
+    source = Stream.from_redis_list("text")
+    seen = source.sink_to_list()
+    with caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        source.start()
+        wait_for(lambda: len(seen) == 2)
+    assert seen == ["before", "after"]
+    assert r.lrange("text:dead-letter", 0, -1) == [b"\xff\xfe"]
+    assert "cannot be decoded" in caplog.text
+
+
+def test_items_read_but_not_emitted_go_back_to_the_head_of_their_list_on_stop(server, r):
+    r.rpush("queue", *range(300))
+    source = Stream.from_redis_list("queue", count=100)
+    seen = []
+
+    def process(item):
+        seen.append(item)
+        if len(seen) == 3:
+            source.stop()  # from inside the pipeline, mid-batch
+
+    source.sink(process)
+    source.start()
+    wait_for(lambda: source._task is None and len(seen) >= 3)
+    left = [int(x) for x in r.lrange("queue", 0, -1)]
+    assert [int(x) for x in seen] + left == list(range(300))
+
+
+def test_a_key_of_the_wrong_type_is_a_clear_error_from_start(server, r):
+    r.set("not-a-list", "x")
+    source = Stream.from_redis_list("not-a-list")
+    with pytest.raises(TypeError, match="'not-a-list' holds a string, not a list"):
+        source.start()
+    assert source._task is None
+
+
+# --------------------------------------------------------------------------
+# from_redis_streams
+# --------------------------------------------------------------------------
+
+
+def test_dollar_means_entries_added_after_start_every_time(server, r):
+    for attempt in range(20):
+        name = f"test-stream-{attempt}"
+        source = Stream.from_redis_streams(name)
+        seen = source.sink_to_list()
+        r.xadd(name, {"i": -1})  # this will not be emitted
+        source.start()
+        for i in range(5):
+            r.xadd(name, {"i": i})
+        wait_for(lambda: len(seen) >= 5)
+        source.stop()
+        assert [e.fields["i"] for e in seen] == ["0", "1", "2", "3", "4"], attempt
+
+
+def test_stream_entries_are_named_tuples_and_last_ids_tell_where_to_resume(server, r):
+    ids = [r.xadd("events", {"n": i}).decode() for i in range(3)]
+    source = Stream.from_redis_streams("events", start_id="0")
+    seen = source.sink_to_list()
+    source.start()
+    wait_for(lambda: len(seen) == 3)
+    source.stop()
+    assert seen[0] == Entry("events", ids[0], {"n": "0"}, None)
+    stream, entry_id, fields, deliveries = seen[2]
+    assert (stream, entry_id, fields) == ("events", ids[2], {"n": "2"})
+    assert source.last_ids == {"events": ids[2]}
+
+    more = r.xadd("events", {"n": 3}).decode()
+    resumed = Stream.from_redis_streams(source.last_ids)
+    again = resumed.sink_to_list()
+    resumed.start()
+    wait_for(lambda: again)
+    assert [e.id for e in again] == [more]
+
+
+def test_several_streams_with_their_own_start_ids(server, r):
+    a = [r.xadd("a", {"x": i}).decode() for i in range(3)]
+    b = [r.xadd("b", {"y": i}).decode() for i in range(3)]
+    source = Stream.from_redis_streams({"a": a[0], "b": "0"})
+    seen = source.sink_to_list()
+    source.start()
+    wait_for(lambda: len(seen) == 5)
+    assert sorted((e.stream, e.id) for e in seen) == sorted(
+        [("a", a[1]), ("a", a[2])] + [("b", i) for i in b]
+    )
+
+
+def test_start_after_stop_resumes_without_gaps_or_repeats(server, r):
+    source = Stream.from_redis_streams("resume", start_id="0")
+    seen = source.sink_to_list()
+    source.start()
+    r.xadd("resume", {"i": 0})
+    wait_for(lambda: len(seen) == 1)
+    source.stop()
+    r.xadd("resume", {"i": 1})  # added while stopped
+    source.start()
+    r.xadd("resume", {"i": 2})
+    wait_for(lambda: len(seen) == 3)
+    assert [e.fields["i"] for e in seen] == ["0", "1", "2"]
+
+
+def test_malformed_start_id_is_a_clear_error(server):
+    with pytest.raises(ValueError, match="malformed start id 'yesterday'"):
+        Stream.from_redis_streams("s", start_id="yesterday")
+    with pytest.raises(ValueError, match="malformed start id"):
+        Stream.from_redis_consumer_group({"s": "1-x"}, "g", "c")
+
+
+def test_an_undecodable_stream_entry_is_skipped_and_logged(server, r, caplog):
+    r.xadd("mixed", {"v": "ok"})
+    bad = r.xadd("mixed", {"v": b"\xff"}).decode()
+    r.xadd("mixed", {"v": "ok too"})
+    source = Stream.from_redis_streams("mixed", start_id="0")
+    seen = source.sink_to_list()
+    with caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        source.start()
+        wait_for(lambda: len(seen) == 2)
+    assert [e.fields["v"] for e in seen] == ["ok", "ok too"]
+    assert bad in caplog.text
+    assert r.xlen("mixed") == 3  # left where it can be found
+
+
+def test_binary_fields_pass_through_when_decoding_is_off(server, r):
+    r.xadd("raw", {b"\x00key": b"\xff\x00"})
+    source = Stream.from_redis_streams("raw", start_id="0", decode=False)
+    seen = source.sink_to_list()
+    source.start()
+    wait_for(lambda: seen)
+    assert seen[0].fields == {b"\x00key": b"\xff\x00"}
+
+
+# --------------------------------------------------------------------------
+# from_redis_consumer_group
+# --------------------------------------------------------------------------
+
+
+def test_three_consumers_share_ten_entries_each_emitted_once_and_acked_once(server, r):
+    out = Stream().rate_limit(0.01)
+    seen = out.sink_to_list()
+    acked = []
+    sources = []
+    for i in range(3):
+        source = Stream.from_redis_consumer_group("test-stream", "test-group", f"consumer-{i}")
+        record_acks(source, acked)
+        source.connect(out)
+        source.start()
+        sources.append(source)
+    ids = [r.xadd("test-stream", {"i": i}).decode() for i in range(10)]
+    wait_for(lambda: len(seen) == 10 and pending(r, "test-stream", "test-group") == 0)
+    assert sorted(e.id for e in seen) == ids
+    assert sorted(acked) == ids
+
+
+def record_acks(source, acked):
+    """Record every id the source sends in an XACK."""
+    send = source._ack_batch
+
+    async def recording(batch):
+        await send(batch)
+        for ids in batch.values():
+            acked.extend(ids)
+
+    source._ack_batch = recording
+
+
+def test_the_group_is_created_by_start_so_entries_added_right_after_are_delivered(server, r):
+    source = Stream.from_redis_consumer_group("fresh", "g", "c")
+    seen = source.sink_to_list()
+    r.xadd("fresh", {"i": "before"})
+    source.start()
+    r.xadd("fresh", {"i": "after"})
+    wait_for(lambda: seen)
+    assert [e.fields["i"] for e in seen] == ["after"]
+    # an existing group is fine
+    again = Stream.from_redis_consumer_group("fresh", "g", "other")
+    again.start()
+
+
+class HeldSink:
+    """An async sink that holds each element until the test lets it go."""
+
+    def __init__(self, upstream):
+        self.received = []
+        self.release = None
+        upstream.sink(self.hold)
+
+    async def hold(self, x):
+        if self.release is None:
+            self.release = asyncio.Event()
+        self.received.append(x)
+        await self.release.wait()
+
+    def let_go(self, source):
+        source.loop.add_callback(self.release.set)
+
+
+@pytest.mark.parametrize(
+    "pipeline",
+    [
+        "rate_limit",
+        "buffer",
+        "map_async",
+    ],
+)
+def test_ack_waits_for_the_sink_behind_nodes_that_release_early(server, r, pipeline):
+    source = Stream.from_redis_consumer_group("s", "g", "c")
+    if pipeline == "rate_limit":
+        node = source.rate_limit(0.05)
+    elif pipeline == "buffer":
+        node = source.buffer(10)
+    else:
+        async def identity(x):
+            return x
+
+        node = source.map_async(identity)
+    held = HeldSink(node)
+    source.start()
+    r.xadd("s", {"i": 0})
+    wait_for(lambda: held.received)
+    wait_for_acks(source)
+    assert pending(r, "s", "g") == 1  # the sink still holds it
+    held.let_go(source)
+    wait_for(lambda: pending(r, "s", "g") == 0)
+
+
+def test_an_entry_dropped_by_a_filter_is_acked_at_once(server, r):
+    source = Stream.from_redis_consumer_group("s", "g", "c")
+    kept = source.filter(lambda e: e.fields["keep"] == "yes").sink_to_list()
+    source.start()
+    r.xadd("s", {"keep": "no"})
+    wait_for(lambda: pending(r, "s", "g") == 0 and r.xinfo_groups("s")[0]["entries-read"] == 1)
+    assert kept == []
+
+
+def test_entries_are_acked_with_no_downstream_at_all(server, r):
+    source = Stream.from_redis_consumer_group("s", "g", "c")
+    source.start()
+    for i in range(5):
+        r.xadd("s", {"i": i})
+    wait_for(lambda: r.xinfo_groups("s")[0]["entries-read"] == 5 and pending(r, "s", "g") == 0)
+
+
+def test_acks_are_batched_into_multi_id_xacks(server, r):
+    r.xadd("s", {"i": -1})
+    source = Stream.from_redis_consumer_group("s", "g", "c", start_id="0")
+    acked = []
+    record_acks(source, acked)
+    seen = source.sink_to_list()
+    with r.pipeline() as pipe:
+        for i in range(2000):
+            pipe.xadd("s", {"i": i})
+        pipe.execute()
+    r.config_resetstat()
+    source.start()
+    wait_for(lambda: len(acked) == 2001)
+    assert call_count(r, "xack") < 2001 / 10
+    assert pending(r, "s", "g") == 0
+
+
+def test_the_ack_callback_is_idempotent(server, r):
+    source = Stream.from_redis_consumer_group("s", "g", "c")
+    acked = []
+    record_acks(source, acked)
+    # A second branch: streamz calls the callback on every release to zero.
+    source.sink(lambda e: None)
+    source.buffer(5).sink(lambda e: None)
+    source.start()
+    entry_id = r.xadd("s", {"i": 0}).decode()
+    wait_for(lambda: acked == [entry_id])
+    ack = streamz_redis._Ack(source, "s", entry_id)
+
+    async def call_twice():
+        ack()
+        ack()
+
+    on_loop(source, call_twice)
+    wait_for_acks(source)
+    assert acked == [entry_id, entry_id]  # the new _Ack acked once, not twice
+
+
+def test_a_failing_entry_is_logged_stays_pending_and_comes_back_on_restart(server, r, caplog):
+    def process(entry):
+        if entry.fields["i"] == "3":
+            raise ValueError("cannot process 3")
+        return entry
+
+    source = Stream.from_redis_consumer_group("s", "g", "worker")
+    done = source.map(process).sink_to_list()
+    with caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        source.start()
+        ids = [r.xadd("s", {"i": i}).decode() for i in range(6)]
+        wait_for(lambda: len(done) == 5)
+        wait_for_acks(source)
+    assert ids[3] in caplog.text and "not acknowledged" in caplog.text
+    assert [p["message_id"].decode() for p in r.xpending_range("s", "g", "-", "+", 10)] == [ids[3]]
+    source.stop()
+
+    restarted = Stream.from_redis_consumer_group("s", "g", "worker")
+    replayed = restarted.sink_to_list()
+    restarted.start()
+    wait_for(lambda: replayed)
+    assert [e.id for e in replayed] == [ids[3]]
+    wait_for(lambda: pending(r, "s", "g") == 0)
+
+
+def test_an_undecodable_group_entry_stays_pending_and_the_rest_flow(server, r, caplog):
+    source = Stream.from_redis_consumer_group("s", "g", "c")
+    seen = source.sink_to_list()
+    with caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        source.start()
+        r.xadd("s", {"v": "fine"})
+        bad = r.xadd("s", {"v": b"\xff"}).decode()
+        r.xadd("s", {"v": "fine too"})
+        wait_for(lambda: len(seen) == 2)
+        wait_for(lambda: pending(r, "s", "g") == 1)
+    assert [p["message_id"].decode() for p in r.xpending_range("s", "g", "-", "+", 10)] == [bad]
+    assert bad in caplog.text
+
+
+def test_stop_flushes_acks_and_start_replays_nothing_twice(server, r):
+    source = Stream.from_redis_consumer_group("s", "g", "c")
+    seen = source.sink_to_list()
+    source.start()
+    for i in range(50):
+        r.xadd("s", {"i": i})
+    wait_for(lambda: len(seen) == 50)
+    source.stop()
+    assert pending(r, "s", "g") == 0
+    source.start()
+    r.xadd("s", {"i": 50})
+    wait_for(lambda: len(seen) == 51)
+    assert len({e.id for e in seen}) == 51
+
+
+# --------------------------------------------------------------------------
+# Lifecycle and errors, for every source
+# --------------------------------------------------------------------------
+
+SOURCES = {
+    "list": lambda **kw: Stream.from_redis_list("k", **kw),
+    "streams": lambda **kw: Stream.from_redis_streams("k", **kw),
+    "group": lambda **kw: Stream.from_redis_consumer_group("k", "g", "c", **kw),
+}
+
+
+def add(r, kind, value):
+    if kind == "list":
+        r.rpush("k", value)
+    else:
+        r.xadd("k", {"v": value})
+
+
+def value_of(x):
+    return x if isinstance(x, str) else x.fields["v"]
+
+
+@pytest.mark.parametrize("kind", SOURCES)
+def test_start_twice_runs_one_read_loop(server, r, kind):
+    source = SOURCES[kind]()
+    seen = source.sink_to_list()
+    source.start()
+    task = source._task
+    source.start()
+    assert source._task is task
+    for i in range(20):
+        add(r, kind, str(i))
+    wait_for(lambda: len(seen) == 20)
+    assert [value_of(x) for x in seen] == [str(i) for i in range(20)]
+
+
+@pytest.mark.parametrize("kind", SOURCES)
+def test_stop_interrupts_a_blocking_read_at_once_and_start_resumes(server, r, kind):
+    # Without a socket_timeout, one blocking read would wait a whole minute.
+    source = SOURCES[kind](timeout=60, client_kwargs={"socket_timeout": None})
+    seen = source.sink_to_list()
+    source.start()
+    add(r, kind, "first")
+    wait_for(lambda: seen)
+    blocked = "blpop" if kind == "list" else ("xreadgroup" if kind == "group" else "xread")
+    wait_for(lambda: any(c.get("cmd") == blocked for c in r.client_list()))
+    began = time.monotonic()
+    source.stop()
+    assert time.monotonic() - began < 0.5
+    assert not any(c.get("cmd") == blocked and c.get("flags") == "b" for c in r.client_list())
+    add(r, kind, "while stopped")
+    source.start()
+    add(r, kind, "after")
+    wait_for(lambda: len(seen) == 3)
+    assert [value_of(x) for x in seen] == ["first", "while stopped", "after"]
+
+
+@pytest.mark.parametrize("kind", SOURCES)
+def test_blocking_reads_never_trip_a_short_socket_timeout(server, r, kind, caplog):
+    source = SOURCES[kind](timeout=5, client_kwargs={"socket_timeout": 0.2})
+    seen = source.sink_to_list()
+    r.config_resetstat()
+    blocked = "blpop" if kind == "list" else ("xreadgroup" if kind == "group" else "xread")
+    with caplog.at_level(logging.WARNING, logger="streamz_redis"):
+        source.start()
+        # Several blocking reads come and go on an idle key...
+        wait_for(lambda: call_count(r, blocked) >= 4)
+        add(r, kind, "x")
+        wait_for(lambda: seen)
+    assert caplog.records == []  # ...and none timed out
+
+
+@pytest.mark.parametrize("kind", SOURCES)
+def test_an_exception_downstream_is_logged_and_the_source_keeps_running(server, r, kind, caplog):
+    source = SOURCES[kind]()
+
+    def fragile(x):
+        if value_of(x) == "bad":
+            raise RuntimeError("boom")
+        return x
+
+    seen = source.map(fragile).sink_to_list()
+    with caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        source.start()
+        for value in ("good", "bad", "good again"):
+            add(r, kind, value)
+        wait_for(lambda: len(seen) == 2)
+    assert [value_of(x) for x in seen] == ["good", "good again"]
+    assert "processing failed" in caplog.text and "boom" in caplog.text
+
+
+@pytest.mark.parametrize("kind", SOURCES)
+def test_unreachable_redis_is_a_clear_error_from_start(kind, monkeypatch):
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    source = SOURCES[kind](url=url)
+    with pytest.raises(redis.exceptions.ConnectionError, match=re.escape(f"127.0.0.1:{url.split(':')[2].split('/')[0]}")):
+        source.start()
+    assert source._task is None
+
+
+@pytest.mark.parametrize("kind", SOURCES)
+def test_a_wrong_password_is_a_clear_error_that_never_shows_the_password(private_server, kind):
+    server = private_server("--requirepass", "right-secret")
+    url = f"redis://:wrong-secret@127.0.0.1:{server.port}/0"
+    source = SOURCES[kind](url=url)
+    assert "wrong-secret" not in repr(source)
+    with pytest.raises(redis.exceptions.AuthenticationError) as error:
+        source.start()
+    assert "wrong-secret" not in str(error.value)
+    assert "***" in str(error.value)
+
+    good = SOURCES[kind](client_kwargs={"password": "right-secret"})
+    seen = good.sink_to_list()
+    good.start()
+    with server.client(password="right-secret") as r:
+        add(r, kind, "let in")
+    wait_for(lambda: seen)
+
+
+@pytest.mark.parametrize("kind", SOURCES)
+def test_a_lost_connection_is_retried_and_reading_resumes(private_server, kind, caplog):
+    server = private_server()
+    source = SOURCES[kind]()
+    seen = source.sink_to_list()
+    with caplog.at_level(logging.WARNING, logger="streamz_redis"):
+        source.start()
+        with server.client() as r:
+            add(r, kind, "before")
+        wait_for(lambda: seen)
+        server.restart()  # empty: no persistence
+        wait_for(lambda: "unreachable" in caplog.text)
+
+        def reading():
+            with server.client() as r:
+                add(r, kind, "after")
+            return any(value_of(x) == "after" for x in seen)
+
+        # A group is recreated by the source when the empty server says NOGROUP.
+        wait_for(reading, timeout=20, interval=0.1)
+
+
+def test_a_ready_client_wins_over_url(server):
+    client = redis.asyncio.Redis.from_url(server.url)
+    source = Stream.from_redis_list("k", client=client, url="redis://nowhere.invalid:1/0")
+    seen = source.sink_to_list()
+    source.start()
+    with server.client() as r:
+        r.rpush("k", "via client")
+    wait_for(lambda: seen)
+    assert seen == ["via client"]
+    assert "nowhere" not in repr(source)
+
+
+def test_url_defaults_to_the_REDIS_URL_variable(server, monkeypatch):
+    assert Stream.from_redis_list("k").url == server.url
+    monkeypatch.delenv("REDIS_URL")
+    assert Stream.from_redis_list("k").url == "redis://localhost:6379/0"
+
+
+# --------------------------------------------------------------------------
+# Inside a running event loop
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", SOURCES)
+def test_sources_run_inside_a_running_event_loop(server, kind):
+    async def main():
+        client = redis.asyncio.Redis.from_url(server.url)
+        source = SOURCES[kind](asynchronous=True, loop=IOLoop.current())
+        seen = source.sink_to_list()
+        await source.start()
+        for i in range(3):
+            if kind == "list":
+                await client.rpush("k", i)
+            else:
+                await client.xadd("k", {"v": i})
+        deadline = time.monotonic() + 10
+        while len(seen) < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await source.stop()
+        if kind == "group":
+            assert (await client.xpending("k", "g"))["pending"] == 0
+        await client.aclose()
+        return [value_of(x) for x in seen]
+
+    assert asyncio.run(main()) == ["0", "1", "2"]
+
+
+def test_start_errors_are_raised_by_awaiting_start_inside_a_loop(server, r):
+    r.set("k", "a string")
+
+    async def main():
+        source = Stream.from_redis_list("k", asynchronous=True, loop=IOLoop.current())
+        with pytest.raises(TypeError, match="not a list"):
+            await source.start()
+
+    asyncio.run(main())
+
+
+# --------------------------------------------------------------------------
+# The README and the example
+# --------------------------------------------------------------------------
+
+
+def readme_code_blocks():
+    text = (HERE / "README.rst").read_text()
+    blocks = re.findall(r"\.\. code-block:: python\n\n((?:    .*\n|\n)+)", text)
+    return [textwrap.dedent(block) for block in blocks]
+
+
+@pytest.mark.parametrize("number", range(len(readme_code_blocks())))
+def test_readme_code_block_runs(server, number):
+    code = readme_code_blocks()[number]
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, REDIS_URL=server.url),
+    )
+    assert out.returncode == 0, out.stderr
+    expected = re.findall(r"^# prints: (.*)$", code, re.M)
+    printed = out.stdout.strip().splitlines()
+    for line in expected:
+        assert line in printed, (line, printed)
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (HERE / "README.rst").read_text()
+    ci = (HERE / ".ci" / "run").read_text()
+    command = re.search(r"run the tests:\n\n\.\. code-block:: sh\n\n    (.*)\n", readme).group(1)
+    assert command in ci
+
+
+def test_the_quickstart_example_runs(server):
+    out = subprocess.run(
+        [sys.executable, str(HERE / "examples" / "quickstart.py")],
+        capture_output=True, text=True, timeout=120, env=dict(os.environ, REDIS_URL=server.url),
+    )
+    assert out.returncode == 0, out.stderr
+    assert "from_redis_list emitted: ['0', '1', '2', '3', '4']" in out.stdout
+
+
+def test_the_quickstart_example_says_how_to_start_redis_when_none_answers():
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    out = subprocess.run(
+        [sys.executable, str(HERE / "examples" / "quickstart.py")],
+        capture_output=True, text=True, timeout=60, env=dict(os.environ, REDIS_URL=url),
+    )
+    assert out.returncode != 0
+    assert "redis-server" in out.stderr
