@@ -1,0 +1,785 @@
+#!/usr/bin/env python
+"""Throughput, latency and memory of the streamz-redis sources, next to their
+ceilings, measured side by side in one run against a private redis-server.
+
+    python bench/bench.py                      # default sizes, about two minutes
+    python bench/bench.py --n 300 --latency-seconds 1 --memory-entries 2000   # CI size
+
+Everything runs in one asyncio event loop in the main thread: the sources are
+made with ``asynchronous=True, loop=IOLoop.current()`` and so are the streamz
+ceilings; the redis-py ceilings are plain ``redis.asyncio`` loops on the same
+event loop. (In streamz's default mode the sources run the very same code on a
+loop thread while the main thread sleeps; the per-entry path is identical.)
+
+Throughput rows are repeated ``--repeat`` times, interleaved (every row once,
+then every row again...), and the best run is reported next to the median.
+A row's time runs from ``start()`` (or, for a redis-py loop, from creating its
+client) until the sink has seen ``--n`` elements; for the consumer group also
+until XPENDING says nothing is pending.
+
+Latency: a producer *process* XADDs one entry at a time at ``--latency-rate``
+entries per second, each carrying the CLOCK_MONOTONIC time of its XADD (that
+clock is system-wide on Linux); the sink takes the difference.
+
+Memory: a child process drains a backlog of ``--memory-entries`` entries
+through ``from_redis_consumer_group`` into a deliberately slow sink while a
+thread samples its VmRSS; growth is peak VmRSS minus the idle process's VmRSS
+(after imports and connecting, before ``start()``).
+
+Only for Linux (``/proc``). The redis-server binary comes from REDIS_SERVER,
+else from PATH; it is started with ``--save "" --appendonly no`` on a free port
+and killed at the end.
+"""
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import platform
+import shlex
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, ROOT)
+
+PAYLOAD = "payload-0123456789"  # every benchmark entry: {"i": <n>, "p": PAYLOAD}
+
+
+def now():
+    """System-wide monotonic seconds, comparable between processes (Linux)."""
+    return time.clock_gettime(time.CLOCK_MONOTONIC)
+
+
+# --------------------------------------------------------------------------
+# A private redis-server
+# --------------------------------------------------------------------------
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PrivateRedis:
+    def __init__(self, binary=None):
+        self.binary = binary or os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
+        if not self.binary:
+            sys.exit("bench.py needs a redis-server binary on PATH (or REDIS_SERVER)")
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="streamz-redis-bench-")
+        self.process = None
+
+    @property
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self):
+        import redis
+
+        command = [
+            self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+            "--save", "", "--appendonly", "no", "--dir", self.dir,
+            "--daemonize", "no", "--loglevel", "warning",
+        ]
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            if self.process.poll() is not None:
+                sys.exit(f"redis-server exited with {self.process.returncode}: {command}")
+            try:
+                with redis.Redis(port=self.port, socket_timeout=1) as client:
+                    client.ping()
+                    self.version = client.info("server")["redis_version"]
+                return self
+            except redis.exceptions.ConnectionError:
+                if time.monotonic() > deadline:
+                    self.close()
+                    sys.exit(f"redis-server did not answer: {command}")
+                time.sleep(0.01)
+
+    def close(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+# Helpers that run on the event loop
+# --------------------------------------------------------------------------
+
+
+def identity(x):
+    return x
+
+
+class Counter:
+    """A sink function: counts elements and stamps the time of the n-th."""
+
+    def __init__(self, n):
+        self.n = n
+        self.seen = 0
+        self.done = asyncio.get_running_loop().create_future()
+
+    def __call__(self, x):
+        self.seen += 1
+        if self.seen == self.n:
+            self.done.set_result(time.perf_counter())
+
+
+def client(url):
+    import redis.asyncio
+
+    return redis.asyncio.from_url(url)
+
+
+async def fill_stream(url, stream, n, chunk=1000):
+    r = client(url)
+    for start in range(0, n, chunk):
+        async with r.pipeline(transaction=False) as pipe:
+            for i in range(start, min(n, start + chunk)):
+                pipe.execute_command("XADD", stream, "*", "i", i, "p", PAYLOAD)
+            await pipe.execute()
+    await r.aclose()
+
+
+async def fill_list(url, key, n, chunk=1000):
+    r = client(url)
+    await r.delete(key)
+    for start in range(0, n, chunk):
+        await r.rpush(key, *(f"{i}:{PAYLOAD}" for i in range(start, min(n, start + chunk))))
+    await r.aclose()
+
+
+async def wait_or_fail(future, timeout, what):
+    try:
+        return await asyncio.wait_for(future, timeout)
+    except asyncio.TimeoutError:
+        raise RuntimeError(f"{what}: timed out after {timeout:.0f} s") from None
+
+
+def row_timeout(n):
+    return 30 + n / 2000
+
+
+# --------------------------------------------------------------------------
+# Ceilings: streamz alone
+# --------------------------------------------------------------------------
+
+
+async def streamz_ceiling(ctx, n, acks):
+    from streamz import RefCounter
+    from streamz.sources import Source
+    from tornado.ioloop import IOLoop
+
+    acked = [0]
+    all_acked = asyncio.get_running_loop().create_future()
+
+    def on_ack():
+        acked[0] += 1
+        if acked[0] == n:
+            all_acked.set_result(time.perf_counter())
+
+    class Numbers(Source):
+        """A bare source, emitting as a source does: awaiting each emit."""
+
+        async def run(self):
+            if acks:
+                for x in range(n):
+                    ref = RefCounter(initial=1, cb=on_ack, loop=self.loop)
+                    await asyncio.gather(*self._emit(x, metadata=[{"ref": ref}]))
+                    ref.release()
+            else:
+                for x in range(n):
+                    await asyncio.gather(*self._emit(x))
+
+    counter = Counter(n)
+    source = Numbers(asynchronous=True, loop=IOLoop.current())
+    sink = source.map(identity).sink(counter)
+    t0 = time.perf_counter()
+    source.start()
+    end = await wait_or_fail(counter.done, row_timeout(n), "streamz ceiling")
+    if acks:
+        end = max(end, await wait_or_fail(all_acked, row_timeout(n), "streamz acks"))
+    source.stop()
+    sink.destroy()
+    return end - t0
+
+
+# --------------------------------------------------------------------------
+# Ceilings: redis-py alone
+# --------------------------------------------------------------------------
+
+
+async def raw_xreadgroup(ctx, n, count):
+    group = ctx.fresh("raw-group")
+    t0 = time.perf_counter()
+    r = client(ctx.url)
+    await r.xgroup_create(ctx.stream, group, "0")
+    got = 0
+    while got < n:
+        for name, entries in await r.xreadgroup(group, "c", {ctx.stream: ">"}, count=count):
+            ids = [entry_id for entry_id, _ in entries]
+            got += len(ids)
+            await r.xack(name, group, *ids)
+    elapsed = time.perf_counter() - t0
+    await r.aclose()
+    return elapsed
+
+
+async def raw_xread(ctx, n, count):
+    t0 = time.perf_counter()
+    r = client(ctx.url)
+    last = "0"
+    got = 0
+    while got < n:
+        for _, entries in await r.xread({ctx.stream: last}, count=count):
+            got += len(entries)
+            last = entries[-1][0]
+    elapsed = time.perf_counter() - t0
+    await r.aclose()
+    return elapsed
+
+
+async def raw_lpop(ctx, n, count):
+    key = ctx.fresh("raw-list")
+    await fill_list(ctx.url, key, n)
+    t0 = time.perf_counter()
+    r = client(ctx.url)
+    got = 0
+    while got < n:
+        items = await r.lpop(key, count)
+        got += len(items or ())
+    elapsed = time.perf_counter() - t0
+    await r.aclose()
+    return elapsed
+
+
+async def raw_xadd(ctx, n, count):
+    stream = ctx.fresh("raw-xadd")
+    t0 = time.perf_counter()
+    r = client(ctx.url)
+    for start in range(0, n, count):
+        async with r.pipeline(transaction=False) as pipe:
+            for i in range(start, min(n, start + count)):
+                pipe.xadd(stream, {"i": i, "p": PAYLOAD})
+            await pipe.execute()
+    elapsed = time.perf_counter() - t0
+    await r.delete(stream)
+    await r.aclose()
+    return elapsed
+
+
+async def raw_rpush(ctx, n, count):
+    key = ctx.fresh("raw-rpush")
+    t0 = time.perf_counter()
+    r = client(ctx.url)
+    for start in range(0, n, count):
+        async with r.pipeline(transaction=False) as pipe:
+            for i in range(start, min(n, start + count)):
+                pipe.rpush(key, f"{i}:{PAYLOAD}")
+            await pipe.execute()
+    elapsed = time.perf_counter() - t0
+    await r.delete(key)
+    await r.aclose()
+    return elapsed
+
+
+# --------------------------------------------------------------------------
+# Ours
+# --------------------------------------------------------------------------
+
+
+async def run_source(source, n, after=None):
+    """Time ``source -> map -> sink`` from start() until the sink saw n
+    elements (and ``after()`` returned, if given)."""
+    counter = Counter(n)
+    sink = source.map(identity).sink(counter)
+    t0 = time.perf_counter()
+    await source.start()
+    try:
+        end = await wait_or_fail(counter.done, row_timeout(n), str(source))
+        if after is not None:
+            end = max(end, await wait_or_fail(after(), row_timeout(n), "XPENDING"))
+    finally:
+        await source.stop()
+        sink.destroy()
+    return end - t0
+
+
+async def ours_list(ctx, n, count):
+    import streamz_redis
+    from tornado.ioloop import IOLoop
+
+    key = ctx.fresh("list")
+    await fill_list(ctx.url, key, n)
+    source = streamz_redis.from_redis_list(
+        key, url=ctx.url, count=count, asynchronous=True, loop=IOLoop.current()
+    )
+    return await run_source(source, n)
+
+
+async def ours_streams(ctx, n, count):
+    import streamz_redis
+    from tornado.ioloop import IOLoop
+
+    source = streamz_redis.from_redis_streams(
+        ctx.stream, start_id="0", url=ctx.url, count=count,
+        asynchronous=True, loop=IOLoop.current(),
+    )
+    return await run_source(source, n)
+
+
+async def ours_group(ctx, n, count):
+    import streamz_redis
+    from tornado.ioloop import IOLoop
+
+    group = ctx.fresh("group")
+    source = streamz_redis.from_redis_consumer_group(
+        ctx.stream, group, "c", start_id="0", url=ctx.url, count=count,
+        asynchronous=True, loop=IOLoop.current(),
+    )
+
+    async def nothing_pending():
+        r = client(ctx.url)
+        try:
+            while (await r.xpending(ctx.stream, group))["pending"]:
+                await asyncio.sleep(0.0005)
+            return time.perf_counter()
+        finally:
+            await r.aclose()
+
+    return await run_source(source, n, after=nothing_pending)
+
+
+# --------------------------------------------------------------------------
+# The rows
+# --------------------------------------------------------------------------
+
+# name, function, ack mode (for the streamz ceiling), matching redis-py ceiling
+THROUGHPUT_ROWS = [
+    ("ceiling: streamz Source -> map -> sink", "streamz-plain", None, None),
+    ("ceiling: streamz + RefCounter per element", "streamz-ref", None, None),
+    ("ceiling: redis-py XREADGROUP COUNT + XACK", "raw-xreadgroup", None, None),
+    ("ceiling: redis-py XREAD COUNT", "raw-xread", None, None),
+    ("ceiling: redis-py LPOP count", "raw-lpop", None, None),
+    ("ceiling: redis-py pipelined XADD (sinks)", "raw-xadd", None, None),
+    ("ceiling: redis-py pipelined RPUSH (sinks)", "raw-rpush", None, None),
+    ("from_redis_list", "ours-list", "streamz-plain", "raw-lpop"),
+    ('from_redis_streams (start_id="0")', "ours-streams", "streamz-plain", "raw-xread"),
+    ('from_redis_consumer_group ("0", acks)', "ours-group", "streamz-ref", "raw-xreadgroup"),
+]
+
+FUNCTIONS = {
+    "streamz-plain": lambda ctx, n, count: streamz_ceiling(ctx, n, acks=False),
+    "streamz-ref": lambda ctx, n, count: streamz_ceiling(ctx, n, acks=True),
+    "raw-xreadgroup": raw_xreadgroup,
+    "raw-xread": raw_xread,
+    "raw-lpop": raw_lpop,
+    "raw-xadd": raw_xadd,
+    "raw-rpush": raw_rpush,
+    "ours-list": ours_list,
+    "ours-streams": ours_streams,
+    "ours-group": ours_group,
+}
+
+
+class Context:
+    def __init__(self, url):
+        self.url = url
+        self.stream = "bench:stream"
+        self._serial = 0
+
+    def fresh(self, prefix):
+        self._serial += 1
+        return f"bench:{prefix}:{self._serial}"
+
+
+async def throughput(args, url, only=None):
+    ctx = Context(url)
+    await fill_stream(url, ctx.stream, args.n)
+    rows = [row for row in THROUGHPUT_ROWS if only is None or row[1] in only]
+    rates = {key: [] for _, key, _, _ in rows}
+    for _ in range(args.repeat):
+        for _, key, _, _ in rows:
+            gc.collect()
+            elapsed = await FUNCTIONS[key](ctx, args.n, args.count)
+            rates[key].append(args.n / elapsed)
+            r = client(url)  # drop what the row left behind, but keep the backlog
+            keys = [k for k in await r.keys("bench:*") if k != ctx.stream.encode()]
+            if keys:
+                await r.delete(*keys)
+            await r.aclose()
+    r = client(url)
+    await r.delete(ctx.stream)
+    await r.aclose()
+    return rates
+
+
+# --------------------------------------------------------------------------
+# Latency
+# --------------------------------------------------------------------------
+
+
+def produce(url, stream, rate, seconds):
+    """The latency producer (a child process): XADD one entry at a time at a
+    steady rate, each stamped with the time of its XADD; print how many."""
+    import redis
+
+    r = redis.Redis.from_url(url)
+    r.ping()
+    interval = 1.0 / rate
+    start = now()
+    end = start + seconds
+    sent = 0
+    while True:
+        t = now()
+        if t >= end:
+            break
+        due = start + sent * interval
+        if t < due:
+            time.sleep(due - t)
+        r.xadd(stream, {"t": repr(now()), "i": sent})
+        sent += 1
+    print(sent, flush=True)
+
+
+async def latency(args, url, which):
+    import streamz_redis
+    from tornado.ioloop import IOLoop
+
+    stream = f"bench:latency:{which}"
+    if which == "streams":
+        source = streamz_redis.from_redis_streams(
+            stream, url=url, count=args.count, asynchronous=True, loop=IOLoop.current()
+        )
+    else:
+        source = streamz_redis.from_redis_consumer_group(
+            stream, "latency", "c", url=url, count=args.count,
+            asynchronous=True, loop=IOLoop.current(),
+        )
+    samples = []
+
+    def record(entry):
+        samples.append(now() - float(entry.fields["t"]))
+
+    sink = source.map(identity).sink(record)
+    await source.start()
+    producer = await asyncio.create_subprocess_exec(
+        sys.executable, os.path.abspath(__file__), "--_produce", url, stream,
+        str(args.latency_rate), str(args.latency_seconds),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await producer.communicate()
+    sent = int(out.decode().split()[-1])
+    deadline = now() + 5
+    while len(samples) < sent and now() < deadline:
+        await asyncio.sleep(0.01)
+    await source.stop()
+    sink.destroy()
+    r = client(url)
+    await r.delete(stream)
+    await r.aclose()
+    warmup = int(args.latency_rate * args.latency_warmup)
+    kept = sorted(samples[warmup:] if len(samples) > 2 * warmup else samples)
+    if not kept:
+        raise RuntimeError(f"latency {which}: no entry reached the sink")
+
+    def pct(p):
+        return kept[min(len(kept) - 1, int(p / 100 * len(kept)))] * 1000
+
+    return {
+        "p50": pct(50), "p99": pct(99), "max": kept[-1] * 1000,
+        "samples": len(kept), "sent": sent, "received": len(samples),
+    }
+
+
+# --------------------------------------------------------------------------
+# Memory (in a child process, so that "idle" means idle)
+# --------------------------------------------------------------------------
+
+
+def vm(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def memory_child(url, stream, entries, count, every, pause, max_seconds):
+    """Drain ``stream`` through a consumer group into a slow sink; print JSON."""
+    import redis.asyncio  # noqa: F401  (imported before measuring idle)
+    import streamz_redis
+    from tornado.ioloop import IOLoop
+
+    async def main():
+        source = streamz_redis.from_redis_consumer_group(
+            stream, "memory", "c", start_id="0", url=url, count=count,
+            asynchronous=True, loop=IOLoop.current(),
+        )
+        done = asyncio.get_running_loop().create_future()
+        seen = [0]
+
+        def slow(entry):
+            seen[0] += 1
+            if seen[0] == entries and not done.done():
+                done.set_result(None)
+            if seen[0] % every == 0:
+                return asyncio.sleep(pause)  # awaited by the source: back-pressure
+            return None
+
+        sink = source.map(identity).sink(slow)
+        gc.collect()
+        idle = vm("VmRSS")
+        peak = [idle]
+        sampling = threading.Event()
+
+        def sample():
+            while not sampling.wait(0.005):
+                peak[0] = max(peak[0], vm("VmRSS"))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        t0 = time.perf_counter()
+        await source.start()
+        try:
+            await asyncio.wait_for(done, max_seconds)
+        except asyncio.TimeoutError:
+            pass
+        elapsed = time.perf_counter() - t0
+        await source.stop()
+        sampling.set()
+        sampler.join()
+        peak[0] = max(peak[0], vm("VmRSS"))
+        sink.destroy()
+        print(json.dumps({
+            "idle": idle, "peak": peak[0], "hwm": vm("VmHWM"),
+            "drained": seen[0], "seconds": elapsed,
+        }), flush=True)
+
+    asyncio.run(main())
+
+
+async def memory(args, url):
+    stream = "bench:memory"
+    t0 = time.perf_counter()
+    await fill_stream(url, stream, args.memory_entries)
+    fill_seconds = time.perf_counter() - t0
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, os.path.abspath(__file__), "--_memory", url, stream,
+        str(args.memory_entries), str(args.count), str(args.memory_sink_every),
+        str(args.memory_sink_pause), str(args.memory_max_seconds),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await child.communicate()
+    if child.returncode:
+        raise RuntimeError(f"memory child failed with {child.returncode}")
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    result["fill_seconds"] = fill_seconds
+    r = client(url)
+    await r.delete(stream)
+    await r.aclose()
+    return result
+
+
+# --------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------
+
+
+def grid(header, rows):
+    """A reStructuredText grid table."""
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+
+    def line(char="-"):
+        return "+" + "+".join(char * (w + 2) for w in widths) + "+"
+
+    def cells(row):
+        return "|" + "|".join(f" {str(c):<{w}} " for c, w in zip(row, widths)) + "|"
+
+    out = [line(), cells(header), line("=")]
+    for row in rows:
+        out += [cells(row), line()]
+    return "\n".join(out)
+
+
+def rate_text(value):
+    return f"{value:,.0f} msg/s"
+
+
+def verdict(ok):
+    return "met" if ok else "MISSED"
+
+
+def table(args, rates, latencies, mem):
+    header = ["Benchmark", "Result", "Detail", "vs streamz", "vs redis-py", "Target"]
+    rows = []
+    best = {key: max(values) for key, values in rates.items()}
+    for name, key, streamz_key, raw_key in THROUGHPUT_ROWS:
+        if key not in rates:
+            continue
+        values = rates[key]
+        detail = f"median {statistics.median(values):,.0f}, {len(values)} runs"
+        vs_streamz = vs_raw = target = ""
+        if streamz_key in best:
+            ratio = best[key] / best[streamz_key]
+            vs_streamz = f"{ratio:.2f}"
+            target = f">= 0.80: {verdict(ratio >= 0.8)}"
+        if raw_key in best:
+            vs_raw = f"{best[key] / best[raw_key]:.2f}"
+        rows.append([name, rate_text(best[key]), detail, vs_streamz, vs_raw, target])
+    for which, name in (("streams", "from_redis_streams"), ("group", "from_redis_consumer_group")):
+        if which in latencies:
+            lat = latencies[which]
+            ok = lat["p50"] < 1 and lat["p99"] < 5
+            rows.append([
+                f"latency XADD -> sink, {name}",
+                f"p50 {lat['p50']:.2f} ms",
+                f"p99 {lat['p99']:.2f} ms, max {lat['max']:.1f} ms, "
+                f"{lat['samples']:,} at {args.latency_rate:,}/s",
+                "", "", f"p50 < 1, p99 < 5 ms: {verdict(ok)}",
+            ])
+    if mem is not None:
+        growth = (mem["peak"] - mem["idle"]) / 2**20
+        complete = mem["drained"] >= args.memory_entries
+        rows.append([
+            f"memory, consumer group, slow sink",
+            f"+{growth:.1f} MB RSS",
+            f"idle {mem['idle'] / 2**20:.0f} MB, peak {mem['peak'] / 2**20:.0f} MB; "
+            f"{mem['drained']:,}/{args.memory_entries:,} entries"
+            f"{'' if complete else ' (time cap)'} in {mem['seconds']:.0f} s",
+            "", "", f"< 50 MB: {verdict(growth < 50)}",
+        ])
+    return grid(header, rows)
+
+
+def reproduce(args):
+    parts = [
+        "python bench/bench.py", f"--n {args.n}", f"--count {args.count}",
+        f"--repeat {args.repeat}", f"--latency-seconds {args.latency_seconds:g}",
+        f"--latency-rate {args.latency_rate}", f"--memory-entries {args.memory_entries}",
+        f"--memory-sink-every {args.memory_sink_every}",
+        f"--memory-sink-pause {args.memory_sink_pause:g}",
+    ]
+    if args.skip_latency:
+        parts.append("--skip-latency")
+    if args.skip_memory:
+        parts.append("--skip-memory")
+    if args.only:
+        parts.append("--only " + shlex.quote(",".join(args.only)))
+    return " ".join(parts)
+
+
+def environment(server):
+    import hiredis
+    import redis
+    import streamz
+    import tornado
+
+    return (
+        f"Python {platform.python_version()}, streamz {streamz.__version__}, "
+        f"redis-py {redis.__version__} (hiredis {hiredis.__version__}), "
+        f"tornado {tornado.version}, redis-server {server.version}, "
+        f"{os.cpu_count()} CPUs, {platform.machine()}"
+    )
+
+
+# --------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=50_000, help="entries per throughput row")
+    p.add_argument("--count", type=int, default=100,
+                   help="entries per read (COUNT) and per write pipeline")
+    p.add_argument("--repeat", type=int, default=3, help="runs of each throughput row")
+    p.add_argument("--only", type=lambda s: s.split(","), default=None,
+                   help="comma-separated throughput rows: " + ",".join(FUNCTIONS))
+    p.add_argument("--latency-seconds", type=float, default=10.0)
+    p.add_argument("--latency-rate", type=int, default=1000, help="entries per second")
+    p.add_argument("--latency-warmup", type=float, default=0.2,
+                   help="seconds of first samples left out")
+    p.add_argument("--memory-entries", type=int, default=1_000_000)
+    p.add_argument("--memory-sink-every", type=int, default=100,
+                   help="the slow sink pauses after every this many entries...")
+    p.add_argument("--memory-sink-pause", type=float, default=0.001,
+                   help="...for this many seconds (awaited: back-pressure)")
+    p.add_argument("--memory-max-seconds", type=float, default=300)
+    p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--skip-latency", action="store_true")
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--json", metavar="FILE", help="also write the raw numbers here")
+    p.add_argument("--_produce", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--_memory", nargs=7, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.only:
+        unknown = set(args.only) - set(FUNCTIONS)
+        if unknown:
+            p.error(f"--only: unknown rows {sorted(unknown)}; choose from {','.join(FUNCTIONS)}")
+    return args
+
+
+def main(argv=None):
+    args = parse(argv)
+    if args._produce:
+        url, stream, rate, seconds = args._produce
+        return produce(url, stream, float(rate), float(seconds))
+    if args._memory:
+        url, stream, entries, count, every, pause, max_seconds = args._memory
+        return memory_child(url, stream, int(entries), int(count), int(every),
+                            float(pause), float(max_seconds))
+
+    server = PrivateRedis().start()
+    started = time.perf_counter()
+    rates, latencies, mem = {}, {}, None
+    try:
+        async def run():
+            nonlocal rates, mem
+            if not args.skip_throughput:
+                print(f"throughput: {args.n:,} entries per row, {args.repeat} runs ...",
+                      file=sys.stderr, flush=True)
+                rates = await throughput(args, server.url, args.only)
+            if not args.skip_latency:
+                for which in ("streams", "group"):
+                    print(f"latency {which}: {args.latency_seconds:g} s at "
+                          f"{args.latency_rate}/s ...", file=sys.stderr, flush=True)
+                    latencies[which] = await latency(args, server.url, which)
+            if not args.skip_memory:
+                print(f"memory: {args.memory_entries:,} entries ...",
+                      file=sys.stderr, flush=True)
+                mem = await memory(args, server.url)
+
+        asyncio.run(run())
+        env = environment(server)
+    finally:
+        server.close()
+    print()
+    print(env + f"; {time.perf_counter() - started:.0f} s in all")
+    print()
+    print(table(args, rates, latencies, mem))
+    print()
+    print("reproduce with: " + reproduce(args))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rates": rates, "latency": latencies, "memory": mem,
+                       "argv": sys.argv[1:], "environment": env}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
