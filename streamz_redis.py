@@ -622,6 +622,15 @@ class from_redis_list(_RedisSource):
     item read but not yet emitted when ``stop()`` is called goes back to the
     head of its list.
 
+    With ``processing_list``, delivery is **at-least-once** (a reliable
+    queue): each item is moved atomically (LMOVE, BLMOVE) from the head of
+    the one key to the tail of the processing list, emitted, and removed from
+    the processing list (LREM) only once it has left the whole pipeline, by
+    the same reference counting as ``from_redis_consumer_group``. On start,
+    the items left in the processing list (by a crash, or by ``stop()``) are
+    emitted first. Give each consumer its own processing list, with a name
+    that survives restarts.
+
     Parameters
     ----------
     keys : str or list of str
@@ -637,6 +646,8 @@ class from_redis_list(_RedisSource):
         cannot be decoded is logged and moved to ``dead_letter_list``.
     dead_letter_list : str, optional
         Where undecodable items go; default ``"<key>:dead-letter"``.
+    processing_list : str, optional
+        Makes the queue reliable (see above); needs exactly one key.
     url : str, optional
         Redis URL; default the ``REDIS_URL`` environment variable, else
         ``redis://localhost:6379/0``.
@@ -656,21 +667,51 @@ class from_redis_list(_RedisSource):
     >>> source.start()  # doctest: +SKIP
     """
 
-    def __init__(self, keys, *, timeout=1.0, count=100, dead_letter_list=None, **kwargs):
+    # LMOVE up to ARGV[1] items in one round trip, stopping at an empty list.
+    _MOVE_BATCH = """
+        local moved = {}
+        for i = 1, tonumber(ARGV[1]) do
+            local item = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
+            if not item then break end
+            moved[i] = item
+        end
+        return moved
+    """
+
+    def __init__(
+        self, keys, *, timeout=1.0, count=100, dead_letter_list=None,
+        processing_list=None, **kwargs,
+    ):
         self.keys = _as_list(keys, "keys")
         self.dead_letter_list = dead_letter_list
+        self.processing_list = _text(processing_list) if processing_list else None
+        if self.processing_list is not None:
+            if len(self.keys) != 1:
+                raise ValueError("processing_list needs exactly one key: BLMOVE waits on one list")
+            if self.processing_list == self.keys[0]:
+                raise ValueError("processing_list must differ from the key it reads")
+            self.acknowledges = True
+        self._replay_processing = False
         super().__init__(timeout=timeout, count=count, **kwargs)
 
     def _describe(self):
-        return ", ".join(map(repr, self.keys))
+        keys = ", ".join(map(repr, self.keys))
+        if self.processing_list:
+            return f"{keys} processing_list={self.processing_list!r}"
+        return keys
 
     async def _prepare(self):
-        for key in self.keys:
+        for key in self.keys + ([self.processing_list] if self.processing_list else []):
             kind = _text(await self._redis.type(key))
             if kind not in ("list", "none"):
                 raise TypeError(f"Redis key {key!r} holds a {kind}, not a list")
+        if self.processing_list:
+            self._move_batch = self._redis.register_script(self._MOVE_BATCH)
+            self._replay_processing = True
 
     async def _read(self):
+        if self.processing_list:
+            return await self._read_reliably()
         # A backlog: up to `count` items from each key in one round trip.
         async with self._redis.pipeline(transaction=False) as pipe:
             for key in self.keys:
@@ -690,26 +731,63 @@ class from_redis_list(_RedisSource):
             popped = [(_text(reply[0]), reply[1])]
         return await self._decode_items(popped)
 
+    async def _read_reliably(self):
+        key, processing = self.keys[0], self.processing_list
+        if self._replay_processing:
+            # Items a crash or a stop() left in the processing list come first.
+            self._replay_processing = False
+            items = await self._redis.lrange(processing, 0, -1)
+            if items:
+                log.info("%s: emitting %d items left in %r", self, len(items), processing)
+                return await self._decode_items([(processing, item) for item in items])
+        items = await self._move_batch(keys=[key, processing], args=[self.count])
+        if not items:
+            item = await self._blocking.blmove(key, processing, self._block_seconds(), "LEFT", "RIGHT")
+            if item is None:
+                return []
+            items = [item]
+        return await self._decode_items([(processing, item) for item in items])
+
     async def _decode_items(self, popped):
+        """``(value, origin)`` for each popped ``(key, raw item)``; in the
+        reliable mode the origin is the item's ``_Ack``."""
+        if self.processing_list:
+            origin = lambda key, item: _Ack(self, key, item)  # noqa: E731
+        else:
+            origin = lambda key, item: (key, item)  # noqa: E731
         if self._decoder is None:
-            return [(item, (key, item)) for key, item in popped]
+            return [(item, origin(key, item)) for key, item in popped]
         batch = []
         for key, item in popped:
             try:
-                batch.append((self._decoder(item), (key, item)))
+                batch.append((self._decoder(item), origin(key, item)))
             except UnicodeDecodeError as exc:
                 await self._dead_letter(key, item, exc)
         return batch
 
     async def _dead_letter(self, key, item, exc):
-        target = self.dead_letter_list or f"{key}:dead-letter"
+        target = self.dead_letter_list or f"{self.keys[0] if self.processing_list else key}:dead-letter"
         log.error(
             "%s: item %r of list %r cannot be decoded (%s); moved to list %r",
             self, item[:80], key, exc, target,
         )
-        await self._redis.rpush(target, item)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(target, item)
+            if self.processing_list:
+                pipe.lrem(self.processing_list, 1, item)
+            await pipe.execute()
+
+    async def _ack_batch(self, batch):
+        # An item has left the pipeline: drop it from the processing list.
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for processing, items in batch.items():
+                for item in items:
+                    pipe.lrem(processing, 1, item)
+            await pipe.execute()
 
     async def _give_back(self, rest):
+        if self.processing_list:
+            return  # still in the processing list: emitted first on the next start
         # stop() came mid-batch: the unemitted items go back to the head of
         # their lists, in their order, as the bytes Redis had.
         by_key = defaultdict(list)
@@ -816,8 +894,9 @@ class from_redis_consumer_group(_RedisSource):
     delay the acknowledgement until they let go. Acks are batched: one XACK
     per stream per round trip, sent as soon as the previous one returns, and
     flushed on ``stop()``. An entry whose processing raised is not
-    acknowledged: it stays pending and comes back on the next start of a
-    consumer with the same name, which first replays its own pending entries.
+    acknowledged: it stays pending, and comes back on the next start of a
+    consumer with the same name (which first replays its own pending
+    entries), after a lost connection, or through ``claim_idle``.
 
     Parameters
     ----------
@@ -836,20 +915,47 @@ class from_redis_consumer_group(_RedisSource):
         Most entries read in one round trip.
     timeout : float
         Longest one blocking read waits on Redis, in seconds.
+    claim_idle : float, optional
+        When set, every ``claim_idle`` seconds the source takes over the
+        group's entries that have been pending longer than ``claim_idle``
+        seconds in any consumer (XAUTOCLAIM), for example one that died for
+        good, and emits them. It must exceed the slowest processing time of
+        an entry, or entries still being processed elsewhere are processed
+        twice.
+    max_deliveries : int, optional
+        An entry that Redis has delivered more than ``max_deliveries`` times
+        is not emitted again: it is added to ``dead_letter_stream`` with its
+        original fields plus ``source_stream``, ``source_id`` and
+        ``deliveries``, then acknowledged.
+    dead_letter_stream : str, optional
+        Where such entries go; default ``"<stream>:dead-letter"``.
     decode : bool or str
         As for ``from_redis_streams``. An entry that cannot be decoded is
-        logged and not acknowledged: it stays pending.
+        logged and not acknowledged: it stays pending (and, with
+        ``max_deliveries``, ends in the dead-letter stream).
     url, client_kwargs, client, **kwargs
         As for ``from_redis_list``.
     """
 
     acknowledges = True
 
-    def __init__(self, streams, group, consumer, *, start_id="$", count=100, timeout=1.0, **kwargs):
+    def __init__(
+        self, streams, group, consumer, *, start_id="$", count=100, timeout=1.0,
+        claim_idle=None, max_deliveries=None, dead_letter_stream=None, **kwargs,
+    ):
         self.start_ids = _streams_with_ids(streams, start_id, allowed=("$",))
         self.group = _text(group)
         self.consumer = _text(consumer)
+        if claim_idle is not None and claim_idle <= 0:
+            raise ValueError(f"claim_idle must be a positive number of seconds, not {claim_idle!r}")
+        if max_deliveries is not None and (not isinstance(max_deliveries, int) or max_deliveries < 1):
+            raise ValueError(f"max_deliveries must be a positive integer, not {max_deliveries!r}")
+        self.claim_idle = claim_idle
+        self.max_deliveries = max_deliveries
+        self.dead_letter_stream = dead_letter_stream
         self._replay_from = None  # stream -> id while replaying pending entries
+        self._claim_from = None  # stream -> XAUTOCLAIM cursor during a sweep
+        self._next_claim = 0.0
         super().__init__(timeout=timeout, count=count, **kwargs)
 
     def _describe(self):
@@ -863,6 +969,8 @@ class from_redis_consumer_group(_RedisSource):
                 raise TypeError(f"Redis key {name!r} holds a {kind}, not a stream")
             await self._create_group(name, start_id)
         self._replay_from = {name: "0" for name in self.start_ids}
+        self._claim_from = None
+        self._next_claim = 0.0
 
     async def _create_group(self, name, start_id):
         try:
@@ -876,6 +984,10 @@ class from_redis_consumer_group(_RedisSource):
             batch = await self._read_pending()
             if batch is not None:
                 return batch
+        if self.claim_idle is not None and self._claim_due():
+            batch = await self._claim_idle_entries()
+            if batch:
+                return batch
         reply = await self._blocking.xreadgroup(
             self.group,
             self.consumer,
@@ -883,7 +995,7 @@ class from_redis_consumer_group(_RedisSource):
             count=self.count,
             block=int(self._block_seconds() * 1000),
         )
-        return self._batch_of(reply, deliveries=1)
+        return await self._batch_of(reply)
 
     async def _read_pending(self):
         """One batch of this consumer's own pending entries, or None once
@@ -891,19 +1003,72 @@ class from_redis_consumer_group(_RedisSource):
         reply = await self._redis.xreadgroup(
             self.group, self.consumer, self._replay_from, count=self.count
         )
-        any_entry = False
-        for raw_name, entries in reply:
-            if entries:
-                any_entry = True
-                self._replay_from[_text(raw_name)] = _text(entries[-1][0])
-        if not any_entry:
+        reply = [(name, entries) for name, entries in reply if entries]
+        if not reply:
             self._replay_from = None
             return None
-        return self._batch_of(reply, deliveries=None)
+        for raw_name, entries in reply:
+            self._replay_from[_text(raw_name)] = _text(entries[-1][0])
+        return await self._batch_of(reply, await self._delivery_counts(reply))
 
-    def _batch_of(self, reply, deliveries):
-        batch = []
-        trimmed = []
+    def _claim_due(self):
+        return self._claim_from is not None or (
+            asyncio.get_running_loop().time() >= self._next_claim
+        )
+
+    async def _claim_idle_entries(self):
+        """One step of a sweep over the group's entries idle for longer than
+        ``claim_idle``. XAUTOCLAIM is atomic: once one consumer has claimed an
+        entry its idle time restarts, so no other consumer takes it too."""
+        if self._claim_from is None:
+            self._claim_from = {name: "0-0" for name in self.start_ids}
+        reply = []
+        for name, cursor in list(self._claim_from.items()):
+            answer = await self._redis.xautoclaim(
+                name, self.group, self.consumer, int(self.claim_idle * 1000),
+                start_id=cursor, count=self.count,
+            )
+            next_cursor, entries = _text(answer[0]), answer[1]
+            if len(answer) > 2 and answer[2]:  # Redis 7 drops deleted entries itself
+                log.warning(
+                    "%s: pending entries %s of stream %r are no longer in the stream; "
+                    "Redis removed them from the group", self, [_text(i) for i in answer[2]], name,
+                )
+            if next_cursor == "0-0":
+                del self._claim_from[name]
+            else:
+                self._claim_from[name] = next_cursor
+            entries = [(entry_id, fields) for entry_id, fields in entries if entry_id is not None]
+            if entries:
+                reply.append((name, entries))
+                log.info("%s: claimed %d idle entries of stream %r", self, len(entries), name)
+        if not self._claim_from:
+            self._claim_from = None
+            self._next_claim = asyncio.get_running_loop().time() + self.claim_idle
+        if not reply:
+            return []
+        return await self._batch_of(reply, await self._delivery_counts(reply))
+
+    async def _delivery_counts(self, reply):
+        """How many times Redis has delivered each entry of ``reply``, now
+        pending in this consumer: (stream, id) -> count."""
+        counts = {}
+        for raw_name, entries in reply:
+            name = _text(raw_name)
+            rows = await self._redis.xpending_range(
+                name, self.group, _text(entries[0][0]), _text(entries[-1][0]),
+                len(entries), consumername=self.consumer,
+            )
+            for row in rows:
+                counts[name, _text(row["message_id"])] = row["times_delivered"]
+        return counts
+
+    async def _batch_of(self, reply, counts=None):
+        """Entries of an XREADGROUP or XAUTOCLAIM reply, as ``(Entry, _Ack)``.
+
+        ``counts`` has the delivery counts of replayed and claimed entries;
+        entries read with ``>`` are on their first delivery."""
+        batch, settled, dead = [], [], []
         for raw_name, entries in reply:
             name = _text(raw_name)
             for raw_id, raw_fields in entries:
@@ -911,6 +1076,18 @@ class from_redis_consumer_group(_RedisSource):
                 if (name, entry_id) in self._in_flight:
                     continue  # replayed while still on its way through the pipeline
                 ack = _Ack(self, name, entry_id)
+                if not raw_fields:
+                    # Deleted or trimmed from the stream since it was delivered.
+                    log.warning(
+                        "%s: pending entry %s of stream %r is no longer in the "
+                        "stream; acknowledged without emitting it", self, entry_id, name,
+                    )
+                    settled.append(ack)
+                    continue
+                deliveries = 1 if counts is None else counts.get((name, entry_id))
+                if self.max_deliveries is not None and (deliveries or 0) > self.max_deliveries:
+                    dead.append((ack, raw_fields, deliveries))
+                    continue
                 try:
                     fields = _entry_fields(raw_fields, self._decoder)
                 except UnicodeDecodeError as exc:
@@ -919,17 +1096,31 @@ class from_redis_consumer_group(_RedisSource):
                         "acknowledged, it stays pending", self, entry_id, name, exc,
                     )
                     continue
-                if fields is None:
-                    log.warning(
-                        "%s: pending entry %s of stream %r was deleted from the "
-                        "stream; acknowledged without emitting it", self, entry_id, name,
-                    )
-                    trimmed.append(ack)
-                    continue
                 batch.append((Entry(name, entry_id, fields, deliveries), ack))
-        for ack in trimmed:
+        if dead:
+            await self._dead_letter(dead)
+        for ack in settled:
             ack()
         return batch
+
+    async def _dead_letter(self, dead):
+        """Move entries delivered too often to the dead-letter stream, and
+        acknowledge them, in one transaction."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for ack, raw_fields, deliveries in dead:
+                target = self.dead_letter_stream or f"{ack.key}:dead-letter"
+                fields = dict(raw_fields)
+                fields.update(source_stream=ack.key, source_id=ack.item, deliveries=deliveries)
+                pipe.xadd(target, fields)
+                pipe.xack(ack.key, self.group, ack.item)
+                log.error(
+                    "%s: entry %s of stream %r was delivered %d times (max_deliveries=%d); "
+                    "moved to stream %r", self, ack.item, ack.key, deliveries,
+                    self.max_deliveries, target,
+                )
+            await pipe.execute()
+        for ack, _, _ in dead:
+            ack.state = _DONE
 
     async def _ack_batch(self, batch):
         async with self._redis.pipeline(transaction=False) as pipe:
