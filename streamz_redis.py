@@ -956,6 +956,7 @@ class from_redis_consumer_group(_RedisSource):
         self._replay_from = None  # stream -> id while replaying pending entries
         self._claim_from = None  # stream -> XAUTOCLAIM cursor during a sweep
         self._next_claim = 0.0
+        self._last_read = {}  # stream -> id of the last new entry read
         super().__init__(timeout=timeout, count=count, **kwargs)
 
     def _describe(self):
@@ -995,6 +996,9 @@ class from_redis_consumer_group(_RedisSource):
             count=self.count,
             block=int(self._block_seconds() * 1000),
         )
+        for raw_name, entries in reply:
+            if entries:
+                self._last_read[_text(raw_name)] = _text(entries[-1][0])
         return await self._batch_of(reply)
 
     async def _read_pending(self):
@@ -1133,11 +1137,12 @@ class from_redis_consumer_group(_RedisSource):
         if not str(exc).startswith("NOGROUP"):
             return False
         # The stream or the group was deleted, or Redis restarted empty.
-        # Recreate the group from the stream's beginning, so that entries
-        # added since it vanished are not skipped.
-        log.warning("%s: %s; recreating the group from id 0", self, exc)
+        # Recreate the group just after the last entry this source read, so
+        # that entries added since it vanished are neither skipped nor read
+        # twice.
+        log.warning("%s: %s; recreating the group after the last entry read", self, exc)
         for name in self.start_ids:
-            await self._create_group(name, "0")
+            await self._create_group(name, self._last_read.get(name, "0"))
         self._replay_from = {name: "0" for name in self.start_ids}
         return True
 
