@@ -956,3 +956,57 @@ def test_sigkill_at_random_moments_loses_nothing(private_server, tmp_path, mode)
             assert r.xpending("jobs", "workers")["pending"] == 0
         else:
             assert r.llen("jobs:processing:worker-1") == 0 and r.llen("jobs") == 0
+
+
+# --------------------------------------------------------------------------
+# Batch mode
+# --------------------------------------------------------------------------
+
+
+def test_batch_mode_emits_lists_of_up_to_count_entries_acked_together(server, r):
+    with r.pipeline() as pipe:
+        for i in range(250):
+            pipe.xadd("s", {"i": i})
+        pipe.execute()
+    source = Stream.from_redis_consumer_group("s", "g", "c", start_id="0", count=100, batch=True)
+    held = HeldSink(source)
+    source.start()
+    wait_for(lambda: held.received)
+    wait_for_acks(source)
+    assert len(held.received[0]) == 100 and all(isinstance(e, Entry) for e in held.received[0])
+    assert pending(r, "s", "g") == 100  # the whole batch waits for the sink
+    held.let_go(source)
+    wait_for(lambda: sum(map(len, held.received)) == 250 and pending(r, "s", "g") == 0)
+    assert [len(b) for b in held.received] == [100, 100, 50]
+
+
+def test_batch_mode_for_streams_and_lists(server, r):
+    for i in range(5):
+        r.xadd("s", {"i": i})
+        r.rpush("l", i)
+    streams = Stream.from_redis_streams("s", start_id="0", batch=True)
+    lists = Stream.from_redis_list("l", batch=True)
+    got_streams, got_lists = streams.sink_to_list(), lists.sink_to_list()
+    streams.start()
+    lists.start()
+    wait_for(lambda: got_streams and got_lists)
+    assert [e.fields["i"] for e in got_streams[0]] == ["0", "1", "2", "3", "4"]
+    assert got_lists == [["0", "1", "2", "3", "4"]]
+    assert streams.last_ids["s"] == got_streams[0][-1].id
+
+
+def test_a_failing_batch_stays_pending_as_a_whole(server, r, caplog):
+    source = Stream.from_redis_consumer_group("s", "g", "c", start_id="0", batch=True)
+
+    def explode(batch):
+        raise RuntimeError("bad batch")
+
+    source.map(explode).sink(lambda x: None)
+    for i in range(3):
+        r.xadd("s", {"i": i})
+    with caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        source.start()
+        wait_for(lambda: "bad batch" in caplog.text)
+    wait_for_acks(source)
+    assert pending(r, "s", "g") == 3
+    assert "a batch of 3" in caplog.text
