@@ -140,13 +140,19 @@ def private_server(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def stop_sources():
-    """Stop every source a test started, so none outlives its test."""
+def stop_sources_and_close_sinks():
+    """Stop every source and close every sink a test started, so that none
+    outlives its test."""
     import streamz_redis
 
     yield
     for source in list(streamz_redis._running_sources):
         try:
             source.stop()
+        except Exception:
+            pass
+    for sink in list(streamz_redis._open_sinks):
+        try:
+            sink.close(timeout=1)
         except Exception:
             pass

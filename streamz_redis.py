@@ -1,11 +1,15 @@
-"""Redis sources for streamz.
+"""Redis sources and sinks for streamz.
 
-Three source nodes, registered on ``Stream`` (and through streamz's
-``streamz.sources`` entry points, so ``from streamz import Stream`` is enough):
+The nodes are registered on ``Stream`` (and through streamz's
+``streamz.sources`` and ``streamz.sinks`` entry points, so ``from streamz
+import Stream`` is enough).
+
+Sources:
 
 ``Stream.from_redis_list(keys)``
     Pops items from the head of one or more Redis lists and emits each item.
-    At-most-once: an item popped and lost in a crash is gone.
+    At-most-once: an item popped and lost in a crash is gone. With
+    ``processing_list``, a reliable queue: at-least-once.
 ``Stream.from_redis_streams(streams)``
     Reads one or more Redis Streams with XREAD from a start id and emits an
     ``Entry(stream, id, fields, deliveries)`` per entry. Nothing is consumed:
@@ -14,9 +18,18 @@ Three source nodes, registered on ``Stream`` (and through streamz's
     Reads as one consumer of a consumer group (XREADGROUP) and emits the same
     ``Entry``. At-least-once: an entry is acknowledged (XACK) only once it has
     left the whole pipeline; unacknowledged entries come back when a consumer
-    of the same name starts again.
+    of the same name starts again. ``claim_idle`` takes over entries of dead
+    consumers; ``max_deliveries`` sends poison entries to a dead-letter stream.
+``Stream.from_redis_pubsub(channels, patterns=...)``
+    Subscribes to Pub/Sub channels and emits ``Message(channel, data,
+    pattern)``. At-most-once, as Pub/Sub itself.
 
-All three share one lifecycle (``_RedisSource``): ``start()`` connects and
+Sinks, ``stream.to_redis_stream(name)``, ``stream.to_redis_list(key)`` and
+``stream.to_redis_pubsub(channel)``, pipeline their writes and hold each
+element's streamz reference until Redis has confirmed the write, so that an
+upstream consumer-group entry is acknowledged only once its result is stored.
+
+All sources share one lifecycle (``_RedisSource``): ``start()`` connects and
 raises any misconfiguration in the caller's thread; one read loop runs on the
 streamz event loop with redis.asyncio; a lost connection is retried with capped
 exponential back-off; ``stop()`` interrupts a blocking read at once, gives back
@@ -33,6 +46,7 @@ import re
 import threading
 import weakref
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any, NamedTuple, Optional
 from urllib.parse import urlsplit, urlunsplit
 
@@ -42,13 +56,19 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from streamz import RefCounter, Stream
 from streamz.core import sync
+from streamz.sinks import Sink
 from streamz.sources import Source
 
 __all__ = [
     "Entry",
+    "Message",
     "from_redis_consumer_group",
     "from_redis_list",
+    "from_redis_pubsub",
     "from_redis_streams",
+    "to_redis_list",
+    "to_redis_pubsub",
+    "to_redis_stream",
 ]
 
 log = logging.getLogger("streamz_redis")
@@ -243,6 +263,19 @@ class _AckAll:
 # --------------------------------------------------------------------------
 
 _running_sources = weakref.WeakSet()
+_open_sinks = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_sinks():
+    """Write what sinks still hold when Python exits (after the sources have
+    stopped: atexit runs the handlers in reverse order)."""
+    for sink in list(_open_sinks):
+        try:
+            if not sink._on_loop_thread():
+                sink.close()
+        except Exception:  # pragma: no cover - best effort at exit
+            log.exception("%s: could not close cleanly at exit", sink)
 
 
 @atexit.register
@@ -618,6 +651,7 @@ class _RedisSource(Source):
     async def _flush_acks_before_close(self):
         if not self.acknowledges:
             return
+        await self._let_sinks_finish()
         if any(self._acks.values()):
             self._schedule_flush()
         if self._flusher is not None:
@@ -632,6 +666,16 @@ class _RedisSource(Source):
                 "on the next start(), or the entries are delivered again",
                 self, left,
             )
+
+    async def _let_sinks_finish(self):
+        """Give the Redis sinks on this loop (up to FLUSH_DEADLINE) to write
+        what they hold: an entry whose result they store now is acknowledged
+        now, rather than delivered again after a restart."""
+        sinks = [sink for sink in _open_sinks if sink.loop is self.loop]
+        if self._in_flight and sinks:
+            flushes = [asyncio.ensure_future(sink._flush()) for sink in sinks]
+            await asyncio.wait(flushes, timeout=FLUSH_DEADLINE)
+            await asyncio.sleep(0)  # streamz calls the acks back on the next loop turn
 
     async def _ack_batch(self, batch):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -1212,3 +1256,613 @@ class from_redis_consumer_group(_RedisSource):
         # Entries delivered just before the connection dropped may never have
         # reached us; they are pending under our name, so replay them first.
         self._replay_from = {name: "0" for name in self.start_ids}
+
+
+# --------------------------------------------------------------------------
+# Pub/Sub source
+# --------------------------------------------------------------------------
+
+# How long one read of the pub/sub connection waits for a message. A pub/sub
+# read cannot be woken with CLIENT UNBLOCK, so it waits in short steps that
+# let stop() return within STOP_DEADLINE.
+PUBSUB_POLL = 0.1
+
+
+class Message(NamedTuple):
+    """One Pub/Sub message, as emitted by ``from_redis_pubsub``.
+
+    ``channel`` is the channel it was published to (``str``); ``data`` is the
+    payload, decoded to ``str`` unless the source was made with
+    ``decode=False``; ``pattern`` is the pattern that matched, for a
+    subscription by pattern, else ``None``.
+    """
+
+    channel: str
+    data: Any
+    pattern: Optional[str] = None
+
+
+@Stream.register_api(staticmethod)
+class from_redis_pubsub(_RedisSource):
+    """Subscribe to Redis Pub/Sub channels and emit each message.
+
+    Emits ``Message(channel, data, pattern=None)``. Delivery is
+    **at-most-once**, as Redis Pub/Sub itself: a message published while the
+    source is not connected (stopped, or Redis unreachable) is lost, and so is
+    a message received but not yet emitted when ``stop()`` is called. After a
+    lost connection the source reconnects with capped back-off and subscribes
+    again by itself. A message that matches a channel and a pattern (or two
+    patterns) is delivered once per subscription, as Redis sends it.
+
+    ``start()`` returns once Redis has confirmed every subscription, so a
+    message published after it returns is received.
+
+    Parameters
+    ----------
+    channels : str or list of str, optional
+        Channels to SUBSCRIBE to.
+    patterns : str or list of str, optional
+        Glob-style patterns to PSUBSCRIBE to (``"news.*"``). Give channels,
+        patterns or both.
+    decode : bool or str
+        ``True`` (default) decodes ``data`` as UTF-8, ``False`` keeps it as
+        ``bytes``, a string names another encoding. A message that cannot be
+        decoded is logged and dropped. Channel names are always ``str``.
+    count : int
+        Most messages emitted in one batch.
+    url, client_kwargs, client, **kwargs
+        As for ``from_redis_list``.
+
+    Examples
+    --------
+    >>> source = Stream.from_redis_pubsub("news", patterns="alerts.*")  # doctest: +SKIP
+    >>> source.map(lambda m: m.data).sink(print)  # doctest: +SKIP
+    >>> source.start()  # doctest: +SKIP
+    """
+
+    uses_blocking_reads = False  # the subscription has a connection of its own
+
+    def __init__(self, channels=None, *, patterns=None, decode=True, count=100, **kwargs):
+        self.channels = list(dict.fromkeys(_as_list(channels, "channels"))) if channels else []
+        self.patterns = list(dict.fromkeys(_as_list(patterns, "patterns"))) if patterns else []
+        if not self.channels and not self.patterns:
+            raise ValueError("from_redis_pubsub: give channels, patterns or both")
+        self._pubsub = None
+        self._early = []  # messages that arrived with the subscription replies
+        super().__init__(decode=decode, count=count, timeout=PUBSUB_POLL, **kwargs)
+
+    def _describe(self):
+        return ", ".join(
+            [f"channel {c!r}" for c in self.channels] + [f"pattern {p!r}" for p in self.patterns]
+        )
+
+    async def _prepare(self):
+        self._pubsub = self._redis.pubsub()
+        if self.channels:
+            await self._pubsub.subscribe(*self.channels)
+        if self.patterns:
+            await self._pubsub.psubscribe(*self.patterns)
+        # SUBSCRIBE is only sent, not answered, until we read: wait for Redis
+        # to confirm each subscription so that start() means "listening".
+        unconfirmed = len(self.channels) + len(self.patterns)
+        deadline = asyncio.get_running_loop().time() + FLUSH_DEADLINE
+        while unconfirmed:
+            if asyncio.get_running_loop().time() > deadline:
+                raise redis.exceptions.TimeoutError("Redis did not confirm the subscriptions")
+            reply = await self._pubsub.get_message(timeout=PUBSUB_POLL)
+            if reply is None:
+                continue
+            if reply["type"] in ("subscribe", "psubscribe"):
+                unconfirmed -= 1
+            else:
+                self._early.append(reply)
+
+    async def _read(self):
+        replies, self._early = self._early, []
+        # Wait for the first message; then take whatever else has arrived.
+        wait = min(self._block_seconds(), PUBSUB_POLL)
+        while len(replies) < self.count:
+            reply = await self._pubsub.get_message(
+                ignore_subscribe_messages=True, timeout=0 if replies else wait
+            )
+            if reply is None:
+                break
+            replies.append(reply)
+        batch = []
+        for reply in replies:
+            message = self._message_of(reply)
+            if message is not None:
+                batch.append((message, None))
+        return batch
+
+    def _message_of(self, reply):
+        """A pub/sub reply as a ``Message``; ``None`` if it is not a message
+        or cannot be decoded."""
+        if reply["type"] not in ("message", "pmessage"):
+            return None
+        channel = _text(reply["channel"])
+        data = reply["data"]
+        if self._decoder is not None:
+            try:
+                data = self._decoder(data)
+            except UnicodeDecodeError as exc:
+                log.error(
+                    "%s: message %r on channel %r cannot be decoded (%s); dropped",
+                    self, data[:80], channel, exc,
+                )
+                return None
+        pattern = reply.get("pattern")
+        return Message(channel, data, None if pattern is None else _text(pattern))
+
+    async def _close(self):
+        pubsub, self._pubsub = self._pubsub, None
+        self._early = []
+        if pubsub is not None:
+            try:
+                await pubsub.aclose()
+            except Exception:  # pragma: no cover - closing a dead socket
+                pass
+        await super()._close()
+
+
+# --------------------------------------------------------------------------
+# The sinks
+# --------------------------------------------------------------------------
+
+# How many elements a sink holds, received and not yet confirmed by Redis,
+# before it makes the upstream wait.
+MAX_IN_FLIGHT = 1000
+
+# Connection errors that a retry cannot mend: a sink fails the batch at once.
+PERMANENT_CONNECTION_ERRORS = (
+    redis.exceptions.AuthenticationError,
+    redis.exceptions.AuthorizationError,
+)
+
+
+def _is_redis_value(value):
+    """The quick check of ``_redis_value``, for the common case."""
+    return type(value) in (str, bytes, int, float)
+
+
+def _redis_value(value, what):
+    """``value`` as redis-py sends it, or a ``TypeError`` naming ``what``.
+
+    Redis stores bytes: ``str`` is encoded as UTF-8, ``int`` and ``float`` are
+    written as their decimal text. Anything else must be converted by the
+    pipeline (``json.dumps``, ``str``, ...); nothing is pickled implicitly.
+    """
+    if isinstance(value, (str, bytes, int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    text = repr(value)
+    raise TypeError(
+        f"{what} is a {type(value).__name__} ({text[:80]}{'...' if len(text) > 80 else ''}); "
+        "Redis stores str, bytes, int or float: convert it first, e.g. with json.dumps"
+    )
+
+
+def _key_name(value, what):
+    """A key or channel name (possibly returned by a routing function)."""
+    if isinstance(value, (str, bytes)):
+        return value
+    raise TypeError(f"{what} must be a str or bytes, not {type(value).__name__} ({value!r:.80})")
+
+
+def _origin_of(metadata):
+    """The upstream consumer-group entries of an element, for log lines."""
+    origins = [
+        f"entry {m['ref'].cb.item} of stream {m['ref'].cb.key!r}"
+        for m in metadata
+        if "ref" in m and isinstance(m["ref"].cb, _Ack)
+    ]
+    return f" (from {', '.join(origins)})" if origins else ""
+
+
+def _fail_origins(metadata):
+    """Mark the upstream entries of an element that was not written as failed:
+    they are never acknowledged, even if another branch lets go of them."""
+    for m in metadata:
+        if "ref" in m and isinstance(m["ref"].cb, _Ack):
+            m["ref"].cb.fail()
+
+
+class _Write:
+    """One element on its way to Redis: the command arguments and the
+    streamz references it holds until Redis confirms the write."""
+
+    __slots__ = ("element", "key", "value", "metadata")
+
+    def __init__(self, element, key, value, metadata):
+        self.element = element
+        self.key = key
+        self.value = value
+        self.metadata = metadata
+
+
+class _RedisSink(Sink):
+    """What every Redis sink shares: the connection, pipelining, back-off,
+    holding references until Redis confirms, flush() and close().
+
+    A subclass turns an element into a ``_Write`` (``_prepare_write``, which
+    raises on an element it cannot write) and queues it on a pipeline
+    (``_queue_on``).
+    """
+
+    def __init__(
+        self,
+        upstream,
+        *,
+        max_in_flight=MAX_IN_FLIGHT,
+        url=None,
+        client_kwargs=None,
+        client=None,
+        **kwargs,
+    ):
+        if not isinstance(max_in_flight, int) or max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be a positive integer, not {max_in_flight!r}")
+        self.url = url or os.environ.get("REDIS_URL") or DEFAULT_URL
+        if client is None:
+            redis.asyncio.connection.parse_url(self.url)  # a malformed URL fails here
+        self.client_kwargs = dict(client_kwargs or {})
+        self.client = client
+        self.max_in_flight = max_in_flight
+        self._redis = None  # connected lazily, on the loop, by the first write
+        self._queue = []  # writes that wait for the next round trip
+        self._writing = []  # writes of the round trip under way
+        self._unconfirmed = 0  # elements received, not yet written or failed
+        self._writer = None  # the task that runs round trips while any are queued
+        self._room = None  # what upstream awaits while max_in_flight are held
+        super().__init__(upstream, ensure_io_loop=True, **kwargs)
+
+    def __str__(self):
+        return f"<{type(self).__name__} {self._describe()} at {self._where()}>"
+
+    __repr__ = __str__
+
+    def _where(self):
+        if self.client is not None:
+            kw = self.client.connection_pool.connection_kwargs
+            return f"redis://{kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
+        return _safe_url(self.url)
+
+    def _describe(self):
+        return "<routed>" if callable(self.target) else repr(_text(self.target))
+
+    def _on_loop_thread(self):
+        try:
+            return asyncio.get_running_loop() is self.loop.asyncio_loop
+        except RuntimeError:
+            return False
+
+    # ---- receiving ------------------------------------------------------
+
+    def update(self, x, who=None, metadata=None):
+        # Anything wrong with the element raises here, in the emitter's call,
+        # before the sink holds a reference to it.
+        write = self._prepare_write(x, metadata or [])
+        self._retain_refs(write.metadata)
+        self._queue.append(write)
+        self._unconfirmed += 1
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._write_queued())
+            _open_sinks.add(self)
+        if self._unconfirmed < self.max_in_flight:
+            return None
+        # Back-pressure: upstream waits until a round trip makes room.
+        if self._room is None:
+            self._room = asyncio.get_running_loop().create_future()
+        return self._room
+
+    def _prepare_write(self, element, metadata):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _queue_on(self, pipe, write):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _target(self, element, what):
+        """The key or channel for ``element``: fixed, or given by a function."""
+        if not callable(self.target):
+            return self.target  # checked by __init__
+        return _key_name(self.target(element), what)
+
+    # ---- writing --------------------------------------------------------
+
+    async def _write_queued(self):
+        """Round trips until nothing is queued: each sends, in one pipeline,
+        everything that arrived during the previous one."""
+        while self._queue:
+            self._writing, self._queue = self._queue, []
+            try:
+                replies = await self._round_trip(self._writing)
+                for write, reply in zip(self._writing, replies):
+                    if isinstance(reply, Exception):
+                        self._failed(write, reply)
+                    else:
+                        self._release_refs(write.metadata)
+            except Exception:  # pragma: no cover - a bug here must not pass silently
+                log.exception("%s: writing failed", self)
+                for write in self._writing:
+                    self._failed(write, None)
+            self._confirmed(len(self._writing))
+            self._writing = []
+
+    async def _round_trip(self, writes):
+        """Send ``writes`` in one pipeline; the replies, an exception in place
+        of each command Redis refused. Connection errors are retried."""
+        backoff = BACKOFF_FIRST
+        while True:
+            try:
+                if self._redis is None:
+                    await self._connect()
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for write in writes:
+                        self._queue_on(pipe, write)
+                    return await pipe.execute(raise_on_error=False)
+            except PERMANENT_CONNECTION_ERRORS as exc:
+                return [exc] * len(writes)  # retrying cannot help
+            except CONNECTION_ERRORS as exc:
+                log.warning(
+                    "%s: Redis is unreachable (%s); %d element(s) wait, retrying in %.1f s",
+                    self, exc, len(writes), backoff,
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_CAP)
+            except redis.exceptions.RedisError as exc:
+                return [exc] * len(writes)
+
+    def _failed(self, write, exc):
+        """A write Redis refused: say so, and keep the element's upstream
+        entries unacknowledged (they stay pending)."""
+        _fail_origins(write.metadata)
+        log.error(
+            "%s: could not write %s%s to %r: %s; not acknowledged",
+            self, _name_of(write.element), _origin_of(write.metadata), _text(write.key), exc,
+        )
+
+    def _confirmed(self, n):
+        self._unconfirmed -= n
+        if self._room is not None and self._unconfirmed < self.max_in_flight:
+            room, self._room = self._room, None
+            room.set_result(None)
+
+    async def _connect(self):
+        if self.client is not None:
+            self._redis = self.client
+            return
+        kwargs = dict(self.client_kwargs)
+        # _round_trip retries with back-off and logs; redis-py's own silent
+        # retries could send a pipeline twice without telling us.
+        kwargs.setdefault("retry", Retry(NoBackoff(), 0))
+        kwargs["decode_responses"] = False
+        self._redis = redis.asyncio.from_url(self.url, **kwargs)
+
+    # ---- flush and close, from any thread -------------------------------
+
+    def flush(self):
+        """Wait until Redis has confirmed (or refused) every element received
+        so far. Blocks in streamz's default mode; inside the event loop it
+        returns an awaitable."""
+        if self._on_loop_thread():
+            return asyncio.ensure_future(self._flush())
+        sync(self.loop, self._flush)
+
+    def close(self, timeout=FLUSH_DEADLINE):
+        """Write what is held (waiting at most ``timeout`` seconds for Redis),
+        then close the connection. Elements still unwritten are logged and
+        their upstream entries stay unacknowledged. A later element opens a
+        new connection. Blocks in streamz's default mode; inside the event
+        loop it returns an awaitable."""
+        if self._on_loop_thread():
+            return asyncio.ensure_future(self._close(timeout))
+        if self.loop is not None:
+            sync(self.loop, self._close, timeout)
+
+    async def _flush(self):
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
+
+    async def _close(self, timeout):
+        try:
+            await asyncio.wait_for(self._flush(), timeout)
+        except asyncio.TimeoutError:
+            self._writer.cancel()
+            try:
+                await self._writer
+            except asyncio.CancelledError:
+                pass
+            left = self._writing + self._queue
+            self._writing, self._queue = [], []
+            for write in left:
+                _fail_origins(write.metadata)
+            self._confirmed(len(left))
+            log.error(
+                "%s: %d element(s) not written within %.1f s of close(); their upstream "
+                "entries are not acknowledged", self, len(left), timeout,
+            )
+        own, self._redis = self._redis, None
+        _open_sinks.discard(self)
+        if own is not None and own is not self.client:
+            try:
+                await own.aclose()
+            except Exception:  # pragma: no cover - closing a dead socket
+                pass
+
+
+@Stream.register_api()
+class to_redis_stream(_RedisSink):
+    """Add each element to a Redis Stream (XADD).
+
+    A mapping becomes the entry's fields. Any other element raises
+    ``TypeError``, unless ``field`` is given: then it is stored as
+    ``{field: element}``. Field names and values must be ``str``, ``bytes``,
+    ``int`` or ``float``; anything else (``None``, ``bool``, a list, ...) raises
+    ``TypeError`` naming the field; nothing is pickled implicitly.
+
+    Writes are pipelined: while one round trip is under way, elements queue,
+    and the next round trip sends them all. The sink holds each element's
+    streamz references until Redis has confirmed its write, so an upstream
+    consumer-group entry is acknowledged only once its result is stored
+    (**at-least-once**). While fewer than ``max_in_flight`` elements await
+    Redis, ``update()`` returns at once (an emit does not wait for its own
+    write); beyond that it returns a future that upstream awaits until a
+    round trip makes room (back-pressure).
+
+    A lost connection is retried with capped back-off (0.1 s doubling to
+    5 s) for as long as the sink is open; a batch that was sent when the
+    connection dropped is sent again, so an entry may be added twice. A write
+    Redis refuses (a key of the wrong type, out of memory) is logged on the
+    ``streamz_redis`` logger with the element named, and its upstream
+    consumer-group entries are not acknowledged: they stay pending.
+
+    ``flush()`` waits for every write so far; ``close()`` flushes and closes
+    the connection. Shut a pipeline down source first: ``source.stop()``, then
+    ``sink.close()``.
+
+    Parameters
+    ----------
+    stream : str or callable
+        The stream name, or a function of the element that returns it (for
+        routing elements to several streams).
+    maxlen : int, optional
+        Trim the stream to about this many entries on each XADD (MAXLEN).
+    approximate : bool
+        Trim with ``~`` (default), which Redis does far more cheaply; the
+        stream may then be slightly longer than ``maxlen``.
+    field : str, optional
+        The field under which an element that is not a mapping is stored.
+    max_in_flight : int
+        How many elements may await Redis before upstream must wait.
+    url : str, optional
+        Redis URL; default the ``REDIS_URL`` environment variable, else
+        ``redis://localhost:6379/0``. The sink connects at its first write.
+    client_kwargs : dict, optional
+        Extra keyword arguments for ``redis.asyncio.Redis``.
+    client : redis.asyncio.Redis, optional
+        A ready client; wins over ``url`` and ``client_kwargs``, and is not
+        closed by ``close()``.
+    **kwargs
+        For ``streamz.Stream``: ``stream_name``.
+
+    Examples
+    --------
+    >>> source = Stream.from_redis_consumer_group("orders", "billing", "worker-1")  # doctest: +SKIP
+    >>> invoices = source.map(lambda e: {"order": e.id, "total": total(e)})  # doctest: +SKIP
+    >>> invoices.to_redis_stream("invoices")  # doctest: +SKIP
+    >>> source.start()  # doctest: +SKIP
+    """
+
+    def __init__(self, upstream, stream, *, maxlen=None, approximate=True, field=None, **kwargs):
+        if not callable(stream):
+            _key_name(stream, "stream")
+        if maxlen is not None and (not isinstance(maxlen, int) or maxlen < 0):
+            raise ValueError(f"maxlen must be a non-negative integer, not {maxlen!r}")
+        self.target = stream
+        self.maxlen = maxlen
+        self.approximate = approximate
+        self.field = field
+        super().__init__(upstream, **kwargs)
+
+    def _prepare_write(self, element, metadata):
+        if type(element) is dict or isinstance(element, Mapping):
+            if not element:
+                raise ValueError(f"{self}: an empty mapping cannot be a stream entry")
+            fields = dict(element)
+            if not all(_is_redis_value(n) and _is_redis_value(v) for n, v in fields.items()):
+                fields = {
+                    _redis_value(n, f"field name {n!r}"): _redis_value(v, f"field {n!r}")
+                    for n, v in fields.items()
+                }
+        elif self.field is not None:
+            fields = {self.field: _redis_value(element, f"field {self.field!r}")}
+        else:
+            raise TypeError(
+                f"{self}: a stream entry needs a mapping of fields, not a "
+                f"{type(element).__name__} ({_name_of(element)}); map it to a dict "
+                "first, or give field=... to store each element as one field"
+            )
+        return _Write(element, self._target(element, "stream"), fields, metadata)
+
+    def _queue_on(self, pipe, write):
+        pipe.xadd(write.key, write.value, maxlen=self.maxlen, approximate=self.approximate)
+
+
+@Stream.register_api()
+class to_redis_list(_RedisSink):
+    """Push each element onto a Redis list (RPUSH, or LPUSH).
+
+    Elements must be ``str``, ``bytes``, ``int`` or ``float``; anything else
+    raises ``TypeError``. Pipelining, holding references until Redis confirms,
+    back-pressure, retries and failures are as for ``to_redis_stream``; a
+    retried batch may push an element twice.
+
+    Parameters
+    ----------
+    key : str or callable
+        The list key, or a function of the element that returns it.
+    side : {"right", "left"}
+        ``"right"`` (default) appends with RPUSH, so that ``from_redis_list``
+        (which pops from the left) reads in order; ``"left"`` uses LPUSH.
+    max_in_flight, url, client_kwargs, client, **kwargs
+        As for ``to_redis_stream``.
+
+    Examples
+    --------
+    >>> Stream.from_redis_list("jobs").map(str.upper).to_redis_list("done")  # doctest: +SKIP
+    """
+
+    def __init__(self, upstream, key, *, side="right", **kwargs):
+        if not callable(key):
+            _key_name(key, "key")
+        if side not in ("right", "left"):
+            raise ValueError(f'side must be "right" or "left", not {side!r}')
+        self.target = key
+        self.side = side
+        super().__init__(upstream, **kwargs)
+
+    def _prepare_write(self, element, metadata):
+        value = _redis_value(element, "the element")
+        return _Write(element, self._target(element, "key"), value, metadata)
+
+    def _queue_on(self, pipe, write):
+        if self.side == "right":
+            pipe.rpush(write.key, write.value)
+        else:
+            pipe.lpush(write.key, write.value)
+
+
+@Stream.register_api()
+class to_redis_pubsub(_RedisSink):
+    """Publish each element on a Redis Pub/Sub channel (PUBLISH).
+
+    Elements must be ``str``, ``bytes``, ``int`` or ``float``; anything else
+    raises ``TypeError``. Pub/Sub is at-most-once on the receiving side: a
+    message is "written" once Redis has accepted it, whether or not anyone
+    was subscribed. Pipelining, back-pressure and retries are as for
+    ``to_redis_stream``.
+
+    Parameters
+    ----------
+    channel : str or callable
+        The channel, or a function of the element that returns it.
+    max_in_flight, url, client_kwargs, client, **kwargs
+        As for ``to_redis_stream``.
+
+    Examples
+    --------
+    >>> source.map(json.dumps).to_redis_pubsub("events")  # doctest: +SKIP
+    """
+
+    def __init__(self, upstream, channel, **kwargs):
+        if not callable(channel):
+            _key_name(channel, "channel")
+        self.target = channel
+        super().__init__(upstream, **kwargs)
+
+    def _prepare_write(self, element, metadata):
+        value = _redis_value(element, "the element")
+        return _Write(element, self._target(element, "channel"), value, metadata)
+
+    def _queue_on(self, pipe, write):
+        pipe.publish(write.key, write.value)

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -89,7 +90,8 @@ def test_nodes_are_found_through_entry_points_without_importing_the_module(serve
             time.sleep(0.01)
         source.stop()
         print(seen)
-        for name in ("from_redis_streams", "from_redis_consumer_group"):
+        for name in ("from_redis_streams", "from_redis_consumer_group", "from_redis_pubsub",
+                     "to_redis_stream", "to_redis_list", "to_redis_pubsub"):
             assert callable(getattr(Stream, name))
         """
     )
@@ -1010,3 +1012,433 @@ def test_a_failing_batch_stays_pending_as_a_whole(server, r, caplog):
     wait_for_acks(source)
     assert pending(r, "s", "g") == 3
     assert "a batch of 3" in caplog.text
+
+
+# --------------------------------------------------------------------------
+# Writing back to Redis: the sinks, and the Pub/Sub source
+# --------------------------------------------------------------------------
+
+Message = streamz_redis.Message
+
+
+def results(r, stream):
+    return [
+        {k.decode(): v.decode() for k, v in fields.items()} for _, fields in r.xrange(stream)
+    ]
+
+
+# --------------------------------------------------------------------------
+# Round trips
+# --------------------------------------------------------------------------
+
+
+def test_list_to_stream_to_group_to_list_keeps_every_element_in_order(server, r):
+    words = [f"word-{i}" for i in range(500)]
+    r.rpush("inbox", *words)
+
+    jobs = Stream.from_redis_list("inbox")
+    jobs.to_redis_stream("events", field="word")
+    group = Stream.from_redis_consumer_group("events", "shouters", "shouter-1", start_id="0")
+    group.map(lambda entry: entry.fields["word"].upper()).to_redis_list("shouted")
+    group.start()
+    jobs.start()
+
+    wait_for(lambda: r.llen("shouted") == len(words))
+    assert [item.decode() for item in r.lrange("shouted", 0, -1)] == [w.upper() for w in words]
+    assert results(r, "events") == [{"word": w} for w in words]
+    wait_for(lambda: pending(r, "events", "shouters") == 0)
+
+
+def test_routing_by_a_function_of_the_element(server, r):
+    source = Stream()
+    source.to_redis_stream(lambda order: f"orders:{order['region']}")
+    ids = source.map(lambda order: order["id"])
+    ids.to_redis_list(lambda order_id: f"ids:{order_id[0]}", side="left")
+    orders = [{"id": f"{region}{i}", "region": region} for i in range(3) for region in "ab"]
+    for order in orders:
+        source.emit(order)
+
+    wait_for(lambda: r.xlen("orders:a") == 3 and r.xlen("orders:b") == 3)
+    wait_for(lambda: r.llen("ids:a") == 3 and r.llen("ids:b") == 3)
+    assert [f["id"] for f in results(r, "orders:a")] == ["a0", "a1", "a2"]
+    assert r.lrange("ids:b", 0, -1) == [b"b2", b"b1", b"b0"]  # LPUSH
+
+
+def test_numbers_are_written_as_redis_formats_them(server, r):
+    source = Stream()
+    sink = source.to_redis_stream("numbers", maxlen=100)
+    source.emit({"int": 42, "float": 0.5, "bytes": b"\xff", "name": "x"})
+    sink.flush()
+    [(_, fields)] = r.xrange("numbers")
+    assert fields == {b"int": b"42", b"float": b"0.5", b"bytes": b"\xff", b"name": b"x"}
+
+
+# --------------------------------------------------------------------------
+# Pub/Sub
+# --------------------------------------------------------------------------
+
+
+def test_pubsub_fans_out_to_two_pipelines(server, r):
+    by_channel = Stream.from_redis_pubsub("news")
+    by_pattern = Stream.from_redis_pubsub(patterns="new*")
+    seen_by_channel = by_channel.sink_to_list()
+    seen_by_pattern = by_pattern.sink_to_list()
+    by_channel.map(lambda m: m.data.upper()).to_redis_list("loud-news")
+    by_channel.start()
+    by_pattern.start()
+
+    publisher = Stream()
+    publisher.to_redis_pubsub("news")
+    headlines = [f"headline {i}" for i in range(50)]
+    for headline in headlines:
+        publisher.emit(headline)
+
+    wait_for(lambda: len(seen_by_channel) == 50 and len(seen_by_pattern) == 50)
+    assert seen_by_channel == [Message("news", h) for h in headlines]
+    assert seen_by_pattern == [Message("news", h, pattern="new*") for h in headlines]
+    wait_for(lambda: r.llen("loud-news") == 50)
+    assert r.lrange("loud-news", 0, 2) == [b"HEADLINE 0", b"HEADLINE 1", b"HEADLINE 2"]
+
+
+def test_pubsub_with_decode_false_emits_bytes(server, r):
+    source = Stream.from_redis_pubsub(["a", "b"], decode=False)
+    seen = source.sink_to_list()
+    source.start()
+    r.publish("b", b"\xff\x00")
+    wait_for(lambda: seen)
+    assert seen == [Message("b", b"\xff\x00")]
+
+
+def test_pubsub_resubscribes_after_redis_restarts(private_server):
+    server = private_server()
+    source = Stream.from_redis_pubsub("alerts", url=server.url)
+    seen = source.sink_to_list()
+    source.start()
+
+    def published_and_received(text):
+        with server.client() as client:
+            client.publish("alerts", text)
+        return text in [m.data for m in seen]
+
+    wait_for(lambda: published_and_received("before"))
+    server.restart()
+    wait_for(lambda: published_and_received("after"), timeout=20)
+
+
+def test_pubsub_stop_returns_within_half_a_second(server):
+    source = Stream.from_redis_pubsub("quiet")
+    source.start()
+    started = time.monotonic()
+    source.stop()
+    assert time.monotonic() - started < 0.5
+
+
+def test_pubsub_needs_a_channel_or_a_pattern():
+    with pytest.raises(ValueError, match="channels, patterns"):
+        Stream.from_redis_pubsub()
+
+
+# --------------------------------------------------------------------------
+# What a sink refuses
+# --------------------------------------------------------------------------
+
+
+def test_a_non_mapping_to_a_stream_is_a_type_error_naming_its_type(server):
+    source = Stream()
+    source.to_redis_stream("events")
+    with pytest.raises(TypeError, match="not a list"):
+        source.emit(["a", "list"])
+
+
+def test_values_redis_cannot_store_are_type_errors_naming_the_field(server):
+    source = Stream()
+    source.to_redis_stream("events")
+    with pytest.raises(TypeError, match=r"field 'tags' is a list"):
+        source.emit({"name": "x", "tags": ["a", "b"]})
+    with pytest.raises(TypeError, match=r"field 'ok' is a bool"):
+        source.emit({"ok": True})
+    with pytest.raises(TypeError, match=r"field 'missing' is a NoneType"):
+        source.emit({"missing": None})
+    other = Stream()
+    other.to_redis_list("items")
+    with pytest.raises(TypeError, match=r"the element is a dict"):
+        other.emit({"a": 1})
+
+
+def test_a_field_name_stores_elements_that_are_not_mappings(server, r):
+    source = Stream()
+    sink = source.to_redis_stream("events", field="data")
+    source.emit("hello")
+    source.emit(7)
+    sink.flush()
+    assert results(r, "events") == [{"data": "hello"}, {"data": "7"}]
+
+
+def test_misconfigured_sinks_fail_when_made():
+    with pytest.raises(ValueError, match="side"):
+        Stream().to_redis_list("k", side="middle")
+    with pytest.raises(TypeError, match="stream must be a str"):
+        Stream().to_redis_stream(42)
+    with pytest.raises(ValueError, match="max_in_flight"):
+        Stream().to_redis_pubsub("c", max_in_flight=0)
+
+
+def test_a_refused_write_is_logged_and_its_entry_stays_pending(server, r, caplog):
+    r.set("results", "not a stream")
+    for n in range(3):
+        r.xadd("tasks", {"n": n})
+    source = Stream.from_redis_consumer_group("tasks", "workers", "worker-1", start_id="0")
+    source.map(lambda entry: {"task": entry.id}).to_redis_stream("results")
+    with caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        source.start()
+        wait_for(lambda: len([m for m in caplog.messages if "WRONGTYPE" in m]) == 3)
+    refused = [m for m in caplog.messages if "WRONGTYPE" in m]
+    assert all("not acknowledged" in m and "of stream 'tasks'" in m for m in refused)
+    source.stop()
+    assert pending(r, "tasks", "workers") == 3
+
+    # Once the key is fixed, a restart replays the pending entries.
+    r.delete("results")
+    source.start()
+    wait_for(lambda: r.xlen("results") == 3 and pending(r, "tasks", "workers") == 0)
+
+
+# --------------------------------------------------------------------------
+# Acknowledgement waits for the write
+# --------------------------------------------------------------------------
+
+
+def test_no_entry_is_acknowledged_before_its_result_is_stored(server, r):
+    total = 3000
+    with r.pipeline(transaction=False) as pipe:
+        for n in range(total):
+            pipe.xadd("orders", {"n": n})
+        pipe.execute()
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller", start_id="0")
+    source.map(lambda entry: {"order": entry.id}).to_redis_stream("invoices")
+    source.start()
+
+    def all_acknowledged_and_never_ahead():
+        [group] = r.xinfo_groups("orders")
+        acknowledged = (group["entries-read"] or 0) - group["pending"]
+        stored = r.xlen("invoices")  # read after: it only grows
+        assert acknowledged <= stored, f"{acknowledged} acked, only {stored} stored"
+        return acknowledged == total
+
+    wait_for(all_acknowledged_and_never_ahead, interval=0)
+
+
+def test_an_entry_stays_pending_while_redis_has_not_confirmed_its_write(server, r, private_server):
+    target = private_server()
+    for n in range(10):
+        r.xadd("orders", {"n": n})
+    source = Stream.from_redis_consumer_group(
+        "orders", "billing", "biller", start_id="0", url=server.url
+    )
+    sink = source.map(lambda entry: {"order": entry.id}).to_redis_stream("invoices", url=target.url)
+    os.kill(target.process.pid, signal.SIGSTOP)  # the target receives but never answers
+    try:
+        source.start()
+        wait_for(lambda: len(sink._writing) == 10)
+        assert pending(r, "orders", "billing") == 10
+        assert len(source._in_flight) == 10  # the sink still holds every reference
+    finally:
+        os.kill(target.process.pid, signal.SIGCONT)
+    with target.client() as t:
+        wait_for(lambda: t.xlen("invoices") == 10)
+    wait_for(lambda: pending(r, "orders", "billing") == 0)
+
+
+def test_stopping_the_source_waits_for_the_sink_and_acknowledges(server, r, private_server):
+    target = private_server()
+    for n in range(10):
+        r.xadd("orders", {"n": n})
+    source = Stream.from_redis_consumer_group(
+        "orders", "billing", "biller", start_id="0", url=server.url
+    )
+    sink = source.map(lambda entry: {"order": entry.id}).to_redis_stream("invoices", url=target.url)
+    os.kill(target.process.pid, signal.SIGSTOP)
+    try:
+        source.start()
+        wait_for(lambda: len(sink._writing) == 10)
+        stopping = threading.Thread(target=source.stop)
+        stopping.start()
+    finally:
+        os.kill(target.process.pid, signal.SIGCONT)
+    stopping.join()
+    # stop() returned: the results are stored and their entries acknowledged.
+    with target.client() as t:
+        assert t.xlen("invoices") == 10
+    assert pending(r, "orders", "billing") == 0
+
+
+# --------------------------------------------------------------------------
+# Connection loss
+# --------------------------------------------------------------------------
+
+
+def test_writes_wait_out_a_redis_restart(private_server, caplog):
+    server = private_server(persist=True)
+    source = Stream()
+    source.to_redis_list("jobs", url=server.url)
+    for i in range(100):
+        source.emit(f"job-{i}")
+    with server.client() as client:
+        wait_for(lambda: client.llen("jobs") == 100)
+    server.kill()
+    with caplog.at_level(logging.WARNING, logger="streamz_redis"):
+        for i in range(100, 200):
+            source.emit(f"job-{i}")
+        wait_for(lambda: any("unreachable" in m for m in caplog.messages))
+    server.start()
+    with server.client() as client:
+        wait_for(lambda: client.llen("jobs") >= 200, timeout=20)
+        # A batch sent when the connection dropped may be sent twice.
+        assert {j.decode() for j in client.lrange("jobs", 0, -1)} == {
+            f"job-{i}" for i in range(200)
+        }
+
+
+def test_close_writes_what_is_held_and_a_later_element_reconnects(server, r):
+    source = Stream()
+    sink = source.to_redis_list("jobs")
+    for i in range(1000):
+        source.emit(i)
+    sink.close()
+    assert r.llen("jobs") == 1000
+    assert sink._redis is None
+    source.emit("one more")
+    sink.flush()
+    assert r.llen("jobs") == 1001
+
+
+def test_close_gives_up_on_a_redis_that_does_not_answer(server, r, private_server, caplog):
+    target = private_server()
+    for n in range(5):
+        r.xadd("orders", {"n": n})
+    source = Stream.from_redis_consumer_group(
+        "orders", "billing", "biller", start_id="0", url=server.url
+    )
+    sink = source.map(lambda entry: {"order": entry.id}).to_redis_stream("invoices", url=target.url)
+    os.kill(target.process.pid, signal.SIGSTOP)
+    try:
+        source.start()
+        wait_for(lambda: len(sink._writing) == 5)
+        with caplog.at_level(logging.ERROR, logger="streamz_redis"):
+            started = time.monotonic()
+            sink.close(timeout=0.2)
+            assert time.monotonic() - started < 1
+        assert any("5 element(s) not written" in m for m in caplog.messages)
+        source.stop()
+        assert pending(r, "orders", "billing") == 5
+    finally:
+        os.kill(target.process.pid, signal.SIGCONT)
+
+
+# --------------------------------------------------------------------------
+# Inside a running event loop
+# --------------------------------------------------------------------------
+
+
+def test_sinks_inside_a_running_event_loop(server, r):
+    r.xadd("tasks", {"n": 1})
+    r.xadd("tasks", {"n": 2})
+
+    async def main():
+        source = Stream.from_redis_consumer_group(
+            "tasks", "workers", "worker-1", start_id="0", asynchronous=True, loop=IOLoop.current()
+        )
+        stored = source.map(lambda entry: {"double": int(entry.fields["n"]) * 2}).to_redis_stream(
+            "results"
+        )
+        await source.start()
+        deadline = time.monotonic() + 10
+        while r.xlen("results") < 2 or pending(r, "tasks", "workers"):
+            assert time.monotonic() < deadline, "results did not arrive"
+            await asyncio.sleep(0.01)
+        await source.stop()
+        await stored.close()
+
+        # Back-pressure: the emit that fills max_in_flight waits for Redis.
+        jobs = Stream(asynchronous=True)
+        pushed = jobs.to_redis_list("jobs", max_in_flight=3)
+        assert jobs.emit("a").done() and jobs.emit("b").done()
+        third = jobs.emit("c")
+        assert not third.done()
+        await third
+        assert r.llen("jobs") == 3
+        await pushed.close()
+
+    asyncio.run(main())
+    assert results(r, "results") == [{"double": "2"}, {"double": "4"}]
+
+
+# --------------------------------------------------------------------------
+# A worker killed between read and write
+# --------------------------------------------------------------------------
+
+WORKER = textwrap.dedent(
+    """
+    import sys, threading, time
+    from streamz import Stream
+    url = sys.argv[1]
+
+    def work(entry):
+        time.sleep(0.0002)  # stands for real work, so that the kill lands mid-way
+        return {"source": entry.id, "double": str(2 * int(entry.fields["n"]))}
+
+    source = Stream.from_redis_consumer_group("numbers", "doublers", "doubler-1", url=url, count=50)
+    source.map(work).to_redis_stream("doubled", url=url, max_in_flight=200)
+    source.start()
+    print("started", flush=True)
+    threading.Event().wait()
+    """
+)
+
+
+def test_a_worker_killed_mid_way_leaves_no_entry_without_a_result(server, r, tmp_path):
+    total = 5000
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    r.xgroup_create("numbers", "doublers", "0", mkstream=True)
+    with r.pipeline(transaction=False) as pipe:
+        for n in range(total):
+            pipe.xadd("numbers", {"n": n})
+        source_ids = [i.decode() for i in pipe.execute()]
+
+    def run_worker():
+        worker = subprocess.Popen(
+            [sys.executable, str(script), server.url], cwd=HERE,
+            stdout=subprocess.PIPE, stderr=open(tmp_path / "worker.log", "ab"),
+        )
+        assert worker.stdout.readline() == b"started\n"
+        return worker
+
+    worker = run_worker()
+    try:
+        wait_for(lambda: r.xlen("doubled") >= total // 4, timeout=30)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+        stored_at_kill = r.xlen("doubled")
+        pending_at_kill = pending(r, "numbers", "doublers")
+        assert stored_at_kill < total, "the worker finished before it was killed"
+
+        worker = run_worker()  # the same consumer name: it replays its pending entries
+        wait_for(
+            lambda: pending(r, "numbers", "doublers") == 0
+            and r.xinfo_groups("numbers")[0]["entries-read"] == total,
+            timeout=60,
+        )
+    finally:
+        worker.kill()
+        worker.wait()
+
+    doubled = results(r, "doubled")
+    by_source = {}
+    for result in doubled:
+        by_source.setdefault(result["source"], []).append(result["double"])
+    assert set(by_source) == set(source_ids)
+    for n, source_id in enumerate(source_ids):
+        assert set(by_source[source_id]) == {str(2 * n)}
+    # Only entries stored but not yet acknowledged at the kill are stored twice.
+    assert len(doubled) - total <= pending_at_kill

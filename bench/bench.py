@@ -55,6 +55,17 @@ if ROOT not in sys.path:  # run from a checkout without installing
 PAYLOAD = "payload-0123456789"  # every benchmark entry: {"i": <n>, "p": PAYLOAD}
 
 
+def stamp():
+    """(wall, CPU) seconds of this process, to time a row by both."""
+    return time.perf_counter(), time.process_time()
+
+
+def span(t0, end=None):
+    """(wall, CPU) seconds from stamp ``t0`` to stamp ``end`` (default now)."""
+    end = end or stamp()
+    return end[0] - t0[0], end[1] - t0[1]
+
+
 def now():
     """System-wide monotonic seconds, comparable between processes (Linux)."""
     return time.clock_gettime(time.CLOCK_MONOTONIC)
@@ -137,7 +148,7 @@ class Counter:
     def __call__(self, x):
         self.seen += 1
         if self.seen == self.n:
-            self.done.set_result(time.perf_counter())
+            self.done.set_result(stamp())
 
 
 def client(url):
@@ -191,7 +202,7 @@ async def streamz_ceiling(ctx, n, acks, lean=False):
     def on_ack():
         acked[0] += 1
         if acked[0] == n:
-            all_acked.set_result(time.perf_counter())
+            all_acked.set_result(stamp())
 
     class Numbers(Source):
         """A bare source, emitting as a source does: awaiting each emit."""
@@ -221,14 +232,14 @@ async def streamz_ceiling(ctx, n, acks, lean=False):
     counter = Counter(n)
     source = Numbers(asynchronous=True, loop=IOLoop.current())
     sink = source.map(identity).sink(counter)
-    t0 = time.perf_counter()
+    t0 = stamp()
     source.start()
     end = await wait_or_fail(counter.done, row_timeout(n), "streamz ceiling")
     if acks:
         end = max(end, await wait_or_fail(all_acked, row_timeout(n), "streamz acks"))
     source.stop()
     sink.destroy()
-    return end - t0
+    return span(t0, end)
 
 
 # --------------------------------------------------------------------------
@@ -238,7 +249,7 @@ async def streamz_ceiling(ctx, n, acks, lean=False):
 
 async def raw_xreadgroup(ctx, n, count):
     group = ctx.fresh("raw-group")
-    t0 = time.perf_counter()
+    t0 = stamp()
     r = client(ctx.url)
     await r.xgroup_create(ctx.stream, group, "0")
     got = 0
@@ -247,13 +258,13 @@ async def raw_xreadgroup(ctx, n, count):
             ids = [entry_id for entry_id, _ in entries]
             got += len(ids)
             await r.xack(name, group, *ids)
-    elapsed = time.perf_counter() - t0
+    elapsed = span(t0)
     await r.aclose()
     return elapsed
 
 
 async def raw_xread(ctx, n, count):
-    t0 = time.perf_counter()
+    t0 = stamp()
     r = client(ctx.url)
     last = "0"
     got = 0
@@ -261,7 +272,7 @@ async def raw_xread(ctx, n, count):
         for _, entries in await r.xread({ctx.stream: last}, count=count):
             got += len(entries)
             last = entries[-1][0]
-    elapsed = time.perf_counter() - t0
+    elapsed = span(t0)
     await r.aclose()
     return elapsed
 
@@ -269,27 +280,27 @@ async def raw_xread(ctx, n, count):
 async def raw_lpop(ctx, n, count):
     key = ctx.fresh("raw-list")
     await fill_list(ctx.url, key, n)
-    t0 = time.perf_counter()
+    t0 = stamp()
     r = client(ctx.url)
     got = 0
     while got < n:
         items = await r.lpop(key, count)
         got += len(items or ())
-    elapsed = time.perf_counter() - t0
+    elapsed = span(t0)
     await r.aclose()
     return elapsed
 
 
 async def raw_xadd(ctx, n, count):
     stream = ctx.fresh("raw-xadd")
-    t0 = time.perf_counter()
+    t0 = stamp()
     r = client(ctx.url)
     for start in range(0, n, count):
         async with r.pipeline(transaction=False) as pipe:
             for i in range(start, min(n, start + count)):
                 pipe.xadd(stream, {"i": i, "p": PAYLOAD})
             await pipe.execute()
-    elapsed = time.perf_counter() - t0
+    elapsed = span(t0)
     await r.delete(stream)
     await r.aclose()
     return elapsed
@@ -297,14 +308,14 @@ async def raw_xadd(ctx, n, count):
 
 async def raw_rpush(ctx, n, count):
     key = ctx.fresh("raw-rpush")
-    t0 = time.perf_counter()
+    t0 = stamp()
     r = client(ctx.url)
     for start in range(0, n, count):
         async with r.pipeline(transaction=False) as pipe:
             for i in range(start, min(n, start + count)):
                 pipe.rpush(key, f"{i}:{PAYLOAD}")
             await pipe.execute()
-    elapsed = time.perf_counter() - t0
+    elapsed = span(t0)
     await r.delete(key)
     await r.aclose()
     return elapsed
@@ -320,7 +331,7 @@ async def run_source(source, n, after=None):
     elements (and ``after()`` returned, if given)."""
     counter = Counter(n)
     sink = source.map(identity).sink(counter)
-    t0 = time.perf_counter()
+    t0 = stamp()
     await source.start()
     try:
         end = await wait_or_fail(counter.done, row_timeout(n), str(source))
@@ -329,7 +340,7 @@ async def run_source(source, n, after=None):
     finally:
         await source.stop()
         sink.destroy()
-    return end - t0
+    return span(t0, end)
 
 
 async def ours_list(ctx, n, count):
@@ -370,7 +381,7 @@ async def ours_group(ctx, n, count):
         try:
             while (await r.xpending(ctx.stream, group))["pending"]:
                 await asyncio.sleep(0.0005)
-            return time.perf_counter()
+            return stamp()
         finally:
             await r.aclose()
 
@@ -432,11 +443,13 @@ async def throughput(args, url, only=None):
     await fill_stream(url, ctx.stream, args.n)
     rows = [row for row in THROUGHPUT_ROWS if only is None or row[1] in only]
     rates = {row[1]: [] for row in rows}
+    cpu = {row[1]: [] for row in rows}
     for _ in range(args.repeat):
         for key in rates:
             gc.collect()
-            elapsed = await FUNCTIONS[key](ctx, args.n, args.count)
-            rates[key].append(args.n / elapsed)
+            wall, cpu_seconds = await FUNCTIONS[key](ctx, args.n, args.count)
+            rates[key].append(args.n / wall)
+            cpu[key].append(cpu_seconds / args.n * 1e6)
             r = client(url)  # drop what the row left behind, but keep the backlog
             keys = [k for k in await r.keys("bench:*") if k != ctx.stream.encode()]
             if keys:
@@ -445,7 +458,7 @@ async def throughput(args, url, only=None):
     r = client(url)
     await r.delete(ctx.stream)
     await r.aclose()
-    return rates
+    return rates, cpu
 
 
 # --------------------------------------------------------------------------
@@ -644,7 +657,7 @@ def verdict(ok):
     return "met" if ok else "MISSED"
 
 
-def table(args, rates, latencies, mem):
+def table(args, rates, cpu, latencies, mem):
     header = ["Benchmark", "Result", "Detail", "vs streamz", "vs lean", "vs redis-py",
               "Target (vs streamz)"]
     rows = []
@@ -657,7 +670,8 @@ def table(args, rates, latencies, mem):
         if key not in rates:
             continue
         values = rates[key]
-        detail = f"median {statistics.median(values):,.0f} ({len(values)} runs)"
+        detail = (f"median {statistics.median(values):,.0f} of {len(values)}; "
+                  f"CPU {min(cpu[key]):.1f} us/msg")
         target = ""
         if streamz_key in best:
             target = f">= 0.80: {verdict(best[key] / best[streamz_key] >= 0.8)}"
@@ -770,14 +784,14 @@ def main(argv=None):
 
     server = PrivateRedis().start()
     started = time.perf_counter()
-    rates, latencies, mem = {}, {}, None
+    rates, cpu, latencies, mem = {}, {}, {}, None
     try:
         async def run():
-            nonlocal rates, mem
+            nonlocal rates, cpu, mem
             if not args.skip_throughput:
                 print(f"throughput: {args.n:,} entries per row, {args.repeat} runs ...",
                       file=sys.stderr, flush=True)
-                rates = await throughput(args, server.url, args.only)
+                rates, cpu = await throughput(args, server.url, args.only)
             if not args.skip_latency:
                 for which in ("streams", "group"):
                     print(f"latency {which}: {args.latency_seconds:g} s at "
@@ -795,12 +809,12 @@ def main(argv=None):
     print()
     print(env + f"; {time.perf_counter() - started:.0f} s in all")
     print()
-    print(table(args, rates, latencies, mem))
+    print(table(args, rates, cpu, latencies, mem))
     print()
     print("reproduce with: " + reproduce(args))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rates": rates, "latency": latencies, "memory": mem,
+            json.dump({"rates": rates, "cpu_us_per_msg": cpu, "latency": latencies, "memory": mem,
                        "argv": sys.argv[1:], "environment": env}, f, indent=1)
 
 
