@@ -137,32 +137,56 @@ def _text(value):
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _make_decoder(decode):
-    """The function that turns one Redis value into what the source emits.
+def _decoded(value, encoding):
+    """A list item or message from Redis, decoded with ``encoding`` (``None``:
+    as it is). A client made with ``decode_responses`` hands us ``str``."""
+    if encoding is None or not isinstance(value, bytes):
+        return value
+    return value.decode(encoding)
 
-    ``decode`` is True (UTF-8), False (bytes unchanged) or an encoding name.
-    The function raises ``UnicodeDecodeError`` on a value it cannot decode.
-    """
+
+def _encoding_of(decode):
+    """The encoding a source decodes values with: ``decode`` is True (UTF-8),
+    False (``None``: bytes unchanged) or an encoding name."""
     if decode is False or decode is None:
         return None
     encoding = "utf-8" if decode is True else decode
     "".encode(encoding)  # an unknown encoding fails here, in __init__
-
-    def decoder(value):
-        return value.decode(encoding) if isinstance(value, bytes) else value
-
-    return decoder
+    return encoding
 
 
-def _entry_fields(raw_fields, decoder):
-    """The fields of a stream entry, decoded; ``None`` if Redis had none."""
-    if not raw_fields:
-        # XREADGROUP answers nil fields for a pending entry that was deleted
-        # or trimmed from the stream since it was delivered.
+def _raw_reply(response, **options):
+    """A response callback that leaves the reply as Redis sent it, for the
+    commands whose replies ``_stream_entries`` and ``_entry_fields`` read."""
+    return response
+
+
+# Read on the source's own connection with redis-py's parsing turned off:
+# building a dict per entry that we then rebuild costs more than the read.
+RAW_REPLY_COMMANDS = ("XREAD", "XREADGROUP", "XAUTOCLAIM")
+NEVER_DECODE = {"NEVER_DECODE": True}  # redis.client.NEVER_DECODE: bytes, whatever the client decodes
+
+
+def _stream_entries(reply):
+    """The ``(stream, entries)`` pairs of a raw XREAD or XREADGROUP reply:
+    a map in RESP3, a list of pairs in RESP2, nil when nothing came. Each
+    entry is ``[id, [field, value, ...]]``."""
+    if not reply:
+        return ()
+    return reply.items() if isinstance(reply, dict) else reply
+
+
+def _entry_fields(flat, encoding):
+    """The fields of a stream entry from Redis's flat ``[field, value, ...]``,
+    decoded with ``encoding`` (``None``: bytes as they are). ``None`` if Redis
+    had none: it answers nil fields for a pending entry that was deleted or
+    trimmed from the stream since it was delivered."""
+    if not flat:
         return None
-    if decoder is None:
-        return raw_fields
-    return {decoder(k): decoder(v) for k, v in raw_fields.items()}
+    pairs = iter(flat)
+    if encoding is None:
+        return dict(zip(pairs, pairs))
+    return {k.decode(encoding): v.decode(encoding) for k, v in zip(pairs, pairs)}
 
 
 def _safe_url(url):
@@ -206,21 +230,41 @@ def _streams_with_ids(streams, start_id, allowed):
 _PENDING, _DONE, _FAILED = 0, 1, 2
 
 
-class _Ack:
-    """The RefCounter callback of one emitted entry.
+class _Reference(RefCounter):
+    """The streamz reference of what a source emitted, and its own callback.
 
-    streamz calls it on every release that brings the count to zero, so it
-    must act once: the first call acknowledges, later calls do nothing. An
-    entry whose processing raised is marked failed first and never acked.
+    It starts with the source's own hold (``count=1``), released once the
+    emit's futures are done. streamz's RefCounter calls back, through
+    ``loop.add_callback``, on every release that reaches zero; this one acts
+    once, and at once when released on the loop's own thread (a loop turn per
+    entry saved). A failed one never acknowledges.
     """
 
-    __slots__ = ("source", "key", "item", "state")
+    def __init__(self, source):
+        # Not RefCounter.__init__: it would look a loop up; the source's is it.
+        self.loop = source.loop
+        self.count = 1
+        self.cb = self
+        self.source = source
+        self.state = _PENDING
+
+    def release(self, n=1):
+        self.count -= n
+        if self.count <= 0 and self.state == _PENDING:
+            if threading.get_ident() == self.source._loop_thread:
+                self()
+            else:
+                self.loop.add_callback(self)
+
+
+class _Ack(_Reference):
+    """One tracked entry (or reliable-list item): acknowledged when the last
+    reference to it goes, unless its processing failed."""
 
     def __init__(self, source, key, item):
-        self.source = source
+        super().__init__(source)
         self.key = key  # stream name or list key
         self.item = item  # entry id or raw list item
-        self.state = _PENDING
 
     def __call__(self):
         if self.state == _PENDING:
@@ -236,22 +280,25 @@ class _Ack:
         in_flight[self.key, self.item] = self
 
 
-class _AckAll:
-    """The RefCounter callback of a batch emitted as one list (``batch=True``):
-    the batch is acknowledged, or fails, as a whole."""
+class _AckAll(_Reference):
+    """A batch emitted as one list (``batch=True``): acknowledged, or failed,
+    as a whole."""
 
-    __slots__ = ("acks",)
-
-    def __init__(self, acks):
+    def __init__(self, source, acks):
+        super().__init__(source)
         self.acks = acks
 
     def __call__(self):
-        for ack in self.acks:
-            ack()
+        if self.state == _PENDING:
+            self.state = _DONE
+            for ack in self.acks:
+                ack()
 
     def fail(self):
-        for ack in self.acks:
-            ack.fail()
+        if self.state == _PENDING:
+            self.state = _FAILED
+            for ack in self.acks:
+                ack.fail()
 
     def track(self, in_flight):
         for ack in self.acks:
@@ -320,7 +367,8 @@ class _RedisSource(Source):
         self.client_kwargs = dict(client_kwargs or {})
         self.client = client
         self.decode = decode
-        self._decoder = _make_decoder(decode)
+        self._encoding = _encoding_of(decode)
+        self._loop_thread = None  # the thread of the event loop, once started
         self.timeout = timeout
         self.count = count
         self.batch = batch
@@ -386,6 +434,7 @@ class _RedisSource(Source):
             return await asyncio.shield(self._starting)
         if self._task is not None:
             return
+        self._loop_thread = threading.get_ident()
         self._starting = asyncio.get_running_loop().create_future()
         try:
             await self._connect()
@@ -473,6 +522,8 @@ class _RedisSource(Source):
         await self._redis.ping()
         if self.uses_blocking_reads:
             self._blocking = self._redis.client()  # one dedicated connection
+            for command in RAW_REPLY_COMMANDS:
+                self._blocking.set_response_callback(command, _raw_reply)
             await self._blocking.initialize()
             self._blocking.connection.register_connect_callback(self._on_blocking_connect)
             self._blocking_id = await self._blocking.client_id()
@@ -547,50 +598,40 @@ class _RedisSource(Source):
 
     async def _emit_batch(self, batch):
         """Emit each ``(value, origin)`` of a batch in turn, awaiting its
-        futures (the back-pressure). An origin that is an ``_Ack`` is tracked
-        until it leaves the pipeline. On stop(), what is left is given back.
-        With ``batch=True`` the values go out as one list, tracked as one."""
-        if self.batch:
+        futures (the back-pressure). An origin that is a ``_Reference`` is
+        tracked until it leaves the pipeline. On stop(), what is left is given
+        back. With ``batch=True`` the values go out as one list, tracked as one.
+        """
+        if self.batch and batch:
             if self.stopped:
                 await self._give_back(batch)
-            elif batch:
-                acks = [origin for _, origin in batch if isinstance(origin, _Ack)]
-                values = [value for value, _ in batch]
-                if acks:
-                    await self._emit_tracked(values, _AckAll(acks))
-                else:
-                    await self._emit_untracked(values)
-            return
+                return
+            acks = [origin for _, origin in batch if isinstance(origin, _Ack)]
+            batch = [([value for value, _ in batch], _AckAll(self, acks) if acks else None)]
         for position, (value, origin) in enumerate(batch):
             if self.stopped:
                 await self._give_back(batch[position:])
                 return
-            if isinstance(origin, _Ack):
-                await self._emit_tracked(value, origin)
-            else:
-                await self._emit_untracked(value)
-
-    async def _emit_untracked(self, value):
-        try:
-            futures = self._emit(value)
-            if futures:
-                await asyncio.gather(*futures)
-        except Exception:
-            log.exception("%s: processing failed for %s", self, _name_of(value))
-
-    async def _emit_tracked(self, value, ack):
-        # The source holds its own reference until the emit's futures are
-        # done: rate_limit, map_async and async sinks release theirs early.
-        ack.track(self._in_flight)
-        ref = RefCounter(initial=1, cb=ack, loop=self.loop)
-        try:
-            futures = self._emit(value, metadata=[{"ref": ref}])
-            if futures:
-                await asyncio.gather(*futures)
-        except Exception:
-            log.exception("%s: processing failed for %s; not acknowledged", self, _name_of(value))
-            ack.fail()
-        ref.release()
+            # This is the per-entry path: inline, no coroutine per entry.
+            tracked = isinstance(origin, _Reference)
+            try:
+                if tracked:
+                    origin.track(self._in_flight)
+                    futures = self._emit(value, metadata=[{"ref": origin}])
+                else:
+                    futures = self._emit(value)
+                if futures:
+                    await asyncio.gather(*futures)
+            except Exception:
+                if tracked:
+                    log.exception("%s: processing failed for %s; not acknowledged", self, _name_of(value))
+                    origin.fail()
+                else:
+                    log.exception("%s: processing failed for %s", self, _name_of(value))
+            if tracked:
+                # The source's own hold, kept until the emit's futures are
+                # done: rate_limit, map_async and async sinks let go early.
+                origin.release()
 
     # ---- hooks for subclasses ------------------------------------------
 
@@ -843,12 +884,12 @@ class from_redis_list(_RedisSource):
             origin = lambda key, item: _Ack(self, key, item)  # noqa: E731
         else:
             origin = lambda key, item: (key, item)  # noqa: E731
-        if self._decoder is None:
+        if self._encoding is None:
             return [(item, origin(key, item)) for key, item in popped]
         batch = []
         for key, item in popped:
             try:
-                batch.append((self._decoder(item), origin(key, item)))
+                batch.append((_decoded(item, self._encoding), origin(key, item)))
             except UnicodeDecodeError as exc:
                 await self._dead_letter(key, item, exc)
         return batch
@@ -945,40 +986,35 @@ class from_redis_streams(_RedisSource):
             self.last_ids[name] = start_id
 
     async def _read(self):
-        reply = await self._blocking.xread(
-            self.last_ids, count=self.count, block=int(self._block_seconds() * 1000)
+        reply = await self._blocking.execute_command(
+            "XREAD", "COUNT", self.count, "BLOCK", int(self._block_seconds() * 1000),
+            "STREAMS", *self.last_ids, *self.last_ids.values(), **NEVER_DECODE,
         )
         batch = []
-        for raw_name, entries in reply:
+        for raw_name, entries in _stream_entries(reply):
             name = _text(raw_name)
-            for raw_id, raw_fields in entries:
-                entry_id = _text(raw_id)
+            previous = self.last_ids[name]
+            for raw_id, flat in entries:
+                entry_id = raw_id.decode()
                 try:
-                    fields = _entry_fields(raw_fields, self._decoder)
+                    fields = _entry_fields(flat, self._encoding)
                 except UnicodeDecodeError as exc:
                     log.error(
                         "%s: entry %s of stream %r cannot be decoded (%s); skipped, "
                         "it stays in the stream", self, entry_id, name, exc,
                     )
-                    self.last_ids[name] = entry_id
-                    continue
-                batch.append((Entry(name, entry_id, fields), None))
+                else:
+                    # The origin is where to read from again if stop() comes
+                    # before this entry is emitted.
+                    batch.append((Entry(name, entry_id, fields), (name, previous)))
+                previous = entry_id
+            self.last_ids[name] = previous
         return batch
 
-    async def _emit_batch(self, batch):
-        # last_ids move with what is emitted: after stop() they still point
-        # before the entries that were read but not emitted.
-        if self.batch:
-            if batch and not self.stopped:
-                for entry, _ in batch:
-                    self.last_ids[entry.stream] = entry.id
-                await self._emit_untracked([entry for entry, _ in batch])
-            return
-        for entry, _ in batch:
-            if self.stopped:
-                return
-            self.last_ids[entry.stream] = entry.id
-            await self._emit_untracked(entry)
+    async def _give_back(self, rest):
+        # Read but not emitted: start() after stop() reads them again.
+        for _, (name, previous) in reversed(rest):
+            self.last_ids[name] = previous
 
 
 @Stream.register_api(staticmethod)
@@ -1095,25 +1131,24 @@ class from_redis_consumer_group(_RedisSource):
             batch = await self._claim_idle_entries()
             if batch:
                 return batch
-        reply = await self._blocking.xreadgroup(
-            self.group,
-            self.consumer,
-            {name: ">" for name in self.start_ids},
-            count=self.count,
-            block=int(self._block_seconds() * 1000),
+        reply = await self._blocking.execute_command(
+            "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", self.count,
+            "BLOCK", int(self._block_seconds() * 1000),
+            "STREAMS", *self.start_ids, *[">"] * len(self.start_ids), **NEVER_DECODE,
         )
+        reply = [(name, entries) for name, entries in _stream_entries(reply) if entries]
         for raw_name, entries in reply:
-            if entries:
-                self._last_read[_text(raw_name)] = _text(entries[-1][0])
+            self._last_read[_text(raw_name)] = _text(entries[-1][0])
         return await self._batch_of(reply)
 
     async def _read_pending(self):
         """One batch of this consumer's own pending entries, or None once
         they are all replayed."""
-        reply = await self._redis.xreadgroup(
-            self.group, self.consumer, self._replay_from, count=self.count
+        reply = await self._blocking.execute_command(
+            "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", self.count,
+            "STREAMS", *self._replay_from, *self._replay_from.values(), **NEVER_DECODE,
         )
-        reply = [(name, entries) for name, entries in reply if entries]
+        reply = [(name, entries) for name, entries in _stream_entries(reply) if entries]
         if not reply:
             self._replay_from = None
             return None
@@ -1134,9 +1169,9 @@ class from_redis_consumer_group(_RedisSource):
             self._claim_from = {name: "0-0" for name in self.start_ids}
         reply = []
         for name, cursor in list(self._claim_from.items()):
-            answer = await self._redis.xautoclaim(
-                name, self.group, self.consumer, int(self.claim_idle * 1000),
-                start_id=cursor, count=self.count,
+            answer = await self._blocking.execute_command(
+                "XAUTOCLAIM", name, self.group, self.consumer, int(self.claim_idle * 1000),
+                cursor, "COUNT", self.count, **NEVER_DECODE,
             )
             next_cursor, entries = _text(answer[0]), answer[1]
             if len(answer) > 2 and answer[2]:  # Redis 7 drops deleted entries itself
@@ -1148,7 +1183,7 @@ class from_redis_consumer_group(_RedisSource):
                 del self._claim_from[name]
             else:
                 self._claim_from[name] = next_cursor
-            entries = [(entry_id, fields) for entry_id, fields in entries if entry_id is not None]
+            entries = [entry for entry in entries if entry is not None]
             if entries:
                 reply.append((name, entries))
                 log.info("%s: claimed %d idle entries of stream %r", self, len(entries), name)
@@ -1181,12 +1216,12 @@ class from_redis_consumer_group(_RedisSource):
         batch, settled, dead = [], [], []
         for raw_name, entries in reply:
             name = _text(raw_name)
-            for raw_id, raw_fields in entries:
-                entry_id = _text(raw_id)
-                if (name, entry_id) in self._in_flight:
+            for raw_id, flat in entries:
+                entry_id = raw_id.decode()
+                if counts is not None and (name, entry_id) in self._in_flight:
                     continue  # replayed while still on its way through the pipeline
                 ack = _Ack(self, name, entry_id)
-                if not raw_fields:
+                if not flat:
                     # Deleted or trimmed from the stream since it was delivered.
                     log.warning(
                         "%s: pending entry %s of stream %r is no longer in the "
@@ -1196,10 +1231,10 @@ class from_redis_consumer_group(_RedisSource):
                     continue
                 deliveries = 1 if counts is None else counts.get((name, entry_id))
                 if self.max_deliveries is not None and (deliveries or 0) > self.max_deliveries:
-                    dead.append((ack, raw_fields, deliveries))
+                    dead.append((ack, flat, deliveries))
                     continue
                 try:
-                    fields = _entry_fields(raw_fields, self._decoder)
+                    fields = _entry_fields(flat, self._encoding)
                 except UnicodeDecodeError as exc:
                     log.error(
                         "%s: entry %s of stream %r cannot be decoded (%s); not "
@@ -1217,9 +1252,9 @@ class from_redis_consumer_group(_RedisSource):
         """Move entries delivered too often to the dead-letter stream, and
         acknowledge them, in one transaction."""
         async with self._redis.pipeline(transaction=True) as pipe:
-            for ack, raw_fields, deliveries in dead:
+            for ack, flat, deliveries in dead:
                 target = self.dead_letter_stream or f"{ack.key}:dead-letter"
-                fields = dict(raw_fields)
+                fields = _entry_fields(flat, None)
                 fields.update(source_stream=ack.key, source_id=ack.item, deliveries=deliveries)
                 pipe.xadd(target, fields)
                 pipe.xack(ack.key, self.group, ack.item)
@@ -1233,10 +1268,14 @@ class from_redis_consumer_group(_RedisSource):
             ack.state = _DONE
 
     async def _ack_batch(self, batch):
+        batch = [(name, ids) for name, ids in batch.items() if ids]
+        if len(batch) == 1:  # the common case: one stream, one command
+            [(name, ids)] = batch
+            await self._redis.execute_command("XACK", name, self.group, *ids)
+            return
         async with self._redis.pipeline(transaction=False) as pipe:
-            for name, ids in batch.items():
-                if ids:
-                    pipe.xack(name, self.group, *ids)
+            for name, ids in batch:
+                pipe.xack(name, self.group, *ids)
             await pipe.execute()
 
     async def _recover(self, exc):
@@ -1382,9 +1421,9 @@ class from_redis_pubsub(_RedisSource):
             return None
         channel = _text(reply["channel"])
         data = reply["data"]
-        if self._decoder is not None:
+        if self._encoding is not None:
             try:
-                data = self._decoder(data)
+                data = _decoded(data, self._encoding)
             except UnicodeDecodeError as exc:
                 log.error(
                     "%s: message %r on channel %r cannot be decoded (%s); dropped",
@@ -1453,9 +1492,9 @@ def _key_name(value, what):
 def _origin_of(metadata):
     """The upstream consumer-group entries of an element, for log lines."""
     origins = [
-        f"entry {m['ref'].cb.item} of stream {m['ref'].cb.key!r}"
+        f"entry {m['ref'].item} of stream {m['ref'].key!r}"
         for m in metadata
-        if "ref" in m and isinstance(m["ref"].cb, _Ack)
+        if isinstance(m.get("ref"), _Ack)
     ]
     return f" (from {', '.join(origins)})" if origins else ""
 
@@ -1464,8 +1503,8 @@ def _fail_origins(metadata):
     """Mark the upstream entries of an element that was not written as failed:
     they are never acknowledged, even if another branch lets go of them."""
     for m in metadata:
-        if "ref" in m and isinstance(m["ref"].cb, _Ack):
-            m["ref"].cb.fail()
+        if isinstance(m.get("ref"), _Reference):
+            m["ref"].fail()
 
 
 class _Write:
