@@ -110,6 +110,12 @@ class Entry(NamedTuple):
     deliveries: Optional[int] = None
 
 
+def _new_entry(stream, entry_id, fields, deliveries=None):
+    """``Entry(stream, entry_id, fields, deliveries)``, without the Python-level
+    ``__new__`` of a NamedTuple: this runs once per entry read."""
+    return tuple.__new__(Entry, (stream, entry_id, fields, deliveries))
+
+
 # --------------------------------------------------------------------------
 # The boundary: every Redis reply becomes a Python value here, and only here.
 # --------------------------------------------------------------------------
@@ -130,6 +136,15 @@ def _check_start_id(start_id, allowed=("$",)):
             "'<milliseconds>-<sequence>'"
         )
     return start_id
+
+
+def _id_before(entry_id):
+    """The greatest stream id below ``entry_id``: XREAD from it returns
+    ``entry_id`` first."""
+    ms, _, seq = entry_id.partition("-")
+    if int(seq or 0) > 0:
+        return f"{ms}-{int(seq) - 1}"
+    return f"{int(ms) - 1}-18446744073709551615" if int(ms) > 0 else "0-0"
 
 
 def _text(value):
@@ -424,6 +439,8 @@ class _RedisSource(Source):
         Blocks until done in streamz's default mode; inside the event loop it
         returns an awaitable. ``start()`` afterwards resumes.
         """
+        if self._task is not None:
+            self.stopped = True  # at once: no further entry is emitted
         if self._on_loop_thread():
             return asyncio.ensure_future(self._stop())
         if self.loop is not None:
@@ -993,28 +1010,24 @@ class from_redis_streams(_RedisSource):
         batch = []
         for raw_name, entries in _stream_entries(reply):
             name = _text(raw_name)
-            previous = self.last_ids[name]
             for raw_id, flat in entries:
-                entry_id = raw_id.decode()
                 try:
                     fields = _entry_fields(flat, self._encoding)
                 except UnicodeDecodeError as exc:
                     log.error(
                         "%s: entry %s of stream %r cannot be decoded (%s); skipped, "
-                        "it stays in the stream", self, entry_id, name, exc,
+                        "it stays in the stream", self, _text(raw_id), name, exc,
                     )
-                else:
-                    # The origin is where to read from again if stop() comes
-                    # before this entry is emitted.
-                    batch.append((Entry(name, entry_id, fields), (name, previous)))
-                previous = entry_id
-            self.last_ids[name] = previous
+                    continue
+                batch.append((_new_entry(name, raw_id.decode(), fields), None))
+            self.last_ids[name] = _text(entries[-1][0])
         return batch
 
     async def _give_back(self, rest):
-        # Read but not emitted: start() after stop() reads them again.
-        for _, (name, previous) in reversed(rest):
-            self.last_ids[name] = previous
+        # Read but not emitted: start() after stop() reads them again, from
+        # just before the first of them in each stream.
+        for entry, _ in reversed(rest):
+            self.last_ids[entry.stream] = _id_before(entry.id)
 
 
 @Stream.register_api(staticmethod)
@@ -1241,7 +1254,7 @@ class from_redis_consumer_group(_RedisSource):
                         "acknowledged, it stays pending", self, entry_id, name, exc,
                     )
                     continue
-                batch.append((Entry(name, entry_id, fields, deliveries), ack))
+                batch.append((_new_entry(name, entry_id, fields, deliveries), ack))
         if dead:
             await self._dead_letter(dead)
         for ack in settled:

@@ -176,7 +176,8 @@ def test_items_read_but_not_emitted_go_back_to_the_head_of_their_list_on_stop(se
 
     source.sink(process)
     source.start()
-    wait_for(lambda: source._task is None and len(seen) >= 3)
+    wait_for(lambda: source._task is None)
+    assert len(seen) == 3
     left = [int(x) for x in r.lrange("queue", 0, -1)]
     assert [int(x) for x in seen] + left == list(range(300))
 
@@ -252,6 +253,27 @@ def test_start_after_stop_resumes_without_gaps_or_repeats(server, r):
     r.xadd("resume", {"i": 2})
     wait_for(lambda: len(seen) == 3)
     assert [e.fields["i"] for e in seen] == ["0", "1", "2"]
+
+
+def test_a_stop_mid_batch_resumes_at_the_first_entry_not_emitted(server, r):
+    with r.pipeline() as pipe:
+        for i in range(300):
+            pipe.xadd("backlog", {"i": i})
+        pipe.execute()
+    source = Stream.from_redis_streams("backlog", start_id="0", count=100)
+    seen = []
+
+    def process(entry):
+        seen.append(int(entry.fields["i"]))
+        if len(seen) == 3:
+            source.stop()  # from inside the pipeline, mid-batch
+
+    source.sink(process)
+    source.start()
+    wait_for(lambda: source._task is None and len(seen) == 3)
+    source.start()
+    wait_for(lambda: len(seen) == 300)
+    assert seen == list(range(300))
 
 
 def test_malformed_start_id_is_a_clear_error(server):
