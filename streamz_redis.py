@@ -47,6 +47,7 @@ import threading
 import weakref
 from collections import defaultdict
 from collections.abc import Mapping
+from operator import methodcaller
 from typing import Any, NamedTuple, Optional
 from urllib.parse import urlsplit, urlunsplit
 
@@ -198,10 +199,13 @@ def _entry_fields(flat, encoding):
     trimmed from the stream since it was delivered."""
     if not flat:
         return None
-    pairs = iter(flat)
     if encoding is None:
-        return dict(zip(pairs, pairs))
-    return {k.decode(encoding): v.decode(encoding) for k, v in zip(pairs, pairs)}
+        pairs = iter(flat)
+    elif encoding == "utf-8":
+        pairs = map(bytes.decode, flat)  # twice as fast as a comprehension
+    else:
+        pairs = map(methodcaller("decode", encoding), flat)
+    return dict(zip(pairs, pairs))
 
 
 def _safe_url(url):
@@ -859,10 +863,13 @@ class from_redis_list(_RedisSource):
         if self.processing_list:
             return await self._read_reliably()
         # A backlog: up to `count` items from each key in one round trip.
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for key in self.keys:
-                pipe.lpop(key, self.count)
-            replies = await pipe.execute()
+        if len(self.keys) == 1:
+            replies = [await self._redis.execute_command("LPOP", self.keys[0], self.count)]
+        else:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key in self.keys:
+                    pipe.lpop(key, self.count)
+                replies = await pipe.execute()
         popped = [
             (key, item)
             for key, items in zip(self.keys, replies)
