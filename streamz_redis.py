@@ -49,7 +49,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from operator import methodcaller
 from typing import Any, NamedTuple, Optional
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio
 import redis.exceptions
@@ -111,10 +111,7 @@ class Entry(NamedTuple):
     deliveries: Optional[int] = None
 
 
-def _new_entry(stream, entry_id, fields, deliveries=None):
-    """``Entry(stream, entry_id, fields, deliveries)``, without the Python-level
-    ``__new__`` of a NamedTuple: this runs once per entry read."""
-    return tuple.__new__(Entry, (stream, entry_id, fields, deliveries))
+_new_tuple = tuple.__new__  # _new_tuple(Entry, (...)): an Entry without NamedTuple's __new__
 
 
 # --------------------------------------------------------------------------
@@ -214,11 +211,13 @@ def _safe_url(url):
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable Redis URL>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    if parts.password is not None:
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{netloc}")
+    if "password" in parts.query.lower():  # redis-py also reads ?password=
+        query = [(k, "***" if k.lower() == "password" else v) for k, v in parse_qsl(parts.query)]
+        parts = parts._replace(query=urlencode(query, safe="*"))
+    return urlunsplit(parts)
 
 
 def _as_list(names, what):
@@ -281,7 +280,12 @@ class _Ack(_Reference):
     reference to it goes, unless its processing failed."""
 
     def __init__(self, source, key, item):
-        super().__init__(source)
+        # _Reference.__init__, inlined: one of these is made per entry.
+        self.loop = source.loop
+        self.count = 1
+        self.cb = self
+        self.source = source
+        self.state = _PENDING
         self.key = key  # stream name or list key
         self.item = item  # entry id or raw list item
 
@@ -332,14 +336,21 @@ _running_sources = weakref.WeakSet()
 _open_sinks = weakref.WeakSet()
 
 
+def _loop_runs_elsewhere(node):
+    """Whether ``node``'s event loop still runs, in another thread: at exit,
+    the loop of a finished ``asyncio.run`` would never answer."""
+    loop = node.loop.asyncio_loop
+    return loop.is_running() and not loop.is_closed() and not node._on_loop_thread()
+
+
 @atexit.register
 def _close_open_sinks():
     """Write what sinks still hold when Python exits (after the sources have
     stopped: atexit runs the handlers in reverse order)."""
     for sink in list(_open_sinks):
         try:
-            if not sink._on_loop_thread():
-                sink.close()
+            if _loop_runs_elsewhere(sink):
+                sync(sink.loop, sink._close, FLUSH_DEADLINE, callback_timeout=2 * FLUSH_DEADLINE)
         except Exception:  # pragma: no cover - best effort at exit
             log.exception("%s: could not close cleanly at exit", sink)
 
@@ -349,8 +360,8 @@ def _stop_running_sources():
     """Flush acknowledgements of sources still running when Python exits."""
     for source in list(_running_sources):
         try:
-            if not source._on_loop_thread():
-                source.stop()
+            if _loop_runs_elsewhere(source):
+                sync(source.loop, source._stop, callback_timeout=2 * FLUSH_DEADLINE)
         except Exception:  # pragma: no cover - best effort at exit
             log.exception("%s: could not stop cleanly at exit", source)
 
@@ -395,7 +406,9 @@ class _RedisSource(Source):
         self._blocking = None  # one connection that only runs blocking reads
         self._blocking_id = None  # its CLIENT ID, so stop() can CLIENT UNBLOCK it
         self._task = None  # the read loop
-        self._starting = None
+        self._lock = None  # see _lifecycle()
+        self._reading = False  # the read loop is waiting on Redis
+        self._giving_up = False  # stop() is cancelling the read loop
         self._acks = defaultdict(list)  # key -> items whose acks await a flush
         self._flusher = None
         self._in_flight = {}  # (key, item) -> _Ack, emitted and not yet done
@@ -450,30 +463,33 @@ class _RedisSource(Source):
         if self.loop is not None:
             sync(self.loop, self._stop)
 
+    def _lifecycle(self):
+        """One lock for start and stop, so that a start() never runs into the
+        end of a stop() (which closes the connections)."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
     async def _start(self):
-        if self._starting is not None:  # start() while a start is under way
-            return await asyncio.shield(self._starting)
-        if self._task is not None:
-            return
-        self._loop_thread = threading.get_ident()
-        self._starting = asyncio.get_running_loop().create_future()
-        try:
-            await self._connect()
-            await self._prepare()
-        except BaseException as exc:
-            await self._close()
-            self._starting.set_exception(exc)
-            self._starting.exception()  # retrieved: raised below instead
-            self._starting = None
-            raise self._explain(exc) from exc
-        self.stopped = False
-        self.started = True
-        _running_sources.add(self)
-        self._task = asyncio.ensure_future(self._run())
-        self._starting.set_result(None)
-        self._starting = None
-        if any(self._acks.values()):  # acks left over from before a stop()
-            self._schedule_flush()
+        async with self._lifecycle():
+            if self._task is not None:
+                return  # start() twice runs one read loop
+            self._loop_thread = threading.get_ident()
+            try:
+                await self._connect()
+                await self._prepare()
+            except BaseException as exc:
+                await self._close()
+                if isinstance(exc, Exception):
+                    raise self._explain(exc) from exc
+                raise
+            self.stopped = False
+            self.started = True
+            self._giving_up = False
+            _running_sources.add(self)
+            self._task = asyncio.ensure_future(self._run())
+            if any(self._acks.values()):  # acks left over from before a stop()
+                self._schedule_flush()
 
     def _explain(self, exc):
         """``exc`` with a message that names this source and its server."""
@@ -486,33 +502,47 @@ class _RedisSource(Source):
             return RuntimeError(message)
 
     async def _stop(self):
-        if self._starting is not None:
-            try:
-                await asyncio.shield(self._starting)
-            except Exception:
+        async with self._lifecycle():
+            task = self._task
+            if task is None:
                 return
-        task = self._task
-        if task is None:
-            return
-        self.stopped = True
-        deadline = asyncio.get_running_loop().time() + STOP_DEADLINE
+            self.stopped = True
+            await self._end(task)
+            self._task = None
+            _running_sources.discard(self)
+            await self._flush_acks_before_close()
+            await self._close()
+
+    async def _end(self, task):
+        """Wait for the read loop to end. A blocking read is woken at once; a
+        read that Redis does not answer is cancelled after STOP_DEADLINE. An
+        entry being emitted is given FLUSH_DEADLINE more to leave the pipeline
+        before it is abandoned (not acknowledged; the rest given back)."""
+        loop = asyncio.get_running_loop()
+        began = loop.time()
         while not task.done():
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                task.cancel()  # Redis does not answer: give up on the read
+            waited = loop.time() - began
+            if self._reading:
+                if waited >= STOP_DEADLINE:
+                    break
+                await self._unblock()
+            elif waited >= STOP_DEADLINE + FLUSH_DEADLINE:
+                log.warning("%s: an emit did not finish within %.1f s of stop(); abandoning it",
+                            self, waited)
                 break
-            await self._unblock()
-            await asyncio.wait([task], timeout=min(0.05, remaining))
+            await asyncio.wait([task], timeout=0.05)
+        self._giving_up = True
+        while not task.done():
+            task.cancel()
+            # A cancel that lands as an awaited call completes can be lost
+            # (asyncio.wait_for in Python 3.11): cancel again until it ends.
+            await asyncio.wait([task], timeout=STOP_DEADLINE)
         try:
-            await task
+            task.result()
         except asyncio.CancelledError:
             pass
         except Exception:  # pragma: no cover - _run logs its own errors
             log.exception("%s: read loop failed", self)
-        self._task = None
-        _running_sources.discard(self)
-        await self._flush_acks_before_close()
-        await self._close()
 
     async def _unblock(self):
         """Wake the blocking read with CLIENT UNBLOCK: it returns as if it had
@@ -569,6 +599,9 @@ class _RedisSource(Source):
 
     async def _close(self):
         blocking, self._blocking, self._blocking_id = self._blocking, None, None
+        if blocking is not None and blocking.connection is not None:
+            # With client=, the connection goes back to the user's pool.
+            blocking.connection.deregister_connect_callback(self._on_blocking_connect)
         own, self._redis = self._redis, None
         for client in (blocking, None if own is self.client else own):
             if client is not None:
@@ -580,8 +613,20 @@ class _RedisSource(Source):
     # ---- the read loop --------------------------------------------------
 
     async def _run(self):
+        try:
+            await self._read_and_emit()
+        except asyncio.CancelledError:
+            if not self._giving_up:
+                log.error("%s: the read loop was cancelled from outside; the source stopped", self)
+            raise
+        except BaseException:
+            log.exception("%s: the read loop failed; the source stopped", self)
+            raise
+
+    async def _read_and_emit(self):
         backoff = BACKOFF_FIRST
         while not self.stopped:
+            self._reading = True
             try:
                 batch = await self._read()
                 backoff = BACKOFF_FIRST
@@ -606,6 +651,8 @@ class _RedisSource(Source):
                 await self._sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_CAP)
                 continue
+            finally:
+                self._reading = False
             await self._emit_batch(batch)
 
     async def _sleep(self, seconds):
@@ -642,13 +689,25 @@ class _RedisSource(Source):
                 else:
                     futures = self._emit(value)
                 if futures:
-                    await asyncio.gather(*futures)
+                    if len(futures) == 1:
+                        await futures[0]
+                    else:
+                        await asyncio.gather(*futures)
             except Exception:
                 if tracked:
                     log.exception("%s: processing failed for %s; not acknowledged", self, _name_of(value))
                     origin.fail()
                 else:
                     log.exception("%s: processing failed for %s", self, _name_of(value))
+            except asyncio.CancelledError:
+                if tracked:
+                    origin.fail()
+                if self._giving_up or _being_cancelled():
+                    # stop() abandoned this emit: what follows is given back.
+                    await asyncio.shield(self._give_back(batch[position + 1:]))
+                    raise
+                # A future downstream was cancelled, not this source.
+                log.error("%s: processing was cancelled for %s", self, _name_of(value))
             if tracked:
                 # The source's own hold, kept until the emit's futures are
                 # done: rate_limit, map_async and async sinks let go early.
@@ -704,7 +763,7 @@ class _RedisSource(Source):
                     self._acks[key][:0] = items
                 if isinstance(exc, CONNECTION_ERRORS) and not self.stopped:
                     log.warning("%s: acknowledgement failed (%s); retrying in %.1f s", self, exc, backoff)
-                    await asyncio.sleep(backoff)
+                    await self._sleep(backoff)
                     backoff = min(backoff * 2, BACKOFF_CAP)
                     continue
                 log.error("%s: acknowledgement failed (%r); will retry", self, exc)
@@ -733,14 +792,34 @@ class _RedisSource(Source):
         """Give the Redis sinks on this loop (up to FLUSH_DEADLINE) to write
         what they hold: an entry whose result they store now is acknowledged
         now, rather than delivered again after a restart."""
-        sinks = [sink for sink in _open_sinks if sink.loop is self.loop]
+        sinks = self._downstream_sinks()
         if self._in_flight and sinks:
             flushes = [asyncio.ensure_future(sink._flush()) for sink in sinks]
             await asyncio.wait(flushes, timeout=FLUSH_DEADLINE)
             await asyncio.sleep(0)  # streamz calls the acks back on the next loop turn
 
+    def _downstream_sinks(self):
+        """The Redis sinks this source's elements can reach."""
+        sinks, seen, todo = [], set(), list(self.downstreams)
+        while todo:
+            node = todo.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if isinstance(node, _RedisSink):
+                sinks.append(node)
+            todo.extend(node.downstreams)
+        return sinks
+
     async def _ack_batch(self, batch):  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def _being_cancelled():
+    """Whether the current task itself is being cancelled (rather than a
+    future it awaited). Python 3.10 cannot tell: it says yes."""
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    return cancelling is None or cancelling() > 0
 
 
 def _name_of(value):
@@ -890,6 +969,9 @@ class from_redis_list(_RedisSource):
             # Items a crash or a stop() left in the processing list come first.
             self._replay_processing = False
             items = await self._redis.lrange(processing, 0, -1)
+            # Items still on their way through the pipeline since before a
+            # stop() are in the processing list too; not twice.
+            items = [item for item in items if (processing, item) not in self._in_flight]
             if items:
                 log.info("%s: emitting %d items left in %r", self, len(items), processing)
                 return await self._decode_items([(processing, item) for item in items])
@@ -903,32 +985,52 @@ class from_redis_list(_RedisSource):
 
     async def _decode_items(self, popped):
         """``(value, origin)`` for each popped ``(key, raw item)``; in the
-        reliable mode the origin is the item's ``_Ack``."""
+        reliable mode the origin is the item's ``_Ack``. Items that cannot be
+        decoded go to the dead-letter list."""
         if self.processing_list:
             origin = lambda key, item: _Ack(self, key, item)  # noqa: E731
         else:
             origin = lambda key, item: (key, item)  # noqa: E731
         if self._encoding is None:
             return [(item, origin(key, item)) for key, item in popped]
-        batch = []
+        batch, undecodable = [], []
         for key, item in popped:
             try:
                 batch.append((_decoded(item, self._encoding), origin(key, item)))
             except UnicodeDecodeError as exc:
-                await self._dead_letter(key, item, exc)
+                undecodable.append((key, item, exc))
+        if undecodable:
+            await self._dead_letter(undecodable)
         return batch
 
-    async def _dead_letter(self, key, item, exc):
-        target = self.dead_letter_list or f"{self.keys[0] if self.processing_list else key}:dead-letter"
-        log.error(
-            "%s: item %r of list %r cannot be decoded (%s); moved to list %r",
-            self, item[:80], key, exc, target,
-        )
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(target, item)
-            if self.processing_list:
-                pipe.lrem(self.processing_list, 1, item)
-            await pipe.execute()
+    async def _dead_letter(self, undecodable):
+        """Move undecodable items to the dead-letter list (from the
+        processing list, in the reliable mode), in one transaction."""
+        moves = []
+        for key, item, exc in undecodable:
+            source_key = self.keys[0] if self.processing_list else key
+            moves.append((key, item, exc, self.dead_letter_list or f"{source_key}:dead-letter"))
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for key, item, exc, target in moves:
+                    pipe.rpush(target, item)
+                    if self.processing_list:
+                        pipe.lrem(self.processing_list, 1, item)
+                await pipe.execute()
+        except Exception as failure:
+            # Popped, and not moved: the log is the only place left for it.
+            for key, item, exc, target in moves:
+                log.error(
+                    "%s: item %r of list %r cannot be decoded (%s), and moving it to "
+                    "list %r failed (%r)%s", self, item, key, exc, target, failure,
+                    "; it stays in the processing list" if self.processing_list else "",
+                )
+            return
+        for key, item, exc, target in moves:
+            log.error(
+                "%s: item %r of list %r cannot be decoded (%s); moved to list %r",
+                self, item[:80], key, exc, target,
+            )
 
     async def _ack_batch(self, batch):
         # An item has left the pipeline: drop it from the processing list.
@@ -958,8 +1060,9 @@ class from_redis_streams(_RedisSource):
 
     Emits ``Entry(stream, id, fields, deliveries=None)`` per entry, in the
     order Redis returns them. Nothing is consumed or acknowledged: the
-    source's ``last_ids`` (stream -> id of the last entry emitted) tells where
-    to resume, for example ``Stream.from_redis_streams(source.last_ids)``.
+    source's ``last_ids`` (stream -> id of the last entry read; after
+    ``stop()``, of the last entry emitted) tells where to resume, for example
+    ``Stream.from_redis_streams(source.last_ids)``.
 
     Parameters
     ----------
@@ -1026,7 +1129,7 @@ class from_redis_streams(_RedisSource):
                         "it stays in the stream", self, _text(raw_id), name, exc,
                     )
                     continue
-                batch.append((_new_entry(name, raw_id.decode(), fields), None))
+                batch.append((_new_tuple(Entry, (name, raw_id.decode(), fields, None)), None))
             self.last_ids[name] = _text(entries[-1][0])
         return batch
 
@@ -1217,15 +1320,22 @@ class from_redis_consumer_group(_RedisSource):
     async def _delivery_counts(self, reply):
         """How many times Redis has delivered each entry of ``reply``, now
         pending in this consumer: (stream, id) -> count."""
+        # One XPENDING per entry (pipelined): a range from the first id to
+        # the last would also count this consumer's other pending entries.
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for raw_name, entries in reply:
+                for entry in entries:
+                    pipe.xpending_range(
+                        raw_name, self.group, entry[0], entry[0], 1, consumername=self.consumer
+                    )
+            answers = await pipe.execute()
         counts = {}
+        rows = iter(answers)
         for raw_name, entries in reply:
             name = _text(raw_name)
-            rows = await self._redis.xpending_range(
-                name, self.group, _text(entries[0][0]), _text(entries[-1][0]),
-                len(entries), consumername=self.consumer,
-            )
-            for row in rows:
-                counts[name, _text(row["message_id"])] = row["times_delivered"]
+            for entry in entries:
+                for row in next(rows):
+                    counts[name, _text(row["message_id"])] = row["times_delivered"]
         return counts
 
     async def _batch_of(self, reply, counts=None):
@@ -1261,7 +1371,7 @@ class from_redis_consumer_group(_RedisSource):
                         "acknowledged, it stays pending", self, entry_id, name, exc,
                     )
                     continue
-                batch.append((_new_entry(name, entry_id, fields, deliveries), ack))
+                batch.append((_new_tuple(Entry, (name, entry_id, fields, deliveries)), ack))
         if dead:
             await self._dead_letter(dead)
         for ack in settled:
@@ -1369,6 +1479,10 @@ class from_redis_pubsub(_RedisSource):
         decoded is logged and dropped. Channel names are always ``str``.
     count : int
         Most messages emitted in one batch.
+    timeout : float
+        As for the other sources, but one read of a subscription waits at
+        most 0.1 s (it cannot be woken by CLIENT UNBLOCK), so that ``stop()``
+        returns at once.
     url, client_kwargs, client, **kwargs
         As for ``from_redis_list``.
 
@@ -1381,14 +1495,14 @@ class from_redis_pubsub(_RedisSource):
 
     uses_blocking_reads = False  # the subscription has a connection of its own
 
-    def __init__(self, channels=None, *, patterns=None, decode=True, count=100, **kwargs):
+    def __init__(self, channels=None, *, patterns=None, decode=True, count=100, timeout=1.0, **kwargs):
         self.channels = list(dict.fromkeys(_as_list(channels, "channels"))) if channels else []
         self.patterns = list(dict.fromkeys(_as_list(patterns, "patterns"))) if patterns else []
         if not self.channels and not self.patterns:
             raise ValueError("from_redis_pubsub: give channels, patterns or both")
         self._pubsub = None
         self._early = []  # messages that arrived with the subscription replies
-        super().__init__(decode=decode, count=count, timeout=PUBSUB_POLL, **kwargs)
+        super().__init__(decode=decode, count=count, timeout=timeout, **kwargs)
 
     def _describe(self):
         return ", ".join(
@@ -1612,7 +1726,9 @@ class _RedisSink(Sink):
         # Back-pressure: upstream waits until a round trip makes room.
         if self._room is None:
             self._room = asyncio.get_running_loop().create_future()
-        return self._room
+        # Shielded: several sources may wait on it, and one that is stopped
+        # must not cancel the others' wait.
+        return asyncio.shield(self._room)
 
     def _prepare_write(self, element, metadata):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -1684,7 +1800,8 @@ class _RedisSink(Sink):
         self._unconfirmed -= n
         if self._room is not None and self._unconfirmed < self.max_in_flight:
             room, self._room = self._room, None
-            room.set_result(None)
+            if not room.done():
+                room.set_result(None)
 
     async def _connect(self):
         if self.client is not None:

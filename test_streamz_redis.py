@@ -1464,3 +1464,114 @@ def test_a_worker_killed_mid_way_leaves_no_entry_without_a_result(server, r, tmp
         assert set(by_source[source_id]) == {str(2 * n)}
     # Only entries stored but not yet acknowledged at the kill are stored twice.
     assert len(doubled) - total <= pending_at_kill
+
+
+# --------------------------------------------------------------------------
+# stop() while an entry is still on its way
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", SOURCES)
+def test_stop_during_a_slow_emit_loses_nothing_and_start_resumes(server, r, kind):
+    for i in range(20):
+        add(r, kind, str(i))
+    source = SOURCES[kind](start_id="0") if kind != "list" else SOURCES[kind]()
+    seen = source.rate_limit(0.2).sink_to_list()
+    source.start()
+    wait_for(lambda: len(seen) >= 2)
+    source.stop()  # the emit under way takes up to 0.2 s more
+    source.start()
+    wait_for(lambda: {value_of(x) for x in seen} == {str(i) for i in range(20)}, timeout=30)
+    if kind == "group":
+        wait_for(lambda: pending(r, "k", "g") == 0)
+    if kind != "group":
+        assert [value_of(x) for x in seen] == [str(i) for i in range(20)]
+
+
+def test_an_emit_that_never_ends_is_abandoned_and_the_rest_given_back(server, r, monkeypatch, caplog):
+    monkeypatch.setattr(streamz_redis, "FLUSH_DEADLINE", 0.3)
+    r.rpush("k", *range(10))
+    source = Stream.from_redis_list("k")
+    stuck = []
+
+    async def never_ends(item):
+        stuck.append(item)
+        await asyncio.Event().wait()
+
+    source.sink(never_ends)
+    source.start()
+    wait_for(lambda: stuck)
+    with caplog.at_level(logging.WARNING, logger="streamz_redis"):
+        source.stop()
+    assert "abandoning it" in caplog.text
+    assert stuck == ["0"] and r.lrange("k", 0, -1) == [str(i).encode() for i in range(1, 10)]
+
+
+def test_stopping_one_source_leaves_the_others_feeding_a_shared_sink_running(
+    server, r, private_server, monkeypatch
+):
+    monkeypatch.setattr(streamz_redis, "FLUSH_DEADLINE", 0.2)
+    target = private_server()
+    for i in range(20):
+        r.xadd("s", {"i": i})
+    out = Stream()
+    sink = out.to_redis_stream("copies", url=target.url, max_in_flight=1)
+    first = Stream.from_redis_consumer_group("s", "g", "first", start_id="0", count=1, url=server.url)
+    second = Stream.from_redis_consumer_group("s", "g", "second", start_id="0", count=1, url=server.url)
+    for source in (first, second):
+        source.map(lambda e: e.fields).connect(out)
+    os.kill(target.process.pid, signal.SIGSTOP)  # writes hang: both sources wait for room
+    try:
+        first.start()
+        second.start()
+        wait_for(lambda: sink._room is not None)
+        first.stop()  # abandons its emit, which waits on the shared room
+    finally:
+        os.kill(target.process.pid, signal.SIGCONT)
+    with target.client() as t:
+        wait_for(lambda: t.xlen("copies") >= 19, timeout=20)
+    assert not second._task.done()
+
+
+def test_a_script_whose_event_loop_ended_before_stop_still_exits(server):
+    script = textwrap.dedent(
+        """
+        import asyncio
+        from streamz import Stream
+        from tornado.ioloop import IOLoop
+
+        async def main():
+            source = Stream.from_redis_list("k", asynchronous=True, loop=IOLoop.current())
+            await source.start()
+            raise SystemExit(3)  # leaves before stop()
+
+        asyncio.run(main())
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60,
+                         env=dict(os.environ, REDIS_URL=server.url))
+    assert out.returncode == 3
+
+
+def test_a_password_in_the_query_string_is_masked_too(server):
+    source = Stream.from_redis_list("k", url=f"redis://127.0.0.1:1/0?password=hunter2&db=0")
+    assert "hunter2" not in repr(source) and "password=***" in repr(source)
+    with pytest.raises(redis.exceptions.ConnectionError) as error:
+        source.start()
+    assert "hunter2" not in str(error.value)
+
+
+def test_claimed_entries_carry_their_own_delivery_counts(server, r):
+    r.xgroup_create("s", "g", "0", mkstream=True)
+    ids = [r.xadd("s", {"i": i}).decode() for i in range(4)]
+    r.xreadgroup("g", "dead", {"s": ">"}, count=2)  # ids 0, 1: delivered to "dead"
+    r.xreadgroup("g", "c", {"s": ">"}, count=2)  # ids 2, 3: this consumer's own
+    for _ in range(4):
+        r.xclaim("s", "g", "dead", 0, [ids[0]])  # ids[0] delivered 5 times in all
+    source = Stream.from_redis_consumer_group("s", "g", "c", claim_idle=0.05, max_deliveries=3)
+    seen = source.sink_to_list()
+    source.start()
+    wait_for(lambda: pending(r, "s", "g") == 0)
+    assert r.xlen("s:dead-letter") == 1
+    assert sorted(e.id for e in seen) == sorted(ids[1:])
+    assert all(e.deliveries is not None for e in seen)
