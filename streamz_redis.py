@@ -366,7 +366,47 @@ def _stop_running_sources():
             log.exception("%s: could not stop cleanly at exit", source)
 
 
-class _RedisSource(Source):
+class _Connected:
+    """What every node of this module shares: its connection arguments, how it
+    makes its client, and how it names itself (never with a password)."""
+
+    def _connection_args(self, url, client_kwargs, client):
+        self.url = url or os.environ.get("REDIS_URL") or DEFAULT_URL
+        if client is None:
+            redis.asyncio.connection.parse_url(self.url)  # a malformed URL fails here
+        self.client_kwargs = dict(client_kwargs or {})
+        self.client = client
+
+    def _new_client(self):
+        """The user's client, or one made from ``url`` and ``client_kwargs``."""
+        if self.client is not None:
+            return self.client
+        kwargs = dict(self.client_kwargs)
+        # Our loops retry with back-off and log; redis-py's own silent retries
+        # would delay a clear error from start(), or send a pipeline twice.
+        kwargs.setdefault("retry", Retry(NoBackoff(), 0))
+        kwargs["decode_responses"] = False  # values are decoded at our boundary
+        return redis.asyncio.from_url(self.url, **kwargs)
+
+    def __str__(self):
+        return f"<{type(self).__name__} {self._describe()} at {self._where()}>"
+
+    __repr__ = __str__
+
+    def _where(self):
+        if self.client is not None:
+            kw = self.client.connection_pool.connection_kwargs
+            return f"redis://{kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
+        return _safe_url(self.url)
+
+    def _on_loop_thread(self):
+        try:
+            return asyncio.get_running_loop() is self.loop.asyncio_loop
+        except RuntimeError:
+            return False
+
+
+class _RedisSource(_Connected, Source):
     """What every Redis source shares: connections, the read loop, back-off,
     start/stop, and acknowledgement batching.
 
@@ -393,9 +433,7 @@ class _RedisSource(Source):
             raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
         if not isinstance(count, int) or count < 1:
             raise ValueError(f"count must be a positive integer, not {count!r}")
-        self.url = url or os.environ.get("REDIS_URL") or DEFAULT_URL
-        self.client_kwargs = dict(client_kwargs or {})
-        self.client = client
+        self._connection_args(url, client_kwargs, client)
         self.decode = decode
         self._encoding = _encoding_of(decode)
         self._loop_thread = None  # the thread of the event loop, once started
@@ -414,27 +452,10 @@ class _RedisSource(Source):
         self._in_flight = {}  # (key, item) -> _Ack, emitted and not yet done
         super().__init__(**kwargs)
 
-    def __str__(self):
-        return f"<{type(self).__name__} {self._describe()} at {self._where()}>"
-
-    __repr__ = __str__
-
-    def _where(self):
-        if self.client is not None:
-            kw = self.client.connection_pool.connection_kwargs
-            return f"redis://{kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
-        return _safe_url(self.url)
-
     def _describe(self):  # pragma: no cover - overridden
         return ""
 
     # ---- start and stop, from any thread --------------------------------
-
-    def _on_loop_thread(self):
-        try:
-            return asyncio.get_running_loop() is self.loop.asyncio_loop
-        except RuntimeError:
-            return False
 
     def start(self):
         """Connect, prepare and start reading.
@@ -561,15 +582,7 @@ class _RedisSource(Source):
     # ---- connections ----------------------------------------------------
 
     async def _connect(self):
-        if self.client is not None:
-            self._redis = self.client
-        else:
-            kwargs = dict(self.client_kwargs)
-            # This loop retries with back-off and logs; redis-py's own silent
-            # retries would only delay a clear error from start().
-            kwargs.setdefault("retry", Retry(NoBackoff(), 0))
-            kwargs["decode_responses"] = False
-            self._redis = redis.asyncio.from_url(self.url, **kwargs)
+        self._redis = self._new_client()
         await self._redis.ping()
         if self.uses_blocking_reads:
             self._blocking = self._redis.client()  # one dedicated connection
@@ -1654,7 +1667,7 @@ class _Write:
         self.metadata = metadata
 
 
-class _RedisSink(Sink):
+class _RedisSink(_Connected, Sink):
     """What every Redis sink shares: the connection, pipelining, back-off,
     holding references until Redis confirms, flush() and close().
 
@@ -1675,11 +1688,7 @@ class _RedisSink(Sink):
     ):
         if not isinstance(max_in_flight, int) or max_in_flight < 1:
             raise ValueError(f"max_in_flight must be a positive integer, not {max_in_flight!r}")
-        self.url = url or os.environ.get("REDIS_URL") or DEFAULT_URL
-        if client is None:
-            redis.asyncio.connection.parse_url(self.url)  # a malformed URL fails here
-        self.client_kwargs = dict(client_kwargs or {})
-        self.client = client
+        self._connection_args(url, client_kwargs, client)
         self.max_in_flight = max_in_flight
         self._redis = None  # connected lazily, on the loop, by the first write
         self._queue = []  # writes that wait for the next round trip
@@ -1689,25 +1698,8 @@ class _RedisSink(Sink):
         self._room = None  # what upstream awaits while max_in_flight are held
         super().__init__(upstream, ensure_io_loop=True, **kwargs)
 
-    def __str__(self):
-        return f"<{type(self).__name__} {self._describe()} at {self._where()}>"
-
-    __repr__ = __str__
-
-    def _where(self):
-        if self.client is not None:
-            kw = self.client.connection_pool.connection_kwargs
-            return f"redis://{kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
-        return _safe_url(self.url)
-
     def _describe(self):
         return "<routed>" if callable(self.target) else repr(_text(self.target))
-
-    def _on_loop_thread(self):
-        try:
-            return asyncio.get_running_loop() is self.loop.asyncio_loop
-        except RuntimeError:
-            return False
 
     # ---- receiving ------------------------------------------------------
 
@@ -1804,15 +1796,7 @@ class _RedisSink(Sink):
                 room.set_result(None)
 
     async def _connect(self):
-        if self.client is not None:
-            self._redis = self.client
-            return
-        kwargs = dict(self.client_kwargs)
-        # _round_trip retries with back-off and logs; redis-py's own silent
-        # retries could send a pipeline twice without telling us.
-        kwargs.setdefault("retry", Retry(NoBackoff(), 0))
-        kwargs["decode_responses"] = False
-        self._redis = redis.asyncio.from_url(self.url, **kwargs)
+        self._redis = self._new_client()
 
     # ---- flush and close, from any thread -------------------------------
 
