@@ -308,7 +308,9 @@ async def streamz_ceiling(ctx, n, acks, lean=False):
 # --------------------------------------------------------------------------
 
 
-async def raw_xreadgroup(ctx, n, count):
+async def raw_xreadgroup(ctx, n, count, work=len):
+    """XREADGROUP COUNT, ``work`` on each reply's entries, one XACK per batch.
+    ``work=len`` only counts; the batch rows' ceiling passes their work."""
     group = ctx.fresh("raw-group")
     t0 = stamp()
     r = client(ctx.url)
@@ -316,22 +318,22 @@ async def raw_xreadgroup(ctx, n, count):
     got = 0
     while got < n:
         for name, entries in await r.xreadgroup(group, "c", {ctx.stream: ">"}, count=count):
-            ids = [entry_id for entry_id, _ in entries]
-            got += len(ids)
-            await r.xack(name, group, *ids)
+            got += work(entries)
+            await r.xack(name, group, *[entry_id for entry_id, _ in entries])
     elapsed = span(t0)
     await r.aclose()
     return elapsed
 
 
-async def raw_xread(ctx, n, count):
+async def raw_xread(ctx, n, count, work=len):
+    """XREAD COUNT and ``work`` on each reply's entries (see raw_xreadgroup)."""
     t0 = stamp()
     r = client(ctx.url)
     last = "0"
     got = 0
     while got < n:
         for _, entries in await r.xread({ctx.stream: last}, count=count):
-            got += len(entries)
+            got += work(entries)
             last = entries[-1][0]
     elapsed = span(t0)
     await r.aclose()
@@ -339,34 +341,11 @@ async def raw_xread(ctx, n, count):
 
 
 async def raw_xreadgroup_batch(ctx, n, count):
-    """XREADGROUP COUNT, the batch rows' per-entry work, one XACK per batch."""
-    group = ctx.fresh("raw-group-batch")
-    t0 = stamp()
-    r = client(ctx.url)
-    await r.xgroup_create(ctx.stream, group, "0")
-    got = 0
-    while got < n:
-        for name, entries in await r.xreadgroup(group, "c", {ctx.stream: ">"}, count=count):
-            got += fields_seen_raw(entries)
-            await r.xack(name, group, *[entry_id for entry_id, _ in entries])
-    elapsed = span(t0)
-    await r.aclose()
-    return elapsed
+    return await raw_xreadgroup(ctx, n, count, work=fields_seen_raw)
 
 
 async def raw_xread_batch(ctx, n, count):
-    """XREAD COUNT and the batch rows' per-entry work."""
-    t0 = stamp()
-    r = client(ctx.url)
-    last = "0"
-    got = 0
-    while got < n:
-        for _, entries in await r.xread({ctx.stream: last}, count=count):
-            got += fields_seen_raw(entries)
-            last = entries[-1][0]
-    elapsed = span(t0)
-    await r.aclose()
-    return elapsed
+    return await raw_xread(ctx, n, count, work=fields_seen_raw)
 
 
 async def raw_lpop(ctx, n, count):
