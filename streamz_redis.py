@@ -1025,7 +1025,7 @@ class from_redis_list(_RedisSource):
             moves.append((key, item, exc, self.dead_letter_list or f"{source_key}:dead-letter"))
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
-                for key, item, exc, target in moves:
+                for _, item, _, target in moves:
                     pipe.rpush(target, item)
                     if self.processing_list:
                         pipe.lrem(self.processing_list, 1, item)
@@ -1346,7 +1346,7 @@ class from_redis_consumer_group(_RedisSource):
         rows = iter(answers)
         for raw_name, entries in reply:
             name = _text(raw_name)
-            for entry in entries:
+            for _ in entries:
                 for row in next(rows):
                     counts[name, _text(row["message_id"])] = row["times_delivered"]
         return counts

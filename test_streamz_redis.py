@@ -422,7 +422,7 @@ def test_acks_are_batched_into_multi_id_xacks(server, r):
     source = Stream.from_redis_consumer_group("s", "g", "c", start_id="0")
     acked = []
     record_acks(source, acked)
-    seen = source.sink_to_list()
+    source.sink_to_list()
     with r.pipeline() as pipe:
         for i in range(2000):
             pipe.xadd("s", {"i": i})
@@ -924,7 +924,7 @@ def test_sigkill_at_random_moments_loses_nothing(private_server, tmp_path, mode)
     import signal
 
     server = private_server()
-    total, count = 20_000, 100
+    total = 20_000
     with server.client() as r, r.pipeline(transaction=False) as pipe:
         for i in range(total):
             if mode == "group":
@@ -1554,7 +1554,7 @@ def test_a_script_whose_event_loop_ended_before_stop_still_exits(server):
 
 
 def test_a_password_in_the_query_string_is_masked_too(server):
-    source = Stream.from_redis_list("k", url=f"redis://127.0.0.1:1/0?password=hunter2&db=0")
+    source = Stream.from_redis_list("k", url="redis://127.0.0.1:1/0?password=hunter2&db=0")
     assert "hunter2" not in repr(source) and "password=***" in repr(source)
     with pytest.raises(redis.exceptions.ConnectionError) as error:
         source.start()
