@@ -135,6 +135,9 @@ def private_server(monkeypatch):
         return server
 
     yield make
+    # Sources and sinks first: stopped after their server is gone, they
+    # would wait out their deadlines.
+    stop_sources_and_sinks()
     for server in servers:
         server.close()
 
@@ -143,9 +146,13 @@ def private_server(monkeypatch):
 def stop_sources_and_close_sinks():
     """Stop every source and close every sink a test started, so that none
     outlives its test."""
+    yield
+    stop_sources_and_sinks()
+
+
+def stop_sources_and_sinks():
     import streamz_redis
 
-    yield
     for source in list(streamz_redis._running_sources):
         try:
             source.stop()

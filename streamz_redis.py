@@ -84,6 +84,11 @@ BACKOFF_CAP = 5.0
 # blocking read; this is how long it waits for the loop before cancelling it.
 STOP_DEADLINE = 0.5
 
+# Redis checks the timeouts of blocked clients on its cron tick (hz 10 by
+# default): when nothing else wakes it, a blocking read that timed out is
+# answered up to this long after its BLOCK ran out.
+REDIS_TICK = 0.1
+
 # How long stop() waits for the last acknowledgements to reach Redis.
 FLUSH_DEADLINE = 5.0
 
@@ -604,10 +609,12 @@ class _RedisSource(_Connected, Source):
 
         BLOCK must stay below the client's socket_timeout or redis-py raises
         TimeoutError (and drops the connection) while Redis is merely idle.
+        An idle Redis answers a timed-out read on its next cron tick, up to
+        REDIS_TICK after BLOCK ran out.
         """
         socket_timeout = self._redis.connection_pool.connection_kwargs.get("socket_timeout")
         if socket_timeout:
-            return max(0.01, min(self.timeout, socket_timeout / 2))
+            return max(0.01, min(self.timeout, (socket_timeout - REDIS_TICK) / 2))
         return self.timeout
 
     async def _close(self):
