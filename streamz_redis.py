@@ -179,6 +179,19 @@ def _raw_reply(response, **options):
     return response
 
 
+# Dead-letter moves. A script stops at the first failing call, so the entry is
+# acknowledged (or the item removed) only if the write succeeded; MULTI/EXEC
+# would run the second command even after the first failed.
+MOVE_TO_DEAD_LETTER_STREAM = """
+redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+return redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+"""
+MOVE_TO_DEAD_LETTER_LIST = """
+redis.call('RPUSH', KEYS[1], ARGV[1])
+if KEYS[2] then redis.call('LREM', KEYS[2], 1, ARGV[1]) end
+return 1
+"""
+
 # Read on the source's own connection with redis-py's parsing turned off:
 # building a dict per entry that we then rebuild costs more than the read.
 RAW_REPLY_COMMANDS = ("XREAD", "XREADGROUP", "XAUTOCLAIM")
@@ -485,9 +498,19 @@ class _RedisSource(_Connected, Source):
         if self._task is not None:
             self.stopped = True  # at once: no further entry is emitted
         if self._on_loop_thread():
-            return asyncio.ensure_future(self._stop())
-        if self.loop is not None:
+            stopping = asyncio.ensure_future(self._stop())
+            if asyncio.current_task() is self._task:
+                # Called from inside this source's own emit (an async sink
+                # awaiting it): waiting here would wait on ourselves. The loop
+                # ends once this emit returns; the rest of stop() follows.
+                done = asyncio.get_running_loop().create_future()
+                done.set_result(None)
+                return done
+            return asyncio.shield(stopping)  # a cancelled caller never aborts the clean-up
+        if _loop_runs_elsewhere(self):
             sync(self.loop, self._stop)
+        elif self._task is not None:
+            log.warning("%s: its event loop has ended; stop() cannot flush or close", self)
 
     def _lifecycle(self):
         """One lock for start and stop, so that a start() never runs into the
@@ -499,7 +522,9 @@ class _RedisSource(_Connected, Source):
     async def _start(self):
         async with self._lifecycle():
             if self._task is not None:
-                return  # start() twice runs one read loop
+                if not self._task.done():
+                    return  # start() twice runs one read loop
+                await self._shutdown(self._task)  # a loop that ended: clean up first
             self._loop_thread = threading.get_ident()
             try:
                 await self._connect()
@@ -529,15 +554,16 @@ class _RedisSource(_Connected, Source):
 
     async def _stop(self):
         async with self._lifecycle():
-            task = self._task
-            if task is None:
-                return
-            self.stopped = True
-            await self._end(task)
-            self._task = None
-            _running_sources.discard(self)
-            await self._flush_acks_before_close()
-            await self._close()
+            if self._task is not None:
+                await self._shutdown(self._task)
+
+    async def _shutdown(self, task):
+        self.stopped = True
+        await self._end(task)
+        self._task = None
+        _running_sources.discard(self)
+        await self._flush_acks_before_close()
+        await self._close()
 
     async def _end(self, task):
         """Wait for the read loop to end. A blocking read is woken at once; a
@@ -612,7 +638,10 @@ class _RedisSource(_Connected, Source):
         An idle Redis answers a timed-out read on its next cron tick, up to
         REDIS_TICK after BLOCK ran out.
         """
-        socket_timeout = self._redis.connection_pool.connection_kwargs.get("socket_timeout")
+        # The connection's own value: redis-py 8 applies a default of 5 s that
+        # the pool's connection_kwargs do not show.
+        connection = self._blocking.connection if self._blocking is not None else None
+        socket_timeout = getattr(connection, "socket_timeout", None)
         if socket_timeout:
             return max(0.01, min(self.timeout, (socket_timeout - REDIS_TICK) / 2))
         return self.timeout
@@ -645,7 +674,12 @@ class _RedisSource(_Connected, Source):
 
     async def _read_and_emit(self):
         backoff = BACKOFF_FIRST
+        cancelling = getattr(asyncio.current_task(), "cancelling", None)  # Python 3.11+
         while not self.stopped:
+            if cancelling is not None and cancelling():
+                # A cancel that redis-py's asyncio.wait_for swallowed (Python
+                # 3.11): honour it here, or asyncio.run() would wait forever.
+                raise asyncio.CancelledError
             self._reading = True
             try:
                 batch = await self._read()
@@ -781,13 +815,14 @@ class _RedisSource(_Connected, Source):
             except Exception as exc:
                 for key, items in batch.items():
                     self._acks[key][:0] = items
-                if isinstance(exc, CONNECTION_ERRORS) and not self.stopped:
-                    log.warning("%s: acknowledgement failed (%s); retrying in %.1f s", self, exc, backoff)
-                    await self._sleep(backoff)
-                    backoff = min(backoff * 2, BACKOFF_CAP)
-                    continue
-                log.error("%s: acknowledgement failed (%r); will retry", self, exc)
-                return
+                if self.stopped:
+                    return  # _flush_acks_before_close says how many are left
+                # A lost connection is a warning; anything else (READONLY
+                # during a failover, NOGROUP) an error. Both are retried.
+                level = logging.WARNING if isinstance(exc, CONNECTION_ERRORS) else logging.ERROR
+                log.log(level, "%s: acknowledgement failed (%r); retrying in %.1f s", self, exc, backoff)
+                await self._sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_CAP)
 
     async def _flush_acks_before_close(self):
         if not self.acknowledges:
@@ -1024,29 +1059,22 @@ class from_redis_list(_RedisSource):
         return batch
 
     async def _dead_letter(self, undecodable):
-        """Move undecodable items to the dead-letter list (from the
-        processing list, in the reliable mode), in one transaction."""
-        moves = []
+        """Move undecodable items to the dead-letter list (and, in the
+        reliable mode, out of the processing list only once it is there)."""
         for key, item, exc in undecodable:
             source_key = self.keys[0] if self.processing_list else key
-            moves.append((key, item, exc, self.dead_letter_list or f"{source_key}:dead-letter"))
-        try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                for _, item, _, target in moves:
-                    pipe.rpush(target, item)
-                    if self.processing_list:
-                        pipe.lrem(self.processing_list, 1, item)
-                await pipe.execute()
-        except Exception as failure:
-            # Popped, and not moved: the log is the only place left for it.
-            for key, item, exc, target in moves:
+            target = self.dead_letter_list or f"{source_key}:dead-letter"
+            keys = [target, self.processing_list] if self.processing_list else [target]
+            try:
+                await self._redis.eval(MOVE_TO_DEAD_LETTER_LIST, len(keys), *keys, item)
+            except Exception as failure:
                 log.error(
-                    "%s: item %r of list %r cannot be decoded (%s), and moving it to "
-                    "list %r failed (%r)%s", self, item, key, exc, target, failure,
-                    "; it stays in the processing list" if self.processing_list else "",
+                    "%s: item %r of list %r cannot be decoded (%s), and moving it to list %r "
+                    "failed (%r); %s", self, item, key, exc, target, failure,
+                    "it stays in the processing list" if self.processing_list
+                    else "this log line is all that is left of it",
                 )
-            return
-        for key, item, exc, target in moves:
+                continue
             log.error(
                 "%s: item %r of list %r cannot be decoded (%s); moved to list %r",
                 self, item[:80], key, exc, target,
@@ -1400,22 +1428,28 @@ class from_redis_consumer_group(_RedisSource):
 
     async def _dead_letter(self, dead):
         """Move entries delivered too often to the dead-letter stream, and
-        acknowledge them, in one transaction."""
-        async with self._redis.pipeline(transaction=True) as pipe:
-            for ack, flat, deliveries in dead:
-                target = self.dead_letter_stream or f"{ack.key}:dead-letter"
-                fields = _entry_fields(flat, None)
-                fields.update(source_stream=ack.key, source_id=ack.item, deliveries=deliveries)
-                pipe.xadd(target, fields)
-                pipe.xack(ack.key, self.group, ack.item)
-                log.error(
-                    "%s: entry %s of stream %r was delivered %d times (max_deliveries=%d); "
-                    "moved to stream %r", self, ack.item, ack.key, deliveries,
-                    self.max_deliveries, target,
+        acknowledge each only once it is there. One that cannot be moved
+        stays pending (and is tried again when it comes back)."""
+        for ack, flat, deliveries in dead:
+            target = self.dead_letter_stream or f"{ack.key}:dead-letter"
+            fields = [*flat, "source_stream", ack.key, "source_id", ack.item, "deliveries", deliveries]
+            try:
+                await self._redis.eval(
+                    MOVE_TO_DEAD_LETTER_STREAM, 2, target, ack.key, self.group, ack.item, *fields
                 )
-            await pipe.execute()
-        for ack, _, _ in dead:
+            except Exception as failure:
+                log.error(
+                    "%s: entry %s of stream %r was delivered %d times (max_deliveries=%d), and "
+                    "moving it to stream %r failed (%r); it stays pending", self, ack.item,
+                    ack.key, deliveries, self.max_deliveries, target, failure,
+                )
+                continue
             ack.state = _DONE
+            log.error(
+                "%s: entry %s of stream %r was delivered %d times (max_deliveries=%d); "
+                "moved to stream %r", self, ack.item, ack.key, deliveries,
+                self.max_deliveries, target,
+            )
 
     async def _ack_batch(self, batch):
         batch = [(name, ids) for name, ids in batch.items() if ids]

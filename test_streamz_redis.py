@@ -1592,3 +1592,58 @@ def test_claimed_entries_carry_their_own_delivery_counts(server, r):
     assert r.xlen("s:dead-letter") == 1
     assert sorted(e.id for e in seen) == sorted(ids[1:])
     assert all(e.deliveries is not None for e in seen)
+
+
+def test_a_dead_letter_write_that_fails_leaves_the_entry_pending(server, r, caplog):
+    r.set("dead", "a string, not a stream")
+
+    def process(entry):
+        raise ValueError("poison")
+
+    source = Stream.from_redis_consumer_group(
+        "s", "g", "c", claim_idle=0.05, max_deliveries=1, dead_letter_stream="dead", start_id="0"
+    )
+    source.map(process).sink(lambda x: None)
+    entry_id = r.xadd("s", {"i": 0}).decode()
+    with caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        source.start()
+        wait_for(lambda: "moving it to stream 'dead' failed" in caplog.text)
+    assert [p["message_id"].decode() for p in r.xpending_range("s", "g", "-", "+", 10)] == [entry_id]
+    assert r.type("dead") == b"string"
+
+
+def test_an_async_sink_may_await_stop_of_its_own_source(server, r):
+    source = Stream.from_redis_list("k", asynchronous=False)
+    seen = []
+
+    async def stop_after_two(item):
+        seen.append(item)
+        if len(seen) == 2:
+            await source.stop()
+
+    source.sink(stop_after_two)
+    r.rpush("k", *range(5))
+    source.start()
+    wait_for(lambda: source._task is None and len(seen) == 2, timeout=3)
+    assert r.lrange("k", 0, -1) == [b"2", b"3", b"4"]
+    source.start()  # and it starts again
+    wait_for(lambda: len(seen) == 5)
+
+
+def test_stop_after_the_event_loop_has_ended_returns_with_a_warning(server, caplog):
+    async def main():
+        source = Stream.from_redis_list("k", asynchronous=True, loop=IOLoop.current())
+        await source.start()
+        return source
+
+    source = asyncio.run(main())
+    with caplog.at_level(logging.WARNING, logger="streamz_redis"):
+        source.stop()  # returns: it does not wait on a loop that is gone
+    assert "event loop has ended" in caplog.text
+
+
+def test_blocking_reads_stay_below_redis_py_default_socket_timeout(server):
+    source = Stream.from_redis_list("k", timeout=8)
+    source.start()
+    # redis-py 8 applies socket_timeout=5 s by default without naming it.
+    assert source._block_seconds() < 5
