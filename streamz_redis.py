@@ -1847,7 +1847,11 @@ class _RedisSink(_Connected, Sink):
         returns an awaitable."""
         if self._on_loop_thread():
             return asyncio.ensure_future(self._flush())
-        sync(self.loop, self._flush)
+        if _loop_runs_elsewhere(self):
+            sync(self.loop, self._flush)
+        elif self._unconfirmed:
+            log.warning("%s: its event loop has ended; %d element(s) not written",
+                        self, self._unconfirmed)
 
     def close(self, timeout=FLUSH_DEADLINE):
         """Write what is held (waiting at most ``timeout`` seconds for Redis),
@@ -1857,8 +1861,11 @@ class _RedisSink(_Connected, Sink):
         loop it returns an awaitable."""
         if self._on_loop_thread():
             return asyncio.ensure_future(self._close(timeout))
-        if self.loop is not None:
+        if _loop_runs_elsewhere(self):
             sync(self.loop, self._close, timeout)
+        elif self._unconfirmed:
+            log.warning("%s: its event loop has ended; %d element(s) not written",
+                        self, self._unconfirmed)
 
     async def _flush(self):
         while self._writer is not None and not self._writer.done():
