@@ -1267,14 +1267,21 @@ def test_no_entry_is_acknowledged_before_its_result_is_stored(server, r):
     wait_for(all_acknowledged_and_never_ahead, interval=0)
 
 
-def test_an_entry_stays_pending_while_redis_has_not_confirmed_its_write(server, r, private_server):
-    target = private_server()
-    for n in range(10):
+def billing(server, r, target, orders):
+    """``orders`` entries, and a consumer group that stores an invoice for
+    each in the stream "invoices" of another server, ``target``."""
+    for n in range(orders):
         r.xadd("orders", {"n": n})
     source = Stream.from_redis_consumer_group(
         "orders", "billing", "biller", start_id="0", url=server.url
     )
     sink = source.map(lambda entry: {"order": entry.id}).to_redis_stream("invoices", url=target.url)
+    return source, sink
+
+
+def test_an_entry_stays_pending_while_redis_has_not_confirmed_its_write(server, r, private_server):
+    target = private_server()
+    source, sink = billing(server, r, target, orders=10)
     os.kill(target.process.pid, signal.SIGSTOP)  # the target receives but never answers
     try:
         source.start()
@@ -1290,12 +1297,7 @@ def test_an_entry_stays_pending_while_redis_has_not_confirmed_its_write(server, 
 
 def test_stopping_the_source_waits_for_the_sink_and_acknowledges(server, r, private_server):
     target = private_server()
-    for n in range(10):
-        r.xadd("orders", {"n": n})
-    source = Stream.from_redis_consumer_group(
-        "orders", "billing", "biller", start_id="0", url=server.url
-    )
-    sink = source.map(lambda entry: {"order": entry.id}).to_redis_stream("invoices", url=target.url)
+    source, sink = billing(server, r, target, orders=10)
     os.kill(target.process.pid, signal.SIGSTOP)
     try:
         source.start()
@@ -1353,12 +1355,7 @@ def test_close_writes_what_is_held_and_a_later_element_reconnects(server, r):
 
 def test_close_gives_up_on_a_redis_that_does_not_answer(server, r, private_server, caplog):
     target = private_server()
-    for n in range(5):
-        r.xadd("orders", {"n": n})
-    source = Stream.from_redis_consumer_group(
-        "orders", "billing", "biller", start_id="0", url=server.url
-    )
-    sink = source.map(lambda entry: {"order": entry.id}).to_redis_stream("invoices", url=target.url)
+    source, sink = billing(server, r, target, orders=5)
     os.kill(target.process.pid, signal.SIGSTOP)
     try:
         source.start()
