@@ -1627,6 +1627,11 @@ def test_an_async_sink_may_await_stop_of_its_own_source(server, r):
     wait_for(lambda: len(seen) == 5)
 
 
+@pytest.mark.skipif(
+    sys.version_info < (3, 11),
+    reason="Python 3.10 cannot tell a cancel that redis-py's asyncio.wait_for swallowed: "
+    "asyncio.run() may then wait on the read loop; stop sources before the loop ends",
+)
 def test_stop_after_the_event_loop_has_ended_returns_with_a_warning(server, caplog):
     async def main():
         source = Stream.from_redis_list("k", asynchronous=True, loop=IOLoop.current())
