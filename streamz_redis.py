@@ -126,17 +126,14 @@ _new_tuple = tuple.__new__  # _new_tuple(Entry, (...)): an Entry without NamedTu
 _STREAM_ID = re.compile(r"\d+(-\d+)?")
 
 
-def _check_start_id(start_id, allowed=("$",)):
+def _check_start_id(start_id):
     """Return ``start_id`` as ``str``, or raise ``ValueError`` naming it."""
     if isinstance(start_id, bytes):
         start_id = start_id.decode("ascii", "replace")
-    if not isinstance(start_id, str) or not (
-        start_id in allowed or _STREAM_ID.fullmatch(start_id)
-    ):
+    if not isinstance(start_id, str) or not (start_id == "$" or _STREAM_ID.fullmatch(start_id)):
         raise ValueError(
-            f"malformed start id {start_id!r}: expected one of "
-            f"{', '.join(map(repr, allowed))}, '0', '<milliseconds>' or "
-            "'<milliseconds>-<sequence>'"
+            f"malformed start id {start_id!r}: expected '$', '0', '<milliseconds>' "
+            "or '<milliseconds>-<sequence>'"
         )
     return start_id
 
@@ -247,7 +244,7 @@ def _as_list(names, what):
     return names
 
 
-def _streams_with_ids(streams, start_id, allowed):
+def _streams_with_ids(streams, start_id):
     """``streams`` (a name, a list of names or a dict name -> start id) as a
     dict of name -> checked start id."""
     if isinstance(streams, dict):
@@ -256,7 +253,7 @@ def _streams_with_ids(streams, start_id, allowed):
             raise ValueError("streams: give at least one stream")
     else:
         pairs = [(name, start_id) for name in _as_list(streams, "streams")]
-    return {name: _check_start_id(sid, allowed) for name, sid in pairs}
+    return {name: _check_start_id(sid) for name, sid in pairs}
 
 
 # --------------------------------------------------------------------------
@@ -1139,7 +1136,7 @@ class from_redis_streams(_RedisSource):
     """
 
     def __init__(self, streams, *, start_id="$", count=100, timeout=1.0, **kwargs):
-        self.start_ids = _streams_with_ids(streams, start_id, allowed=("$",))
+        self.start_ids = _streams_with_ids(streams, start_id)
         self.last_ids = {}
         super().__init__(timeout=timeout, count=count, **kwargs)
 
@@ -1256,7 +1253,7 @@ class from_redis_consumer_group(_RedisSource):
         self, streams, group, consumer, *, start_id="$", count=100, timeout=1.0,
         claim_idle=None, max_deliveries=None, dead_letter_stream=None, **kwargs,
     ):
-        self.start_ids = _streams_with_ids(streams, start_id, allowed=("$",))
+        self.start_ids = _streams_with_ids(streams, start_id)
         self.group = _text(group)
         self.consumer = _text(consumer)
         if claim_idle is not None and claim_idle <= 0:
