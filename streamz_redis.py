@@ -40,10 +40,14 @@ with the entry's id, and the source keeps running.
 
 import asyncio
 import atexit
+import inspect
 import logging
+import math
 import os
 import re
+import ssl
 import threading
+import time
 import weakref
 from collections import defaultdict
 from collections.abc import Mapping
@@ -55,7 +59,9 @@ import redis.asyncio
 import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.utils import HIREDIS_AVAILABLE
 from streamz import RefCounter, Stream
+import streamz.core
 from streamz.core import sync
 from streamz.sinks import Sink
 from streamz.sources import Source
@@ -74,23 +80,36 @@ __all__ = [
 
 log = logging.getLogger("streamz_redis")
 
+
 DEFAULT_URL = "redis://localhost:6379/0"
 
-# Back-off between attempts to reach a Redis that went away (seconds).
+# Back-off between attempts to reach a Redis that went away or refuses
+# (seconds): the read loop, the acknowledgement flusher and the sinks.
 BACKOFF_FIRST = 0.1
 BACKOFF_CAP = 5.0
 
-# stop() must end reading within half a second, even mid-way through a
-# blocking read; this is how long it waits for the loop before cancelling it.
-STOP_DEADLINE = 0.5
+# stop() wakes a blocking read with CLIENT UNBLOCK; a read that Redis does not
+# answer within this long (a hung server) is cancelled.
+READ_STOP_DEADLINE = 0.5
+
+# stop() gives an entry mid-way through the pipeline this long to leave it
+# before abandoning it (unacknowledged; the rest of its batch given back).
+EMIT_STOP_DEADLINE = 5.0
+
+# stop() gives the Redis sinks downstream this long to write what they hold,
+# then the acknowledgement ledger as long again to send its last acks; close()
+# of a sink waits as long by default. So stop() takes at most about
+# READ_STOP_DEADLINE + EMIT_STOP_DEADLINE + 2 * FLUSH_DEADLINE.
+FLUSH_DEADLINE = 5.0
+
+# When Python exits, stopping every source and closing every sink takes at
+# most this long altogether: what cannot be flushed by then is logged.
+EXIT_DEADLINE = 2.0
 
 # Redis checks the timeouts of blocked clients on its cron tick (hz 10 by
 # default): when nothing else wakes it, a blocking read that timed out is
 # answered up to this long after its BLOCK ran out.
 REDIS_TICK = 0.1
-
-# How long stop() waits for the last acknowledgements to reach Redis.
-FLUSH_DEADLINE = 5.0
 
 # Errors that mean "Redis is not reachable right now": retried, never fatal.
 CONNECTION_ERRORS = (
@@ -100,51 +119,53 @@ CONNECTION_ERRORS = (
 )
 
 
-class Entry(NamedTuple):
-    """One entry of a Redis Stream, as emitted by the stream sources.
-
-    ``stream`` and ``id`` are ``str``; ``fields`` is a dict, decoded to ``str``
-    unless the source was made with ``decode=False``. ``deliveries`` is how
-    many times Redis has delivered the entry to the group (1 for a first
-    delivery), or ``None`` where Redis does not say (``from_redis_streams``,
-    replayed pending entries).
-    """
-
+class _EntryTuple(NamedTuple):
     stream: str
     id: str
     fields: dict
-    deliveries: Optional[int] = None
+
+
+class Entry(_EntryTuple):
+    """One entry of a Redis Stream, as emitted by the stream sources.
+
+    It unpacks as ``stream, id, fields = entry``. ``stream`` and ``id`` are
+    ``str``; ``fields`` is a dict, decoded to ``str`` unless the source was
+    made with ``decode=False``. The attribute ``entry.deliveries`` is how many
+    times Redis has delivered the entry to the consumer group (1 for a first
+    delivery, more for a replayed or claimed one), or ``None`` from
+    ``from_redis_streams``.
+    """
+
+    deliveries = None  # set on each entry of a consumer group (the instance's __dict__)
+
+    def __repr__(self):
+        text = f"Entry(stream={self.stream!r}, id={self.id!r}, fields={self.fields!r}"
+        return text + (")" if self.deliveries is None else f", deliveries={self.deliveries})")
 
 
 _new_tuple = tuple.__new__  # _new_tuple(Entry, (...)): an Entry without NamedTuple's __new__
+
+
+class Message(NamedTuple):
+    """One Pub/Sub message, as emitted by ``from_redis_pubsub``.
+
+    ``channel`` is the channel it was published to (``str``); ``data`` is the
+    payload, decoded to ``str`` unless the source was made with
+    ``decode=False``; ``pattern`` is the pattern that matched, for a
+    subscription by pattern, else ``None``.
+    """
+
+    channel: str
+    data: Any
+    pattern: Optional[str] = None
 
 
 # --------------------------------------------------------------------------
 # The boundary: every Redis reply becomes a Python value here, and only here.
 # --------------------------------------------------------------------------
 
-_STREAM_ID = re.compile(r"\d+(-\d+)?")
-
-
-def _check_start_id(start_id):
-    """Return ``start_id`` as ``str``, or raise ``ValueError`` naming it."""
-    if isinstance(start_id, bytes):
-        start_id = start_id.decode("ascii", "replace")
-    if not isinstance(start_id, str) or not (start_id == "$" or _STREAM_ID.fullmatch(start_id)):
-        raise ValueError(
-            f"malformed start id {start_id!r}: expected '$', '0', '<milliseconds>' "
-            "or '<milliseconds>-<sequence>'"
-        )
-    return start_id
-
-
-def _id_before(entry_id):
-    """The greatest stream id below ``entry_id``: XREAD from it returns
-    ``entry_id`` first."""
-    ms, _, seq = entry_id.partition("-")
-    if int(seq or 0) > 0:
-        return f"{ms}-{int(seq) - 1}"
-    return f"{int(ms) - 1}-18446744073709551615" if int(ms) > 0 else "0-0"
+_STREAM_ID = re.compile(r"(\d+)(?:-(\d+))?")
+_UINT64_MAX = 2**64 - 1
 
 
 def _text(value):
@@ -160,34 +181,11 @@ def _decoded(value, encoding):
     return value.decode(encoding)
 
 
-def _encoding_of(decode):
-    """The encoding a source decodes values with: ``decode`` is True (UTF-8),
-    False (``None``: bytes unchanged) or an encoding name."""
-    if decode is False or decode is None:
-        return None
-    encoding = "utf-8" if decode is True else decode
-    "".encode(encoding)  # an unknown encoding fails here, in __init__
-    return encoding
-
-
 def _raw_reply(response, **options):
     """A response callback that leaves the reply as Redis sent it, for the
-    commands whose replies ``_stream_entries`` and ``_entry_fields`` read."""
+    commands whose replies the helpers below read."""
     return response
 
-
-# Dead-letter moves. A script stops at the first failing call, so the entry is
-# acknowledged (or the item removed) only if the write succeeded; MULTI/EXEC
-# would run the second command even after the first failed.
-MOVE_TO_DEAD_LETTER_STREAM = """
-redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
-return redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
-"""
-MOVE_TO_DEAD_LETTER_LIST = """
-redis.call('RPUSH', KEYS[1], ARGV[1])
-if KEYS[2] then redis.call('LREM', KEYS[2], 1, ARGV[1]) end
-return 1
-"""
 
 # Read on the source's own connection with redis-py's parsing turned off:
 # building a dict per entry that we then rebuild costs more than the read.
@@ -196,12 +194,32 @@ NEVER_DECODE = {"NEVER_DECODE": True}  # redis.client.NEVER_DECODE: bytes, whate
 
 
 def _stream_entries(reply):
-    """The ``(stream, entries)`` pairs of a raw XREAD or XREADGROUP reply:
-    a map in RESP3, a list of pairs in RESP2, nil when nothing came. Each
-    entry is ``[id, [field, value, ...]]``."""
+    """A raw XREAD or XREADGROUP reply (a map in RESP3, a list of pairs in
+    RESP2, nil when nothing came) as ``[(stream, [(id, flat), ...]), ...]``
+    with ``str`` names and ids, leaving out streams that had nothing. ``flat``
+    is the entry's ``[field, value, ...]`` as Redis sent it."""
     if not reply:
-        return ()
-    return reply.items() if isinstance(reply, dict) else reply
+        return []
+    pairs = reply.items() if isinstance(reply, dict) else reply
+    return [
+        (_text(name), [(raw_id.decode(), flat) for raw_id, flat in entries])
+        for name, entries in pairs
+        if entries
+    ]
+
+
+def _autoclaimed(reply):
+    """A raw XAUTOCLAIM reply as ``(next cursor, [(id, flat), ...], ids of
+    pending entries no longer in the stream)``; the last is Redis 7's (6.2
+    answers such entries with nil fields instead)."""
+    entries = [(raw_id.decode(), flat) for raw_id, flat in reply[1] if raw_id is not None]
+    deleted = [_text(i) for i in reply[2]] if len(reply) > 2 else []
+    return _text(reply[0]), entries, deleted
+
+
+def _delivery_counts(rows):
+    """XPENDING rows (as redis-py parses them) as ``{id: times delivered}``."""
+    return {_text(row["message_id"]): row["times_delivered"] for row in rows}
 
 
 def _entry_fields(flat, encoding):
@@ -220,45 +238,211 @@ def _entry_fields(flat, encoding):
     return dict(zip(pairs, pairs))
 
 
+def _pubsub_message(reply, encoding):
+    """A pub/sub reply as a ``Message``, ``None`` if it is not a message.
+    Raises ``UnicodeDecodeError`` if its data cannot be decoded."""
+    if reply["type"] not in ("message", "pmessage"):
+        return None
+    pattern = reply.get("pattern")
+    return Message(
+        _text(reply["channel"]), _decoded(reply["data"], encoding),
+        None if pattern is None else _text(pattern),
+    )
+
+
+def _error_text(exc):
+    """An exception as a log line shows it: its type and its message.
+    (redis-py 8's ``repr()`` of an error is only a tag.)"""
+    message = str(exc)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+# --------------------------------------------------------------------------
+# Checking arguments: a clear error naming the parameter, when a node is made
+# --------------------------------------------------------------------------
+
+
+def _check_start_id(start_id, parameter="start_id"):
+    """Return ``start_id`` as ``str``, or raise ``ValueError`` naming it."""
+    if isinstance(start_id, bytes):
+        start_id = start_id.decode("ascii", "replace")
+    match = _STREAM_ID.fullmatch(start_id) if isinstance(start_id, str) else None
+    if start_id != "$" and not (
+        match and all(int(part or 0) <= _UINT64_MAX for part in match.groups())
+    ):
+        raise ValueError(
+            f"{parameter}: malformed stream id {start_id!r}: expected '$', '0', "
+            "'<milliseconds>' or '<milliseconds>-<sequence>' (each at most 2**64 - 1)"
+        )
+    return start_id
+
+
+def _id_before(entry_id):
+    """The greatest stream id below ``entry_id``: XREAD from it returns
+    ``entry_id`` first."""
+    ms, _, seq = entry_id.partition("-")
+    if int(seq or 0) > 0:
+        return f"{ms}-{int(seq) - 1}"
+    return f"{int(ms) - 1}-{_UINT64_MAX}" if int(ms) > 0 else "0-0"
+
+
+def _encoding_of(decode):
+    """The encoding a source decodes values with: ``decode`` is True (UTF-8),
+    False (``None``: bytes unchanged) or an encoding name."""
+    if decode is False or decode is None:
+        return None
+    encoding = "utf-8" if decode is True else decode
+    if not isinstance(encoding, str):
+        raise TypeError(f"decode must be True, False or an encoding name, not {decode!r}")
+    "".encode(encoding)  # an unknown encoding fails here, in __init__
+    return encoding
+
+
+def _seconds(value, parameter, optional=False):
+    """A positive, finite number of seconds, or a clear error naming it."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{parameter} must be a number of seconds, not {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{parameter} must be a positive, finite number of seconds, not {value!r}")
+    return value
+
+
+def _positive_int(value, parameter, optional=False):
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{parameter} must be a positive integer, not {value!r}")
+    return value
+
+
+def _name(value, parameter):
+    """A key, group, consumer or channel name: non-empty ``str`` or ``bytes``."""
+    if not isinstance(value, (str, bytes)) or not value:
+        raise TypeError(f"{parameter} must be a non-empty str, not {value!r:.80}")
+    return _text(value)
+
+
+def _names(value, parameter):
+    """One name or a non-empty list of names, as a list of ``str``."""
+    if isinstance(value, (str, bytes)):
+        return [_name(value, parameter)]
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{parameter} must be a str or a list of str, not {value!r:.80}")
+    if not value:
+        raise ValueError(f"{parameter}: give at least one name")
+    return [_name(v, parameter) for v in value]
+
+
+def _streams_with_ids(streams, start_id):
+    """``streams`` (a name, a list of names or a dict name -> start id) as a
+    dict of name -> checked start id."""
+    if isinstance(streams, Mapping):
+        if not streams:
+            raise ValueError("streams: give at least one stream")
+        return {_name(k, "streams"): _check_start_id(v, f"streams[{k!r}]") for k, v in streams.items()}
+    start_id = _check_start_id(start_id)
+    return {name: start_id for name in _names(streams, "streams")}
+
+
 def _safe_url(url):
-    """``url`` with any password replaced, fit for reprs, logs and errors."""
+    """``url`` with any password replaced, fit for reprs, logs and errors.
+    Everything between ``://`` and the last ``@`` is the user's: only the
+    user name is kept, even where a password holds ``#``, ``/`` or ``?``."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        userinfo, _, rest = rest.rpartition("@")
+        rest = f"{userinfo.partition(':')[0]}:***@{rest}"
     try:
-        parts = urlsplit(url)
+        parts = urlsplit(scheme + sep + rest)
     except ValueError:
-        return "<unparseable Redis URL>"
-    if parts.password is not None:
-        netloc = parts.netloc.rsplit("@", 1)[1]
-        parts = parts._replace(netloc=f"{parts.username or ''}:***@{netloc}")
+        return scheme + sep + rest
     if "password" in parts.query.lower():  # redis-py also reads ?password=
         query = [(k, "***" if k.lower() == "password" else v) for k, v in parse_qsl(parts.query)]
         parts = parts._replace(query=urlencode(query, safe="*"))
     return urlunsplit(parts)
 
 
-def _as_list(names, what):
-    if isinstance(names, (str, bytes)):
-        return [_text(names)]
-    names = [_text(n) for n in names]
-    if not names:
-        raise ValueError(f"{what}: give at least one name")
-    return names
+def _check_url(url):
+    """Raise a clear ``ValueError`` for a URL redis-py would misread; the
+    message never holds any part of the password."""
+    if not isinstance(url, str):
+        raise TypeError(f"url must be a str, not {type(url).__name__}")
+    try:
+        redis.asyncio.connection.parse_url(url)
+    except ValueError:
+        raise ValueError(
+            f"url {_safe_url(url)!r} is not a valid Redis URL (expected "
+            "redis://[[user]:password@]host[:port][/db]); a password that holds "
+            "'#', '/', '?', '@' or ':' must be percent-encoded (urllib.parse.quote)"
+        ) from None
+    parts = urlsplit(url)
+    db = parts.path.strip("/")
+    if parts.scheme in ("redis", "rediss") and db and not db.isdigit():
+        raise ValueError(f"url {_safe_url(url)!r}: the database must be a number, not {db!r}")
 
 
-def _streams_with_ids(streams, start_id):
-    """``streams`` (a name, a list of names or a dict name -> start id) as a
-    dict of name -> checked start id."""
-    if isinstance(streams, dict):
-        pairs = [(_text(k), v) for k, v in streams.items()]
-        if not pairs:
-            raise ValueError("streams: give at least one stream")
-    else:
-        pairs = [(name, start_id) for name in _as_list(streams, "streams")]
-    return {name: _check_start_id(sid) for name, sid in pairs}
+def _check_client(client):
+    if client is not None and not inspect.iscoroutinefunction(getattr(client, "execute_command", None)):
+        raise TypeError(
+            f"client must be an asyncio client (redis.asyncio.Redis), not "
+            f"{type(client).__module__}.{type(client).__name__}"
+        )
+
+
+# Dead-letter moves. A script stops at the first failing call, so the entry is
+# acknowledged (or the item removed) only once it was written. Redis 7 checks
+# the user's permissions for both commands first, so that a user who may write
+# but not acknowledge does not write the entry again each time it comes back.
+MOVE_TO_DEAD_LETTER_STREAM = """
+if redis.acl_check_cmd and not (redis.acl_check_cmd('XADD', KEYS[1], '*', 'f', 'v')
+        and redis.acl_check_cmd('XACK', KEYS[2], ARGV[1], ARGV[2])) then
+    return redis.error_reply('NOPERM this user may not run XADD on ' .. KEYS[1] ..
+        ' and XACK on ' .. KEYS[2])
+end
+redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+return redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+"""
+MOVE_TO_DEAD_LETTER_LIST = """
+if redis.acl_check_cmd and KEYS[2] and not (redis.acl_check_cmd('RPUSH', KEYS[1], 'v')
+        and redis.acl_check_cmd('LREM', KEYS[2], 1, 'v')) then
+    return redis.error_reply('NOPERM this user may not run RPUSH on ' .. KEYS[1] ..
+        ' and LREM on ' .. KEYS[2])
+end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+if KEYS[2] then redis.call('LREM', KEYS[2], 1, ARGV[1]) end
+return 1
+"""
 
 
 # --------------------------------------------------------------------------
-# Acknowledgement by streamz reference counting
+# Back-off, and acknowledgement by streamz reference counting
 # --------------------------------------------------------------------------
+
+
+class _Backoff:
+    """Capped exponential back-off between retries: ``BACKOFF_FIRST`` seconds,
+    doubling up to ``BACKOFF_CAP``; ``reset()`` after a success."""
+
+    def __init__(self):
+        self.delay = BACKOFF_FIRST
+
+    def reset(self):
+        self.delay = BACKOFF_FIRST
+
+    async def wait(self, stopping=None):
+        """Sleep the current delay, or until ``stopping`` (an
+        ``asyncio.Event``) is set, and double the next one."""
+        delay, self.delay = self.delay, min(self.delay * 2, BACKOFF_CAP)
+        if stopping is None:
+            await asyncio.sleep(delay)
+            return
+        try:
+            await asyncio.wait_for(stopping.wait(), delay)
+        except asyncio.TimeoutError:
+            pass
+
 
 _PENDING, _DONE, _FAILED = 0, 1, 2
 
@@ -266,25 +450,24 @@ _PENDING, _DONE, _FAILED = 0, 1, 2
 class _Reference(RefCounter):
     """The streamz reference of what a source emitted, and its own callback.
 
+    This is the protocol between sources and sinks: a sink holds the
+    references in an element's metadata until Redis has stored the element,
+    calls ``fail()`` on each if Redis refused it (the entries are then never
+    acknowledged), and names them with ``str()`` in its log lines.
+
     It starts with the source's own hold (``count=1``), released once the
     emit's futures are done. streamz's RefCounter calls back, through
     ``loop.add_callback``, on every release that reaches zero; this one acts
     once, and at once when released on the loop's own thread (a loop turn per
-    entry saved). A failed one never acknowledges.
+    entry saved).
     """
 
-    def __init__(self, source):
-        # Not RefCounter.__init__: it would look a loop up; the source's is it.
-        self.loop = source.loop
-        self.count = 1
-        self.cb = self
-        self.source = source
-        self.state = _PENDING
+    __slots__ = ("loop", "count", "cb", "ledger", "state")
 
     def release(self, n=1):
         self.count -= n
         if self.count <= 0 and self.state == _PENDING:
-            if threading.get_ident() == self.source._loop_thread:
+            if threading.get_ident() == self.ledger.loop_thread:
                 self()
             else:
                 self.loop.add_callback(self)
@@ -294,36 +477,49 @@ class _Ack(_Reference):
     """One tracked entry (or reliable-list item): acknowledged when the last
     reference to it goes, unless its processing failed."""
 
-    def __init__(self, source, key, item):
-        # _Reference.__init__, inlined: one of these is made per entry.
-        self.loop = source.loop
+    __slots__ = ("key", "item")
+
+    def __init__(self, ledger, key, item):
+        # Not RefCounter.__init__ (it would look a loop up): one per entry.
+        self.loop = ledger.loop
         self.count = 1
         self.cb = self
-        self.source = source
+        self.ledger = ledger
         self.state = _PENDING
-        self.key = key  # stream name or list key
+        self.key = key  # stream name or processing list
         self.item = item  # entry id or raw list item
 
     def __call__(self):
         if self.state == _PENDING:
             self.state = _DONE
-            self.source._done(self)
+            self.ledger.done(self)
 
     def fail(self):
         if self.state == _PENDING:
             self.state = _FAILED
-            self.source._failed(self)
+            self.ledger.forget(self)
 
-    def track(self, in_flight):
-        in_flight[self.key, self.item] = self
+    def track(self):
+        self.ledger.in_flight[self.key, self.item] = weakref.ref(self)
+
+    def __str__(self):
+        if isinstance(self.item, str):
+            return f"entry {self.item} of stream {self.key!r}"
+        return f"item {self.item[:80]!r} of list {self.key!r}"
 
 
 class _AckAll(_Reference):
     """A batch emitted as one list (``batch=True``): acknowledged, or failed,
     as a whole."""
 
-    def __init__(self, source, acks):
-        super().__init__(source)
+    __slots__ = ("acks",)
+
+    def __init__(self, ledger, acks):
+        self.loop = ledger.loop
+        self.count = 1
+        self.cb = self
+        self.ledger = ledger
+        self.state = _PENDING
         self.acks = acks
 
     def __call__(self):
@@ -338,9 +534,115 @@ class _AckAll(_Reference):
             for ack in self.acks:
                 ack.fail()
 
-    def track(self, in_flight):
+    def track(self):
         for ack in self.acks:
-            ack.track(in_flight)
+            ack.track()
+
+    def __str__(self):
+        return f"a batch of {len(self.acks)} from {self.acks[0]} to {self.acks[-1]}"
+
+
+class _AckLedger:
+    """Everything a source that acknowledges owes Redis, in one place.
+
+    ``ack(key, item)`` makes the ``_Ack`` of an entry the source is about to
+    emit. Once the last streamz reference to it is released it is queued here;
+    one flusher task sends what is queued with ``send({key: [items]})`` (the
+    source's XACK or LREM), one call per round trip, batching whatever arrived
+    during the last one, with back-off while Redis refuses. A failed ack is
+    never sent: its entry stays pending in Redis.
+
+    ``in_flight`` remembers, weakly, the entries somewhere in the pipeline, so
+    that a replay does not emit one twice; an entry whose references a node
+    dropped without releasing them is forgotten, and a replay delivers it
+    again. ``holds()`` also counts acks queued or being sent.
+    """
+
+    def __init__(self, source, send):
+        self.source = source
+        self.loop = self.loop_thread = None  # the source's event loop and its thread, by open()
+        self.send = send
+        self.in_flight = {}  # (key, item) -> weakref to its _Ack
+        self.queued = defaultdict(dict)  # key -> {item: None}, in order
+        self.sending = {}
+        self.flusher = None
+        self.is_open = False  # connected: flushing may run
+        self.stopping = None
+        self.acked = 0  # acknowledgements Redis has confirmed
+
+    def ack(self, key, item):
+        return _Ack(self, key, item)
+
+    def holds(self, key, item):
+        """Whether the entry is in the pipeline, or its ack not yet sent."""
+        ref = self.in_flight.get((key, item))
+        if ref is not None:
+            if ref() is not None:
+                return True
+            del self.in_flight[key, item]  # dropped without a release
+        return item in self.queued.get(key, ()) or item in self.sending.get(key, ())
+
+    def done(self, ack):
+        self.in_flight.pop((ack.key, ack.item), None)
+        self.queued[ack.key][ack.item] = None
+        if self.is_open and (self.flusher is None or self.flusher.done()):
+            self.flusher = asyncio.ensure_future(self._flush())
+
+    def forget(self, ack):
+        self.in_flight.pop((ack.key, ack.item), None)
+
+    def in_flight_count(self):
+        return sum(1 for ref in list(self.in_flight.values()) if ref() is not None)
+
+    def unsent(self):
+        return sum(map(len, self.queued.values())) + sum(map(len, self.sending.values()))
+
+    def open(self, stopping):
+        """Called by ``start()`` once connected: acks left from before a
+        ``stop()`` are sent now."""
+        self.loop = self.source.loop
+        self.loop_thread = threading.get_ident()
+        self.stopping = stopping
+        self.is_open = True
+        if any(self.queued.values()):
+            self.flusher = asyncio.ensure_future(self._flush())
+
+    async def _flush(self):
+        backoff = _Backoff()
+        while self.is_open and any(self.queued.values()):
+            self.sending, self.queued = self.queued, defaultdict(dict)
+            try:
+                await self.send({key: list(items) for key, items in self.sending.items() if items})
+                self.acked += sum(map(len, self.sending.values()))
+                backoff.reset()
+            except BaseException as exc:
+                for key, items in self.sending.items():
+                    self.queued[key] = {**items, **self.queued[key]}
+                if not isinstance(exc, Exception):
+                    raise  # cancelled by close(): the acks stay queued
+                if self.stopping.is_set():
+                    return  # close() says how many are left
+                # A lost connection is a warning; anything else (READONLY
+                # during a failover, NOGROUP, NOPERM) an error. Both retried.
+                level = logging.WARNING if isinstance(exc, CONNECTION_ERRORS) else logging.ERROR
+                log.log(level, "%s: acknowledgement failed (%s); retrying in %.1f s",
+                        self.source, _error_text(exc), backoff.delay)
+                await backoff.wait(self.stopping)
+            finally:
+                self.sending = {}
+
+    async def close(self, timeout):
+        """The final flush, waiting at most ``timeout`` seconds; then no more
+        until ``open()``. Returns how many acks were left unsent."""
+        if any(self.queued.values()) and (self.flusher is None or self.flusher.done()):
+            self.flusher = asyncio.ensure_future(self._flush())
+        if self.flusher is not None:
+            await asyncio.wait([self.flusher], timeout=timeout)
+        self.is_open = False
+        if self.flusher is not None and not self.flusher.done():
+            self.flusher.cancel()
+            await asyncio.wait([self.flusher])
+        return self.unsent()
 
 
 # --------------------------------------------------------------------------
@@ -349,6 +651,7 @@ class _AckAll(_Reference):
 
 _running_sources = weakref.WeakSet()
 _open_sinks = weakref.WeakSet()
+_hiredis_checked = False
 
 
 def _loop_runs_elsewhere(node):
@@ -359,36 +662,32 @@ def _loop_runs_elsewhere(node):
 
 
 @atexit.register
-def _close_open_sinks():
-    """Write what sinks still hold when Python exits (after the sources have
-    stopped: atexit runs the handlers in reverse order)."""
-    for sink in list(_open_sinks):
-        try:
-            if _loop_runs_elsewhere(sink):
-                sync(sink.loop, sink._close, FLUSH_DEADLINE, callback_timeout=2 * FLUSH_DEADLINE)
-        except Exception:  # pragma: no cover - best effort at exit
-            log.exception("%s: could not close cleanly at exit", sink)
+def _exit_cleanly():
+    """When Python exits: stop the sources still running (flushing their
+    acknowledgements), then close the sinks, within EXIT_DEADLINE altogether
+    even if Redis does not answer."""
+    end = time.monotonic() + EXIT_DEADLINE
+    for nodes, finish in ((_running_sources, "_stop"), (_open_sinks, "_close")):
+        for node in list(nodes):
+            left = end - time.monotonic()
+            try:
+                if _loop_runs_elsewhere(node) and left > 0:
+                    sync(node.loop, getattr(node, finish), left, callback_timeout=left + 1)
+            except Exception as exc:  # pragma: no cover - best effort at exit
+                log.error("%s: could not finish cleanly at exit (%s)", node, _error_text(exc))
 
 
-@atexit.register
-def _stop_running_sources():
-    """Flush acknowledgements of sources still running when Python exits."""
-    for source in list(_running_sources):
-        try:
-            if _loop_runs_elsewhere(source):
-                sync(source.loop, source._stop, callback_timeout=2 * FLUSH_DEADLINE)
-        except Exception:  # pragma: no cover - best effort at exit
-            log.exception("%s: could not stop cleanly at exit", source)
-
-
-class _Connected:
+class _RedisNode:
     """What every node of this module shares: its connection arguments, how it
     makes its client, and how it names itself (never with a password)."""
 
     def _connection_args(self, url, client_kwargs, client):
         self.url = url or os.environ.get("REDIS_URL") or DEFAULT_URL
+        _check_client(client)
         if client is None:
-            redis.asyncio.connection.parse_url(self.url)  # a malformed URL fails here
+            _check_url(self.url)
+        if client_kwargs is not None and not isinstance(client_kwargs, Mapping):
+            raise TypeError(f"client_kwargs must be a dict, not {type(client_kwargs).__name__}")
         self.client_kwargs = dict(client_kwargs or {})
         self.client = client
 
@@ -409,10 +708,13 @@ class _Connected:
     __repr__ = __str__
 
     def _where(self):
-        if self.client is not None:
+        if self.client is None:
+            return _safe_url(self.url)
+        try:
             kw = self.client.connection_pool.connection_kwargs
             return f"redis://{kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
-        return _safe_url(self.url)
+        except Exception:
+            return f"a {type(self.client).__name__} client"
 
     def _on_loop_thread(self):
         try:
@@ -421,51 +723,173 @@ class _Connected:
             return False
 
 
-class _RedisSource(_Connected, Source):
-    """What every Redis source shares: connections, the read loop, back-off,
-    start/stop, and acknowledgement batching.
+class _BlockingConnection:
+    """The one connection a source's blocking reads run on.
 
-    A subclass says how to prepare (``_prepare``), how to read one batch
-    (``_read``), how to give back what was read but not emitted (``_give_back``)
-    and, if it acknowledges, what ``_ack_batch`` sends to Redis.
+    Blocking reads get a connection of their own, so that acknowledgements
+    and other commands never wait behind them. Its CLIENT ID is kept (and
+    renewed on reconnect) so that ``stop()`` can wake a blocked read with
+    CLIENT UNBLOCK from the pooled client: the read returns as if it had timed
+    out, so nothing it was about to pop is lost (a cancelled BLPOP can lose
+    the item it popped).
     """
 
-    acknowledges = False
+    def __init__(self, pooled):
+        self.pooled = pooled
+        self.client = None
+        self.id = None
+
+    async def open(self):
+        self.client = self.pooled.client()
+        for command in RAW_REPLY_COMMANDS:
+            self.client.set_response_callback(command, _raw_reply)
+        await self.client.initialize()
+        self.client.connection.register_connect_callback(self._on_connect)
+        self.id = await self.client.client_id()
+
+    async def _on_connect(self, connection):
+        await connection.send_command("CLIENT", "ID")
+        self.id = await connection.read_response()
+
+    def block_seconds(self, timeout):
+        """How long one blocking read may wait on the server, for a source's
+        ``timeout``.
+
+        BLOCK must stay below the client's socket_timeout or redis-py raises
+        TimeoutError (and drops the connection) while Redis is merely idle.
+        An idle Redis answers a timed-out read on its next cron tick, up to
+        REDIS_TICK after BLOCK ran out.
+        """
+        # The connection's own value: redis-py 8 applies a default of 5 s that
+        # the pool's connection_kwargs do not show.
+        socket_timeout = getattr(self.client.connection, "socket_timeout", None)
+        if socket_timeout:
+            return max(0.01, min(timeout, (socket_timeout - REDIS_TICK) / 2))
+        return timeout
+
+    async def refused(self, probes):
+        """Which of ``probes`` (command argument lists) this user may not
+        run, as ``[(command, error)]``. Each is only queued inside a
+        MULTI that is then discarded, so none runs; Redis checks permissions
+        as it queues. ``[]`` where MULTI itself is not allowed."""
+        connection = self.client.connection
+        await connection.send_command("MULTI")
+        try:
+            await connection.read_response()
+        except redis.exceptions.ResponseError:
+            return []  # without MULTI nothing can be checked unrun
+        refused = []
+        try:
+            for args in probes:
+                await connection.send_command(*args)
+                try:
+                    await connection.read_response()
+                except redis.exceptions.ResponseError as exc:
+                    if str(exc).startswith("NOPERM") or isinstance(exc, redis.exceptions.NoPermissionError):
+                        refused.append((args[0], exc))
+        finally:
+            await connection.send_command("DISCARD")
+            try:
+                await connection.read_response()
+            except redis.exceptions.ResponseError:
+                pass
+        return refused
+
+    def execute(self, *args, **options):
+        return self.client.execute_command(*args, **options)
+
+    async def unblock(self):
+        if self.id is None:
+            return
+        try:
+            await asyncio.wait_for(
+                self.pooled.execute_command("CLIENT UNBLOCK", self.id), READ_STOP_DEADLINE
+            )
+        except Exception:
+            pass  # stop() cancels the read after READ_STOP_DEADLINE instead
+
+    async def close(self):
+        client, self.client, self.id = self.client, None, None
+        if client is None:
+            return
+        if client.connection is not None:
+            # With client=, the connection goes back to the user's pool.
+            client.connection.deregister_connect_callback(self._on_connect)
+        await client.aclose()
+
+
+class _RedisSource(_RedisNode, Source):
+    """What every Redis source shares: start and stop from any thread, the
+    connections, and the read-and-emit loop with back-off.
+
+    A subclass says how to prepare once connected (``_prepare``), which
+    commands reading needs (``_probes``), how to read one batch (``_read``),
+    and how to give back what was read but not emitted (``_give_back``). A
+    source that acknowledges makes an ``_AckLedger`` in its ``__init__``,
+    with the coroutine that sends a batch of acks.
+    """
+
+    _ledger = None  # an _AckLedger, for sources that acknowledge
+    uses_blocking_reads = True
 
     def __init__(
         self,
         *,
-        url=None,
-        client_kwargs=None,
+        url: Optional[str] = None,
+        client_kwargs: Optional[Mapping] = None,
         client=None,
         decode=True,
-        timeout=1.0,
-        count=100,
-        batch=False,
+        timeout: float = 1.0,
+        count: int = 100,
+        batch: bool = False,
+        start: bool = False,
         **kwargs,
     ):
-        if timeout is None or timeout <= 0:
-            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
-        if not isinstance(count, int) or count < 1:
-            raise ValueError(f"count must be a positive integer, not {count!r}")
         self._connection_args(url, client_kwargs, client)
+        self.timeout = _seconds(timeout, "timeout")
+        self.count = _positive_int(count, "count")
         self.decode = decode
         self._encoding = _encoding_of(decode)
-        self._loop_thread = None  # the thread of the event loop, once started
-        self.timeout = timeout
-        self.count = count
-        self.batch = batch
+        self.batch = bool(batch)
         self._redis = None  # pooled connections: non-blocking commands, acks
-        self._blocking = None  # one connection that only runs blocking reads
-        self._blocking_id = None  # its CLIENT ID, so stop() can CLIENT UNBLOCK it
+        self._reader = None  # a _BlockingConnection
         self._task = None  # the read loop
         self._lock = None  # see _lifecycle()
+        self._stopping = None  # an asyncio.Event, set by stop()
         self._reading = False  # the read loop is waiting on Redis
         self._giving_up = False  # stop() is cancelling the read loop
-        self._acks = defaultdict(list)  # key -> items whose acks await a flush
-        self._flusher = None
-        self._in_flight = {}  # (key, item) -> _Ack, emitted and not yet done
+        self._read_count = self._emitted = self._failed = self._reconnects = 0
         super().__init__(**kwargs)
+        if start:
+            starting = self.start()
+            if starting is not None:  # inside the event loop: nobody awaits it
+                starting.add_done_callback(self._report_failed_start)
+
+    def metrics(self) -> dict:
+        """A snapshot of this source's figures, counted since it was made;
+        callable from any thread.
+
+        ``read``: entries (items, messages) read from Redis; ``emitted``:
+        emitted downstream; ``failed``: whose processing raised downstream;
+        ``acked``: acknowledgements Redis confirmed (consumer groups and the
+        reliable list); ``in_flight``: emitted and not yet done (held
+        somewhere in the pipeline); ``reconnects``: connections lost while
+        reading.
+        """
+        ledger = self._ledger
+        return {
+            "read": self._read_count,
+            "emitted": self._emitted,
+            "failed": self._failed,
+            "acked": ledger.acked if ledger else 0,
+            "in_flight": ledger.in_flight_count() if ledger else 0,
+            "reconnects": self._reconnects,
+        }
+
+    def _report_failed_start(self, starting):
+        if not starting.cancelled() and starting.exception() is not None:
+            log.error("%s: start=True failed; the source does not run (%s)",
+                      self, _error_text(starting.exception()))
 
     def _describe(self):  # pragma: no cover - overridden
         return ""
@@ -476,18 +900,19 @@ class _RedisSource(_Connected, Source):
         """Connect, prepare and start reading.
 
         In streamz's default mode this blocks until the source is ready and
-        raises any problem (Redis unreachable, wrong password, a key of the
-        wrong type, a malformed start id) here. Inside a running event loop
-        (``asynchronous=True``) it returns an awaitable that does the same:
-        ``await source.start()``.
+        raises any problem (Redis unreachable, wrong password, a permission
+        that reading needs, a key of the wrong type) here. Inside a running
+        event loop (``asynchronous=True``) it returns an awaitable that does
+        the same: ``await source.start()``.
         """
         if self._on_loop_thread():
             return asyncio.ensure_future(self._start())
         sync(self.loop, self._start)
 
     def stop(self):
-        """Stop reading, give back what was read but not emitted, flush
-        acknowledgements and close the connections.
+        """Stop reading, give back what was read but not emitted, let the
+        Redis sinks downstream write what they hold, flush acknowledgements
+        and close the connections.
 
         Blocks until done in streamz's default mode; inside the event loop it
         returns an awaitable. ``start()`` afterwards resumes.
@@ -522,90 +947,113 @@ class _RedisSource(_Connected, Source):
                 if not self._task.done():
                     return  # start() twice runs one read loop
                 await self._shutdown(self._task)  # a loop that ended: clean up first
-            self._loop_thread = threading.get_ident()
+            _warn_without_hiredis()
             try:
                 await self._connect()
+                await self._check_permissions()
                 await self._prepare()
             except BaseException as exc:
                 await self._close()
                 if isinstance(exc, Exception):
-                    raise self._explain(exc) from exc
+                    raise self._explain(exc) from None
                 raise
             self.stopped = False
             self.started = True
             self._giving_up = False
+            self._stopping = asyncio.Event()
+            if self._ledger is not None:
+                self._ledger.open(self._stopping)
             _running_sources.add(self)
             self._task = asyncio.ensure_future(self._run())
-            if any(self._acks.values()):  # acks left over from before a stop()
-                self._schedule_flush()
 
     def _explain(self, exc):
         """``exc`` with a message that names this source and its server."""
         if isinstance(exc, (ValueError, TypeError)):
             return exc
-        message = f"{self} could not start: {exc}"
+        message = f"{self} could not start: {_error_text(exc)}"
         try:
             return type(exc)(message)
         except Exception:
             return RuntimeError(message)
 
-    async def _stop(self):
+    async def _stop(self, within=None):
+        """stop(), on the loop; ``within`` bounds it in seconds (at exit)."""
         async with self._lifecycle():
             if self._task is not None:
-                await self._shutdown(self._task)
+                await self._shutdown(self._task, within)
 
-    async def _shutdown(self, task):
+    async def _shutdown(self, task, within=None):
+        loop = asyncio.get_running_loop()
+        end = loop.time() + (within if within is not None else math.inf)
+
+        def left(limit):
+            return max(0.0, min(limit, end - loop.time()))
+
         self.stopped = True
-        await self._end(task)
+        self._stopping.set()
+        await self._end(task, left)
         self._task = None
         _running_sources.discard(self)
-        await self._flush_acks_before_close()
+        if self._ledger is not None:
+            await self._let_sinks_finish(left(FLUSH_DEADLINE))
+            unsent = await self._ledger.close(left(FLUSH_DEADLINE))
+            if unsent:
+                log.warning(
+                    "%s: %d acknowledgement(s) not sent before closing; they are sent "
+                    "on the next start(), or the entries are delivered again", self, unsent,
+                )
         await self._close()
 
-    async def _end(self, task):
+    async def _end(self, task, left):
         """Wait for the read loop to end. A blocking read is woken at once; a
-        read that Redis does not answer is cancelled after STOP_DEADLINE. An
-        entry being emitted is given FLUSH_DEADLINE more to leave the pipeline
-        before it is abandoned (not acknowledged; the rest given back)."""
-        loop = asyncio.get_running_loop()
-        began = loop.time()
-        while not task.done():
-            waited = loop.time() - began
-            if self._reading:
-                if waited >= STOP_DEADLINE:
-                    break
-                await self._unblock()
-            elif waited >= STOP_DEADLINE + FLUSH_DEADLINE:
-                log.warning("%s: an emit did not finish within %.1f s of stop(); abandoning it",
-                            self, waited)
-                break
-            await asyncio.wait([task], timeout=0.05)
+        read that Redis does not answer is cancelled after READ_STOP_DEADLINE.
+        An entry being emitted is given EMIT_STOP_DEADLINE to leave the
+        pipeline before it is abandoned (not acknowledged; the rest given
+        back)."""
+        if self._reading and self._reader is not None:
+            # Twice: the first can reach Redis before the read it must wake.
+            await self._reader.unblock()
+            await asyncio.wait([task], timeout=left(READ_STOP_DEADLINE) / 2)
+            if not task.done() and self._reading:
+                await self._reader.unblock()
+        await asyncio.wait([task], timeout=left(READ_STOP_DEADLINE))
+        if not task.done() and not self._reading:
+            await asyncio.wait([task], timeout=left(EMIT_STOP_DEADLINE))
+            if not task.done():
+                log.warning("%s: an emit did not finish in time after stop(); abandoning it", self)
         self._giving_up = True
         while not task.done():
             task.cancel()
             # A cancel that lands as an awaited call completes can be lost
             # (asyncio.wait_for in Python 3.11): cancel again until it ends.
-            await asyncio.wait([task], timeout=STOP_DEADLINE)
-        try:
-            task.result()
-        except asyncio.CancelledError:
-            pass
-        except Exception:  # pragma: no cover - _run logs its own errors
-            log.exception("%s: read loop failed", self)
+            await asyncio.wait([task], timeout=READ_STOP_DEADLINE)
+        if not task.cancelled() and task.exception() is not None:  # pragma: no cover
+            log.error("%s: read loop failed (%s)", self, _error_text(task.exception()))
 
-    async def _unblock(self):
-        """Wake the blocking read with CLIENT UNBLOCK: it returns as if it had
-        timed out, so nothing it was about to pop is lost (a cancelled BLPOP
-        can lose the item it popped)."""
-        if self._blocking_id is None or self._redis is None:
+    async def _let_sinks_finish(self, timeout):
+        """Give the Redis sinks this source's elements reach up to ``timeout``
+        to write what they hold (through their public ``flush()``): an entry
+        whose result they store now is acknowledged now, rather than
+        delivered again after a restart."""
+        if not self._ledger.in_flight or not timeout:
             return
-        try:
-            await asyncio.wait_for(
-                self._redis.execute_command("CLIENT UNBLOCK", self._blocking_id),
-                STOP_DEADLINE,
-            )
-        except Exception:
-            pass  # the deadline in _stop cancels the read instead
+        flushes = [asyncio.ensure_future(sink.flush()) for sink in self._downstream_sinks()]
+        if flushes:
+            await asyncio.wait(flushes, timeout=timeout)
+            await asyncio.sleep(0)  # streamz calls the acks back on the next loop turn
+
+    def _downstream_sinks(self):
+        """The Redis sinks this source's elements can reach."""
+        sinks, seen, todo = [], set(), list(self.downstreams)
+        while todo:
+            node = todo.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if isinstance(node, _RedisSink):
+                sinks.append(node)
+            todo.extend(node.downstreams)
+        return sinks
 
     # ---- connections ----------------------------------------------------
 
@@ -613,46 +1061,31 @@ class _RedisSource(_Connected, Source):
         self._redis = self._new_client()
         await self._redis.ping()
         if self.uses_blocking_reads:
-            self._blocking = self._redis.client()  # one dedicated connection
-            for command in RAW_REPLY_COMMANDS:
-                self._blocking.set_response_callback(command, _raw_reply)
-            await self._blocking.initialize()
-            self._blocking.connection.register_connect_callback(self._on_blocking_connect)
-            self._blocking_id = await self._blocking.client_id()
+            self._reader = _BlockingConnection(self._redis)
+            await self._reader.open()
 
-    async def _on_blocking_connect(self, connection):
-        # A reconnected connection has a new CLIENT ID.
-        await connection.send_command("CLIENT", "ID")
-        self._blocking_id = await connection.read_response()
-
-    uses_blocking_reads = True
+    async def _check_permissions(self):
+        """Raise at start() if the user may not run a command reading needs,
+        naming it; otherwise reading would only log the refusal, forever."""
+        refused = await self._reader.refused(self._probes()) if self._reader else []
+        if refused:
+            command, exc = refused[0]
+            raise redis.exceptions.NoPermissionError(
+                f"this Redis user may not run {command.upper()} as reading needs it "
+                f"({_error_text(exc)}); grant it (see the README's ACL table)"
+            )
 
     def _block_seconds(self):
-        """How long one blocking read may wait on the server.
-
-        BLOCK must stay below the client's socket_timeout or redis-py raises
-        TimeoutError (and drops the connection) while Redis is merely idle.
-        An idle Redis answers a timed-out read on its next cron tick, up to
-        REDIS_TICK after BLOCK ran out.
-        """
-        # The connection's own value: redis-py 8 applies a default of 5 s that
-        # the pool's connection_kwargs do not show.
-        connection = self._blocking.connection if self._blocking is not None else None
-        socket_timeout = getattr(connection, "socket_timeout", None)
-        if socket_timeout:
-            return max(0.01, min(self.timeout, (socket_timeout - REDIS_TICK) / 2))
-        return self.timeout
+        return self._reader.block_seconds(self.timeout)
 
     async def _close(self):
-        blocking, self._blocking, self._blocking_id = self._blocking, None, None
-        if blocking is not None and blocking.connection is not None:
-            # With client=, the connection goes back to the user's pool.
-            blocking.connection.deregister_connect_callback(self._on_blocking_connect)
+        reader, self._reader = self._reader, None
         own, self._redis = self._redis, None
-        for client in (blocking, None if own is self.client else own):
-            if client is not None:
+        for closing in (reader, None if own is self.client else own):
+            if closing is not None:
                 try:
-                    await client.aclose()
+                    await asyncio.wait_for(closing.close() if closing is reader else closing.aclose(),
+                                           READ_STOP_DEADLINE)
                 except Exception:  # pragma: no cover - closing a dead socket
                     pass
 
@@ -670,7 +1103,7 @@ class _RedisSource(_Connected, Source):
             raise
 
     async def _read_and_emit(self):
-        backoff = BACKOFF_FIRST
+        backoff = _Backoff()
         cancelling = getattr(asyncio.current_task(), "cancelling", None)  # Python 3.11+
         while not self.stopped:
             if cancelling is not None and cancelling():
@@ -680,40 +1113,37 @@ class _RedisSource(_Connected, Source):
             self._reading = True
             try:
                 batch = await self._read()
-                backoff = BACKOFF_FIRST
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 if self.stopped:
                     break
-                if isinstance(exc, CONNECTION_ERRORS):
-                    log.warning(
-                        "%s: Redis is unreachable (%s); retrying in %.1f s",
-                        self, exc, backoff,
-                    )
-                    self._on_disconnect()
-                else:
-                    try:
-                        if await self._recover(exc):
-                            continue
-                    except Exception as recovery_error:
-                        exc = recovery_error
-                    log.error("%s: read failed (%r); retrying in %.1f s", self, exc, backoff)
-                await self._sleep(backoff)
-                backoff = min(backoff * 2, BACKOFF_CAP)
+                if await self._handle_read_error(exc, backoff.delay):
+                    continue  # recovered: read again at once
+                await backoff.wait(self._stopping)
                 continue
             finally:
                 self._reading = False
+            backoff.reset()
+            self._read_count += len(batch)
             await self._emit_batch(batch)
 
-    async def _sleep(self, seconds):
-        """Sleep, but wake as soon as stop() is called."""
-        deadline = asyncio.get_running_loop().time() + seconds
-        while not self.stopped:
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                return
-            await asyncio.sleep(min(remaining, 0.05))
+    async def _handle_read_error(self, exc, delay):
+        """Log a failed read; True if it was recovered from and can be
+        retried at once."""
+        if isinstance(exc, CONNECTION_ERRORS):
+            log.warning("%s: Redis is unreachable (%s); retrying in %.1f s",
+                        self, _error_text(exc), delay)
+            self._reconnects += 1
+            self._on_disconnect()
+            return False
+        try:
+            if await self._recover(exc):
+                return True
+        except Exception as recovery_error:
+            exc = recovery_error
+        log.error("%s: read failed (%s); retrying in %.1f s", self, _error_text(exc), delay)
+        return False
 
     async def _emit_batch(self, batch):
         """Emit each ``(value, origin)`` of a batch in turn, awaiting its
@@ -726,7 +1156,7 @@ class _RedisSource(_Connected, Source):
                 await self._give_back(batch)
                 return
             acks = [origin for _, origin in batch if isinstance(origin, _Ack)]
-            batch = [([value for value, _ in batch], _AckAll(self, acks) if acks else None)]
+            batch = [([value for value, _ in batch], _AckAll(self._ledger, acks) if acks else None)]
         for position, (value, origin) in enumerate(batch):
             if self.stopped:
                 await self._give_back(batch[position:])
@@ -735,7 +1165,7 @@ class _RedisSource(_Connected, Source):
             tracked = isinstance(origin, _Reference)
             try:
                 if tracked:
-                    origin.track(self._in_flight)
+                    origin.track()
                     futures = self._emit(value, metadata=[{"ref": origin}])
                 else:
                     futures = self._emit(value)
@@ -744,12 +1174,11 @@ class _RedisSource(_Connected, Source):
                         await futures[0]
                     else:
                         await asyncio.gather(*futures)
-            except Exception:
+            except Exception as exc:
                 if tracked:
-                    log.exception("%s: processing failed for %s; not acknowledged", self, _name_of(value))
                     origin.fail()
-                else:
-                    log.exception("%s: processing failed for %s", self, _name_of(value))
+                self._failed += 1
+                self._log_processing_error(value, origin, exc)
             except asyncio.CancelledError:
                 if tracked:
                     origin.fail()
@@ -759,12 +1188,27 @@ class _RedisSource(_Connected, Source):
                     raise
                 # A future downstream was cancelled, not this source.
                 log.error("%s: processing was cancelled for %s", self, _name_of(value))
+            self._emitted += len(value) if self.batch else 1
             if tracked:
                 # The source's own hold, kept until the emit's futures are
                 # done: rate_limit, map_async and async sinks let go early.
                 origin.release()
 
+    def _log_processing_error(self, value, origin, exc):
+        """One log line for an exception raised downstream; the traceback
+        only where streamz has not logged it already (its map, filter and
+        friends do)."""
+        outcome = "; not acknowledged" if isinstance(origin, _Reference) else ""
+        log.error(
+            "%s: processing failed for %s (%s)%s", self, _name_of(value), _error_text(exc), outcome,
+            exc_info=None if _logged_by_streamz(exc) else exc,
+        )
+
     # ---- hooks for subclasses ------------------------------------------
+
+    def _probes(self):
+        """Commands reading needs, as argument lists, checked by start()."""
+        return []
 
     async def _prepare(self):
         """Called by start() once connected: check keys, resolve ids."""
@@ -778,93 +1222,40 @@ class _RedisSource(_Connected, Source):
         """Return what was read but not emitted because of stop()."""
 
     def _on_disconnect(self):
-        """Called when the connection is lost while reading."""
+        """Called when the connection was lost while reading."""
 
     async def _recover(self, exc):
         """Handle a Redis error while reading; True if handled."""
         return False
 
-    # ---- acknowledgements ----------------------------------------------
 
-    def _done(self, ack):
-        """An entry left the pipeline: queue its acknowledgement."""
-        self._in_flight.pop((ack.key, ack.item), None)
-        self._acks[ack.key].append(ack.item)
-        if self._redis is not None:
-            self._schedule_flush()
-
-    def _failed(self, ack):
-        self._in_flight.pop((ack.key, ack.item), None)
-
-    def _schedule_flush(self):
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.ensure_future(self._flush_acks())
-
-    async def _flush_acks(self):
-        """Send queued acknowledgements until none are left: one command per
-        key per round trip, batching whatever arrived during the last one."""
-        backoff = BACKOFF_FIRST
-        while any(self._acks.values()) and self._redis is not None:
-            batch, self._acks = self._acks, defaultdict(list)
-            try:
-                await self._ack_batch(batch)
-                backoff = BACKOFF_FIRST
-            except Exception as exc:
-                for key, items in batch.items():
-                    self._acks[key][:0] = items
-                if self.stopped:
-                    return  # _flush_acks_before_close says how many are left
-                # A lost connection is a warning; anything else (READONLY
-                # during a failover, NOGROUP) an error. Both are retried.
-                level = logging.WARNING if isinstance(exc, CONNECTION_ERRORS) else logging.ERROR
-                log.log(level, "%s: acknowledgement failed (%r); retrying in %.1f s", self, exc, backoff)
-                await self._sleep(backoff)
-                backoff = min(backoff * 2, BACKOFF_CAP)
-
-    async def _flush_acks_before_close(self):
-        if not self.acknowledges:
-            return
-        await self._let_sinks_finish()
-        if any(self._acks.values()):
-            self._schedule_flush()
-        if self._flusher is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._flusher), FLUSH_DEADLINE)
-            except Exception:
-                pass
-        left = sum(len(items) for items in self._acks.values())
-        if left:
+def _warn_without_hiredis():
+    global _hiredis_checked
+    if not _hiredis_checked:
+        _hiredis_checked = True
+        if not HIREDIS_AVAILABLE:
             log.warning(
-                "%s: %d acknowledgement(s) not sent before closing; they are sent "
-                "on the next start(), or the entries are delivered again",
-                self, left,
+                "hiredis is not installed: reading is about 3 to 4.5 times slower "
+                "(pip install 'redis[hiredis]')"
             )
 
-    async def _let_sinks_finish(self):
-        """Give the Redis sinks on this loop (up to FLUSH_DEADLINE) to write
-        what they hold: an entry whose result they store now is acknowledged
-        now, rather than delivered again after a restart."""
-        sinks = self._downstream_sinks()
-        if self._in_flight and sinks:
-            flushes = [asyncio.ensure_future(sink._flush()) for sink in sinks]
-            await asyncio.wait(flushes, timeout=FLUSH_DEADLINE)
-            await asyncio.sleep(0)  # streamz calls the acks back on the next loop turn
 
-    def _downstream_sinks(self):
-        """The Redis sinks this source's elements can reach."""
-        sinks, seen, todo = [], set(), list(self.downstreams)
-        while todo:
-            node = todo.pop()
-            if node is None or id(node) in seen:
-                continue
-            seen.add(id(node))
-            if isinstance(node, _RedisSink):
-                sinks.append(node)
-            todo.extend(node.downstreams)
-        return sinks
+_STREAMZ_NODES_THAT_LOG = (streamz.core.map, streamz.core.starmap, streamz.core.filter,
+                           streamz.core.accumulate)
 
-    async def _ack_batch(self, batch):  # pragma: no cover - abstract
-        raise NotImplementedError
+
+def _logged_by_streamz(exc):
+    """Whether streamz logged ``exc`` already: its ``map``, ``starmap``,
+    ``filter`` and ``accumulate`` log what their function raised."""
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "update" and isinstance(
+            frame.f_locals.get("self"), _STREAMZ_NODES_THAT_LOG
+        ):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _being_cancelled():
@@ -960,18 +1351,18 @@ class from_redis_list(_RedisSource):
     """
 
     def __init__(
-        self, keys, *, timeout=1.0, count=100, dead_letter_list=None,
-        processing_list=None, **kwargs,
+        self, keys, *, timeout: float = 1.0, count: int = 100,
+        dead_letter_list: Optional[str] = None, processing_list: Optional[str] = None, **kwargs,
     ):
-        self.keys = _as_list(keys, "keys")
-        self.dead_letter_list = dead_letter_list
-        self.processing_list = _text(processing_list) if processing_list else None
+        self.keys = _names(keys, "keys")
+        self.dead_letter_list = None if dead_letter_list is None else _name(dead_letter_list, "dead_letter_list")
+        self.processing_list = None if processing_list is None else _name(processing_list, "processing_list")
         if self.processing_list is not None:
             if len(self.keys) != 1:
                 raise ValueError("processing_list needs exactly one key: BLMOVE waits on one list")
             if self.processing_list == self.keys[0]:
                 raise ValueError("processing_list must differ from the key it reads")
-            self.acknowledges = True
+            self._ledger = _AckLedger(self, self._remove_processed)
         self._replay_processing = False
         super().__init__(timeout=timeout, count=count, **kwargs)
 
@@ -981,6 +1372,18 @@ class from_redis_list(_RedisSource):
             return f"{keys} processing_list={self.processing_list!r}"
         return keys
 
+    def _probes(self):
+        timeout = self._block_seconds()
+        if not self.processing_list:
+            return [["LPOP", self.keys[0], 1], ["BLPOP", *self.keys, timeout]]
+        key, processing = self.keys[0], self.processing_list
+        return [
+            ["LRANGE", processing, 0, -1],
+            ["EVALSHA", "0" * 40, 2, key, processing, 0],
+            ["BLMOVE", key, processing, "LEFT", "RIGHT", timeout],
+            ["LREM", processing, 1, "x"],
+        ]
+
     async def _prepare(self):
         for key in self.keys + ([self.processing_list] if self.processing_list else []):
             kind = _text(await self._redis.type(key))
@@ -988,6 +1391,12 @@ class from_redis_list(_RedisSource):
                 raise TypeError(f"Redis key {key!r} holds a {kind}, not a list")
         if self.processing_list:
             self._move_batch = self._redis.register_script(self._MOVE_BATCH)
+            self._replay_processing = True
+
+    def _on_disconnect(self):
+        # Items moved just before the connection dropped may never have
+        # reached us: replay the processing list once reconnected.
+        if self.processing_list:
             self._replay_processing = True
 
     async def _read(self):
@@ -1009,7 +1418,7 @@ class from_redis_list(_RedisSource):
         ]
         if not popped:
             # Nothing waiting: block until an item arrives (or time runs out).
-            reply = await self._blocking.blpop(self.keys, self._block_seconds())
+            reply = await self._reader.client.blpop(self.keys, self._block_seconds())
             if reply is None:
                 return []
             popped = [(_text(reply[0]), reply[1])]
@@ -1018,18 +1427,20 @@ class from_redis_list(_RedisSource):
     async def _read_reliably(self):
         key, processing = self.keys[0], self.processing_list
         if self._replay_processing:
-            # Items a crash or a stop() left in the processing list come first.
-            self._replay_processing = False
+            # Items a crash, a stop() or a lost connection left in the
+            # processing list come first; the flag is cleared only once the
+            # LRANGE succeeded.
             items = await self._redis.lrange(processing, 0, -1)
-            # Items still on their way through the pipeline since before a
-            # stop() are in the processing list too; not twice.
-            items = [item for item in items if (processing, item) not in self._in_flight]
+            self._replay_processing = False
+            # Items still on their way through the pipeline are in the
+            # processing list too; not twice.
+            items = [item for item in items if not self._ledger.holds(processing, item)]
             if items:
                 log.info("%s: emitting %d items left in %r", self, len(items), processing)
                 return await self._decode_items([(processing, item) for item in items])
         items = await self._move_batch(keys=[key, processing], args=[self.count])
         if not items:
-            item = await self._blocking.blmove(key, processing, self._block_seconds(), "LEFT", "RIGHT")
+            item = await self._reader.client.blmove(key, processing, self._block_seconds(), "LEFT", "RIGHT")
             if item is None:
                 return []
             items = [item]
@@ -1040,7 +1451,7 @@ class from_redis_list(_RedisSource):
         reliable mode the origin is the item's ``_Ack``. Items that cannot be
         decoded go to the dead-letter list."""
         if self.processing_list:
-            origin = lambda key, item: _Ack(self, key, item)  # noqa: E731
+            origin = self._ledger.ack
         else:
             origin = lambda key, item: (key, item)  # noqa: E731
         if self._encoding is None:
@@ -1052,12 +1463,23 @@ class from_redis_list(_RedisSource):
             except UnicodeDecodeError as exc:
                 undecodable.append((key, item, exc))
         if undecodable:
-            await self._dead_letter(undecodable)
+            stuck = await self._dead_letter(undecodable)
+            if stuck and not self.processing_list:
+                # Popped, and nowhere to go: everything popped goes back to
+                # the head of its list, and the read fails (retried with
+                # back-off) until the dead-letter list accepts the item.
+                await self._give_back([(None, (key, item)) for key, item in popped])
+                raise redis.exceptions.ResponseError(
+                    f"item {stuck[0][1][:80]!r} of list {stuck[0][0]!r} cannot be decoded and "
+                    f"cannot be moved to the dead-letter list; put back at the head of its list"
+                )
         return batch
 
     async def _dead_letter(self, undecodable):
         """Move undecodable items to the dead-letter list (and, in the
-        reliable mode, out of the processing list only once it is there)."""
+        reliable mode, out of the processing list only once it is there).
+        Returns those that could not be moved."""
+        stuck = []
         for key, item, exc in undecodable:
             source_key = self.keys[0] if self.processing_list else key
             target = self.dead_letter_list or f"{source_key}:dead-letter"
@@ -1067,18 +1489,20 @@ class from_redis_list(_RedisSource):
             except Exception as failure:
                 log.error(
                     "%s: item %r of list %r cannot be decoded (%s), and moving it to list %r "
-                    "failed (%r); %s", self, item, key, exc, target, failure,
-                    "it stays in the processing list" if self.processing_list
-                    else "this log line is all that is left of it",
+                    "failed (%s); it stays in %s", self, item[:80], key, exc, target,
+                    _error_text(failure),
+                    "the processing list" if self.processing_list else "its list",
                 )
+                stuck.append((key, item))
                 continue
             log.error(
                 "%s: item %r of list %r cannot be decoded (%s); moved to list %r",
                 self, item[:80], key, exc, target,
             )
+        return stuck
 
-    async def _ack_batch(self, batch):
-        # An item has left the pipeline: drop it from the processing list.
+    async def _remove_processed(self, batch):
+        # Items that left the pipeline: drop them from the processing list.
         async with self._redis.pipeline(transaction=False) as pipe:
             for processing, items in batch.items():
                 for item in items:
@@ -1135,13 +1559,21 @@ class from_redis_streams(_RedisSource):
         As for ``from_redis_list``.
     """
 
-    def __init__(self, streams, *, start_id="$", count=100, timeout=1.0, **kwargs):
+    def __init__(
+        self, streams, *, start_id: str = "$", count: int = 100, timeout: float = 1.0, **kwargs
+    ):
         self.start_ids = _streams_with_ids(streams, start_id)
         self.last_ids = {}
         super().__init__(timeout=timeout, count=count, **kwargs)
 
     def _describe(self):
         return ", ".join(map(repr, self.start_ids))
+
+    def _probes(self):
+        probes = [["XREAD", "COUNT", 1, "STREAMS", *self.start_ids, *["0"] * len(self.start_ids)]]
+        if "$" in self.start_ids.values():
+            probes += [["XREVRANGE", name, "+", "-", "COUNT", 1] for name in self.start_ids]
+        return probes
 
     async def _prepare(self):
         for name, start_id in self.start_ids.items():
@@ -1158,24 +1590,23 @@ class from_redis_streams(_RedisSource):
             self.last_ids[name] = start_id
 
     async def _read(self):
-        reply = await self._blocking.execute_command(
+        reply = _stream_entries(await self._reader.execute(
             "XREAD", "COUNT", self.count, "BLOCK", int(self._block_seconds() * 1000),
             "STREAMS", *self.last_ids, *self.last_ids.values(), **NEVER_DECODE,
-        )
+        ))
         batch = []
-        for raw_name, entries in _stream_entries(reply):
-            name = _text(raw_name)
-            for raw_id, flat in entries:
+        for name, entries in reply:
+            for entry_id, flat in entries:
                 try:
                     fields = _entry_fields(flat, self._encoding)
                 except UnicodeDecodeError as exc:
                     log.error(
                         "%s: entry %s of stream %r cannot be decoded (%s); skipped, "
-                        "it stays in the stream", self, _text(raw_id), name, exc,
+                        "it stays in the stream", self, entry_id, name, exc,
                     )
                     continue
-                batch.append((_new_tuple(Entry, (name, raw_id.decode(), fields, None)), None))
-            self.last_ids[name] = _text(entries[-1][0])
+                batch.append((_new_tuple(Entry, (name, entry_id, fields)), None))
+            self.last_ids[name] = entries[-1][0]
         return batch
 
     async def _give_back(self, rest):
@@ -1247,31 +1678,43 @@ class from_redis_consumer_group(_RedisSource):
         As for ``from_redis_list``.
     """
 
-    acknowledges = True
-
     def __init__(
-        self, streams, group, consumer, *, start_id="$", count=100, timeout=1.0,
-        claim_idle=None, max_deliveries=None, dead_letter_stream=None, **kwargs,
+        self, streams, group: str, consumer: str, *, start_id: str = "$", count: int = 100,
+        timeout: float = 1.0, claim_idle: Optional[float] = None,
+        max_deliveries: Optional[int] = None, dead_letter_stream: Optional[str] = None, **kwargs,
     ):
         self.start_ids = _streams_with_ids(streams, start_id)
-        self.group = _text(group)
-        self.consumer = _text(consumer)
-        if claim_idle is not None and claim_idle <= 0:
-            raise ValueError(f"claim_idle must be a positive number of seconds, not {claim_idle!r}")
-        if max_deliveries is not None and (not isinstance(max_deliveries, int) or max_deliveries < 1):
-            raise ValueError(f"max_deliveries must be a positive integer, not {max_deliveries!r}")
-        self.claim_idle = claim_idle
-        self.max_deliveries = max_deliveries
-        self.dead_letter_stream = dead_letter_stream
+        self.group = _name(group, "group")
+        self.consumer = _name(consumer, "consumer")
+        self.claim_idle = _seconds(claim_idle, "claim_idle", optional=True)
+        self.max_deliveries = _positive_int(max_deliveries, "max_deliveries", optional=True)
+        self.dead_letter_stream = (
+            None if dead_letter_stream is None else _name(dead_letter_stream, "dead_letter_stream")
+        )
+        self._ledger = _AckLedger(self, self._xack)
         self._replay_from = None  # stream -> id while replaying pending entries
         self._claim_from = None  # stream -> XAUTOCLAIM cursor during a sweep
         self._next_claim = 0.0
         self._last_read = {}  # stream -> id of the last new entry read
+        self._recreated = False  # the group was recreated since the last read
         super().__init__(timeout=timeout, count=count, **kwargs)
 
     def _describe(self):
         names = ", ".join(map(repr, self.start_ids))
         return f"{names} group={self.group!r} consumer={self.consumer!r}"
+
+    def _probes(self):
+        names = list(self.start_ids)
+        probes = [
+            ["XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", 1,
+             "STREAMS", *names, *["0"] * len(names)],
+            *[["XACK", name, self.group, "0-1"] for name in names],
+            *[["XPENDING", name, self.group, "-", "+", 1, self.consumer] for name in names],
+        ]
+        if self.claim_idle is not None:
+            probes += [["XAUTOCLAIM", name, self.group, self.consumer, 1, "0-0", "COUNT", 1]
+                       for name in names]
+        return probes
 
     async def _prepare(self):
         for name, start_id in self.start_ids.items():
@@ -1299,29 +1742,28 @@ class from_redis_consumer_group(_RedisSource):
             batch = await self._claim_idle_entries()
             if batch:
                 return batch
-        reply = await self._blocking.execute_command(
+        reply = _stream_entries(await self._reader.execute(
             "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", self.count,
             "BLOCK", int(self._block_seconds() * 1000),
             "STREAMS", *self.start_ids, *[">"] * len(self.start_ids), **NEVER_DECODE,
-        )
-        reply = [(name, entries) for name, entries in _stream_entries(reply) if entries]
-        for raw_name, entries in reply:
-            self._last_read[_text(raw_name)] = _text(entries[-1][0])
+        ))
+        self._recreated = False
+        for name, entries in reply:
+            self._last_read[name] = entries[-1][0]
         return await self._batch_of(reply)
 
     async def _read_pending(self):
         """One batch of this consumer's own pending entries, or None once
         they are all replayed."""
-        reply = await self._blocking.execute_command(
+        reply = _stream_entries(await self._reader.execute(
             "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", self.count,
             "STREAMS", *self._replay_from, *self._replay_from.values(), **NEVER_DECODE,
-        )
-        reply = [(name, entries) for name, entries in _stream_entries(reply) if entries]
+        ))
         if not reply:
             self._replay_from = None
             return None
-        for raw_name, entries in reply:
-            self._replay_from[_text(raw_name)] = _text(entries[-1][0])
+        for name, entries in reply:
+            self._replay_from[name] = entries[-1][0]
         return await self._batch_of(reply, await self._delivery_counts(reply))
 
     def _claim_due(self):
@@ -1337,21 +1779,19 @@ class from_redis_consumer_group(_RedisSource):
             self._claim_from = {name: "0-0" for name in self.start_ids}
         reply = []
         for name, cursor in list(self._claim_from.items()):
-            answer = await self._blocking.execute_command(
+            next_cursor, entries, deleted = _autoclaimed(await self._reader.execute(
                 "XAUTOCLAIM", name, self.group, self.consumer, int(self.claim_idle * 1000),
                 cursor, "COUNT", self.count, **NEVER_DECODE,
-            )
-            next_cursor, entries = _text(answer[0]), answer[1]
-            if len(answer) > 2 and answer[2]:  # Redis 7 drops deleted entries itself
+            ))
+            if deleted:  # Redis 7 drops deleted entries itself
                 log.warning(
                     "%s: pending entries %s of stream %r are no longer in the stream; "
-                    "Redis removed them from the group", self, [_text(i) for i in answer[2]], name,
+                    "Redis removed them from the group", self, deleted, name,
                 )
             if next_cursor == "0-0":
                 del self._claim_from[name]
             else:
                 self._claim_from[name] = next_cursor
-            entries = [entry for entry in entries if entry is not None]
             if entries:
                 reply.append((name, entries))
                 log.info("%s: claimed %d idle entries of stream %r", self, len(entries), name)
@@ -1368,20 +1808,17 @@ class from_redis_consumer_group(_RedisSource):
         # One XPENDING per entry (pipelined): a range from the first id to
         # the last would also count this consumer's other pending entries.
         async with self._redis.pipeline(transaction=False) as pipe:
-            for raw_name, entries in reply:
-                for entry in entries:
-                    pipe.xpending_range(
-                        raw_name, self.group, entry[0], entry[0], 1, consumername=self.consumer
-                    )
-            answers = await pipe.execute()
-        counts = {}
-        rows = iter(answers)
-        for raw_name, entries in reply:
-            name = _text(raw_name)
-            for _ in entries:
-                for row in next(rows):
-                    counts[name, _text(row["message_id"])] = row["times_delivered"]
-        return counts
+            for name, entries in reply:
+                for entry_id, _ in entries:
+                    pipe.xpending_range(name, self.group, entry_id, entry_id, 1,
+                                        consumername=self.consumer)
+            answers = iter(await pipe.execute())
+        return {
+            (name, entry_id): count
+            for name, entries in reply
+            for _ in entries
+            for entry_id, count in _delivery_counts(next(answers)).items()
+        }
 
     async def _batch_of(self, reply, counts=None):
         """Entries of an XREADGROUP or XAUTOCLAIM reply, as ``(Entry, _Ack)``.
@@ -1389,24 +1826,22 @@ class from_redis_consumer_group(_RedisSource):
         ``counts`` has the delivery counts of replayed and claimed entries;
         entries read with ``>`` are on their first delivery."""
         batch, settled, dead = [], [], []
-        for raw_name, entries in reply:
-            name = _text(raw_name)
-            for raw_id, flat in entries:
-                entry_id = raw_id.decode()
-                if counts is not None and (name, entry_id) in self._in_flight:
+        ack = self._ledger.ack
+        for name, entries in reply:
+            for entry_id, flat in entries:
+                if counts is not None and self._ledger.holds(name, entry_id):
                     continue  # replayed while still on its way through the pipeline
-                ack = _Ack(self, name, entry_id)
                 if not flat:
                     # Deleted or trimmed from the stream since it was delivered.
                     log.warning(
                         "%s: pending entry %s of stream %r is no longer in the "
                         "stream; acknowledged without emitting it", self, entry_id, name,
                     )
-                    settled.append(ack)
+                    settled.append(ack(name, entry_id))
                     continue
-                deliveries = 1 if counts is None else counts.get((name, entry_id))
-                if self.max_deliveries is not None and (deliveries or 0) > self.max_deliveries:
-                    dead.append((ack, flat, deliveries))
+                deliveries = 1 if counts is None else counts.get((name, entry_id), 1)
+                if self.max_deliveries is not None and deliveries > self.max_deliveries:
+                    dead.append((name, entry_id, flat, deliveries))
                     continue
                 try:
                     fields = _entry_fields(flat, self._encoding)
@@ -1416,60 +1851,64 @@ class from_redis_consumer_group(_RedisSource):
                         "acknowledged, it stays pending", self, entry_id, name, exc,
                     )
                     continue
-                batch.append((_new_tuple(Entry, (name, entry_id, fields, deliveries)), ack))
+                entry = _new_tuple(Entry, (name, entry_id, fields))
+                entry.deliveries = deliveries
+                batch.append((entry, ack(name, entry_id)))
         if dead:
             await self._dead_letter(dead)
-        for ack in settled:
-            ack()
+        for settle in settled:
+            settle()
         return batch
 
     async def _dead_letter(self, dead):
         """Move entries delivered too often to the dead-letter stream, and
-        acknowledge each only once it is there. One that cannot be moved
-        stays pending (and is tried again when it comes back)."""
-        for ack, flat, deliveries in dead:
-            target = self.dead_letter_stream or f"{ack.key}:dead-letter"
-            fields = [*flat, "source_stream", ack.key, "source_id", ack.item, "deliveries", deliveries]
+        acknowledge each only once it is there (one script: both or
+        neither). One that cannot be moved stays pending, and is tried again
+        when it comes back."""
+        for name, entry_id, flat, deliveries in dead:
+            target = self.dead_letter_stream or f"{name}:dead-letter"
+            fields = [*flat, "source_stream", name, "source_id", entry_id, "deliveries", deliveries]
             try:
                 await self._redis.eval(
-                    MOVE_TO_DEAD_LETTER_STREAM, 2, target, ack.key, self.group, ack.item, *fields
+                    MOVE_TO_DEAD_LETTER_STREAM, 2, target, name, self.group, entry_id, *fields
                 )
             except Exception as failure:
                 log.error(
                     "%s: entry %s of stream %r was delivered %d times (max_deliveries=%d), and "
-                    "moving it to stream %r failed (%r); it stays pending", self, ack.item,
-                    ack.key, deliveries, self.max_deliveries, target, failure,
+                    "moving it to stream %r failed (%s); it stays pending", self, entry_id,
+                    name, deliveries, self.max_deliveries, target, _error_text(failure),
                 )
                 continue
-            ack.state = _DONE
             log.error(
                 "%s: entry %s of stream %r was delivered %d times (max_deliveries=%d); "
-                "moved to stream %r", self, ack.item, ack.key, deliveries,
+                "moved to stream %r", self, entry_id, name, deliveries,
                 self.max_deliveries, target,
             )
 
-    async def _ack_batch(self, batch):
-        batch = [(name, ids) for name, ids in batch.items() if ids]
+    async def _xack(self, batch):
         if len(batch) == 1:  # the common case: one stream, one command
-            [(name, ids)] = batch
+            [(name, ids)] = batch.items()
             await self._redis.execute_command("XACK", name, self.group, *ids)
             return
         async with self._redis.pipeline(transaction=False) as pipe:
-            for name, ids in batch:
+            for name, ids in batch.items():
                 pipe.xack(name, self.group, *ids)
             await pipe.execute()
 
     async def _recover(self, exc):
         if not str(exc).startswith("NOGROUP"):
             return False
+        if self._recreated:
+            raise exc  # recreated, and gone again: back off (logged by the loop)
         # The stream or the group was deleted, or Redis restarted empty.
         # Recreate the group just after the last entry this source read, so
         # that entries added since it vanished are neither skipped nor read
         # twice.
-        log.warning("%s: %s; recreating the group after the last entry read", self, exc)
+        log.warning("%s: %s; recreating the group after the last entry read", self, _error_text(exc))
         for name in self.start_ids:
             await self._create_group(name, self._last_read.get(name, "0"))
         self._replay_from = {name: "0" for name in self.start_ids}
+        self._recreated = True
         return True
 
     def _on_disconnect(self):
@@ -1484,22 +1923,8 @@ class from_redis_consumer_group(_RedisSource):
 
 # How long one read of the pub/sub connection waits for a message. A pub/sub
 # read cannot be woken with CLIENT UNBLOCK, so it waits in short steps that
-# let stop() return within STOP_DEADLINE.
+# let stop() return within READ_STOP_DEADLINE.
 PUBSUB_POLL = 0.1
-
-
-class Message(NamedTuple):
-    """One Pub/Sub message, as emitted by ``from_redis_pubsub``.
-
-    ``channel`` is the channel it was published to (``str``); ``data`` is the
-    payload, decoded to ``str`` unless the source was made with
-    ``decode=False``; ``pattern`` is the pattern that matched, for a
-    subscription by pattern, else ``None``.
-    """
-
-    channel: str
-    data: Any
-    pattern: Optional[str] = None
 
 
 @Stream.register_api(staticmethod)
@@ -1547,8 +1972,8 @@ class from_redis_pubsub(_RedisSource):
     uses_blocking_reads = False  # the subscription has a connection of its own
 
     def __init__(self, channels=None, *, patterns=None, decode=True, count=100, timeout=1.0, **kwargs):
-        self.channels = list(dict.fromkeys(_as_list(channels, "channels"))) if channels else []
-        self.patterns = list(dict.fromkeys(_as_list(patterns, "patterns"))) if patterns else []
+        self.channels = list(dict.fromkeys(_names(channels, "channels"))) if channels else []
+        self.patterns = list(dict.fromkeys(_names(patterns, "patterns"))) if patterns else []
         if not self.channels and not self.patterns:
             raise ValueError("from_redis_pubsub: give channels, patterns or both")
         self._pubsub = None
@@ -1584,7 +2009,7 @@ class from_redis_pubsub(_RedisSource):
     async def _read(self):
         replies, self._early = self._early, []
         # Wait for the first message; then take whatever else has arrived.
-        wait = min(self._block_seconds(), PUBSUB_POLL)
+        wait = min(self.timeout, PUBSUB_POLL)
         while len(replies) < self.count:
             reply = await self._pubsub.get_message(
                 ignore_subscribe_messages=True, timeout=0 if replies else wait
@@ -1594,29 +2019,18 @@ class from_redis_pubsub(_RedisSource):
             replies.append(reply)
         batch = []
         for reply in replies:
-            message = self._message_of(reply)
+            try:
+                message = _pubsub_message(reply, self._encoding)
+            except UnicodeDecodeError as exc:
+                log.error(
+                    "%s: message %r on channel %r cannot be decoded (%s); dropped (Pub/Sub "
+                    "keeps nothing to come back to)", self, reply["data"][:80],
+                    _text(reply["channel"]), exc,
+                )
+                continue
             if message is not None:
                 batch.append((message, None))
         return batch
-
-    def _message_of(self, reply):
-        """A pub/sub reply as a ``Message``; ``None`` if it is not a message
-        or cannot be decoded."""
-        if reply["type"] not in ("message", "pmessage"):
-            return None
-        channel = _text(reply["channel"])
-        data = reply["data"]
-        if self._encoding is not None:
-            try:
-                data = _decoded(data, self._encoding)
-            except UnicodeDecodeError as exc:
-                log.error(
-                    "%s: message %r on channel %r cannot be decoded (%s); dropped",
-                    self, data[:80], channel, exc,
-                )
-                return None
-        pattern = reply.get("pattern")
-        return Message(channel, data, None if pattern is None else _text(pattern))
 
     async def _close(self):
         pubsub, self._pubsub = self._pubsub, None
@@ -1637,11 +2051,6 @@ class from_redis_pubsub(_RedisSource):
 # before it makes the upstream wait.
 MAX_IN_FLIGHT = 1000
 
-# Connection errors that a retry cannot mend: a sink fails the batch at once.
-PERMANENT_CONNECTION_ERRORS = (
-    redis.exceptions.AuthenticationError,
-    redis.exceptions.AuthorizationError,
-)
 
 
 def _is_redis_value(value):
@@ -1675,12 +2084,8 @@ def _key_name(value, what):
 
 
 def _origin_of(metadata):
-    """The upstream consumer-group entries of an element, for log lines."""
-    origins = [
-        f"entry {m['ref'].item} of stream {m['ref'].key!r}"
-        for m in metadata
-        if isinstance(m.get("ref"), _Ack)
-    ]
+    """The upstream entries of an element, for log lines."""
+    origins = [str(m["ref"]) for m in metadata if isinstance(m.get("ref"), _Reference)]
     return f" (from {', '.join(origins)})" if origins else ""
 
 
@@ -1690,6 +2095,18 @@ def _fail_origins(metadata):
     for m in metadata:
         if isinstance(m.get("ref"), _Reference):
             m["ref"].fail()
+
+
+def _cannot_be_retried(exc):
+    """Connection errors that a retry cannot mend: a wrong password, a
+    missing permission, a certificate that does not verify."""
+    if isinstance(exc, (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError)):
+        return True
+    while exc is not None:
+        if isinstance(exc, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 class _Write:
@@ -1705,7 +2122,7 @@ class _Write:
         self.metadata = metadata
 
 
-class _RedisSink(_Connected, Sink):
+class _RedisSink(_RedisNode, Sink):
     """What every Redis sink shares: the connection, pipelining, back-off,
     holding references until Redis confirms, flush() and close().
 
@@ -1718,26 +2135,32 @@ class _RedisSink(_Connected, Sink):
         self,
         upstream,
         *,
-        max_in_flight=MAX_IN_FLIGHT,
-        url=None,
-        client_kwargs=None,
+        max_in_flight: int = MAX_IN_FLIGHT,
+        url: Optional[str] = None,
+        client_kwargs: Optional[Mapping] = None,
         client=None,
         **kwargs,
     ):
-        if not isinstance(max_in_flight, int) or max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be a positive integer, not {max_in_flight!r}")
         self._connection_args(url, client_kwargs, client)
-        self.max_in_flight = max_in_flight
+        self.max_in_flight = _positive_int(max_in_flight, "max_in_flight")
         self._redis = None  # connected lazily, on the loop, by the first write
         self._queue = []  # writes that wait for the next round trip
         self._writing = []  # writes of the round trip under way
         self._unconfirmed = 0  # elements received, not yet written or failed
+        self._written = self._refused_count = 0
         self._writer = None  # the task that runs round trips while any are queued
         self._room = None  # what upstream awaits while max_in_flight are held
         super().__init__(upstream, ensure_io_loop=True, **kwargs)
 
     def _describe(self):
         return "<routed>" if callable(self.target) else repr(_text(self.target))
+
+    def metrics(self) -> dict:
+        """A snapshot of this sink's figures, counted since it was made;
+        callable from any thread. ``written``: elements Redis stored;
+        ``failed``: elements Redis refused (or that could not be written by
+        ``close()``); ``in_flight``: received and not yet confirmed."""
+        return {"written": self._written, "failed": self._refused_count, "in_flight": self._unconfirmed}
 
     # ---- receiving ------------------------------------------------------
 
@@ -1776,27 +2199,39 @@ class _RedisSink(_Connected, Sink):
 
     async def _write_queued(self):
         """Round trips until nothing is queued: each sends, in one pipeline,
-        everything that arrived during the previous one."""
+        everything that arrived during the previous one. While Redis refuses
+        writes (out of memory, say) the next round trip waits, with back-off."""
+        backoff = _Backoff()
         while self._queue:
             self._writing, self._queue = self._queue, []
+            refused = []
             try:
-                replies = await self._round_trip(self._writing)
+                replies = await self._round_trip(self._writing, backoff)
                 for write, reply in zip(self._writing, replies):
                     if isinstance(reply, Exception):
-                        self._failed(write, reply)
+                        _fail_origins(write.metadata)
+                        refused.append((write, reply))
                     else:
                         self._release_refs(write.metadata)
-            except Exception:  # pragma: no cover - a bug here must not pass silently
+                self._written += len(self._writing) - len(refused)
+            except Exception as exc:  # pragma: no cover - a bug here must not pass silently
                 log.exception("%s: writing failed", self)
+                refused = [(write, exc) for write in self._writing]
                 for write in self._writing:
-                    self._failed(write, None)
+                    _fail_origins(write.metadata)
             self._confirmed(len(self._writing))
             self._writing = []
+            self._refused_count += len(refused)
+            if refused:
+                self._refused(refused, backoff.delay if self._queue else None)
+                if self._queue:
+                    await backoff.wait()
+            else:
+                backoff.reset()
 
-    async def _round_trip(self, writes):
+    async def _round_trip(self, writes, backoff):
         """Send ``writes`` in one pipeline; the replies, an exception in place
         of each command Redis refused. Connection errors are retried."""
-        backoff = BACKOFF_FIRST
         while True:
             try:
                 if self._redis is None:
@@ -1805,26 +2240,30 @@ class _RedisSink(_Connected, Sink):
                     for write in writes:
                         self._queue_on(pipe, write)
                     return await pipe.execute(raise_on_error=False)
-            except PERMANENT_CONNECTION_ERRORS as exc:
-                return [exc] * len(writes)  # retrying cannot help
             except CONNECTION_ERRORS as exc:
+                if _cannot_be_retried(exc):
+                    return [exc] * len(writes)
                 log.warning(
                     "%s: Redis is unreachable (%s); %d element(s) wait, retrying in %.1f s",
-                    self, exc, len(writes), backoff,
+                    self, _error_text(exc), len(writes), backoff.delay,
                 )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, BACKOFF_CAP)
+                await backoff.wait()
             except redis.exceptions.RedisError as exc:
                 return [exc] * len(writes)
 
-    def _failed(self, write, exc):
-        """A write Redis refused: say so, and keep the element's upstream
-        entries unacknowledged (they stay pending)."""
-        _fail_origins(write.metadata)
+    def _refused(self, refused, retry_in):
+        """One log line for the writes of a round trip that Redis refused:
+        their upstream entries are not acknowledged (they stay pending)."""
+        write, exc = refused[0]
         log.error(
-            "%s: could not write %s%s to %r: %s; not acknowledged",
-            self, _name_of(write.element), _origin_of(write.metadata), _text(write.key), exc,
+            "%s: Redis refused %d write(s) (%s), the first %s%s to %r; not acknowledged%s",
+            self, len(refused), _error_text(exc), _name_of(write.element),
+            _origin_of(write.metadata), _text(write.key),
+            "" if retry_in is None else f"; next round trip in {retry_in:.1f} s",
         )
+        for write, exc in refused[1:]:
+            log.debug("%s: also refused: %s%s (%s)", self, _name_of(write.element),
+                      _origin_of(write.metadata), _error_text(exc))
 
     def _confirmed(self, n):
         self._unconfirmed -= n
@@ -1881,6 +2320,7 @@ class _RedisSink(_Connected, Sink):
             self._writing, self._queue = [], []
             for write in left:
                 _fail_origins(write.metadata)
+            self._refused_count += len(left)
             self._confirmed(len(left))
             log.error(
                 "%s: %d element(s) not written within %.1f s of close(); their upstream "
