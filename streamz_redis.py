@@ -143,6 +143,14 @@ class Entry(_EntryTuple):
         return text + (")" if self.deliveries is None else f", deliveries={self.deliveries})")
 
 
+class _FirstDelivery(Entry):
+    """An Entry on its first delivery: one without an attribute dict of its
+    own, as most entries of a consumer group are."""
+
+    __slots__ = ()
+    deliveries = 1
+
+
 _new_tuple = tuple.__new__  # _new_tuple(Entry, (...)): an Entry without NamedTuple's __new__
 
 
@@ -1010,13 +1018,14 @@ class _RedisSource(_RedisNode, Source):
         An entry being emitted is given EMIT_STOP_DEADLINE to leave the
         pipeline before it is abandoned (not acknowledged; the rest given
         back)."""
-        if self._reading and self._reader is not None:
-            # Twice: the first can reach Redis before the read it must wake.
-            await self._reader.unblock()
+        unblocks = []
+        for _ in range(2):  # twice: the first can reach Redis before the read it must wake
+            if task.done() or not self._reading or self._reader is None:
+                break
+            unblocks.append(asyncio.ensure_future(self._reader.unblock()))
             await asyncio.wait([task], timeout=left(READ_STOP_DEADLINE) / 2)
-            if not task.done() and self._reading:
-                await self._reader.unblock()
-        await asyncio.wait([task], timeout=left(READ_STOP_DEADLINE))
+        for unblock in unblocks:
+            unblock.cancel()
         if not task.done() and not self._reading:
             await asyncio.wait([task], timeout=left(EMIT_STOP_DEADLINE))
             if not task.done():
@@ -1826,10 +1835,10 @@ class from_redis_consumer_group(_RedisSource):
         ``counts`` has the delivery counts of replayed and claimed entries;
         entries read with ``>`` are on their first delivery."""
         batch, settled, dead = [], [], []
-        ack = self._ledger.ack
+        ledger = self._ledger
         for name, entries in reply:
             for entry_id, flat in entries:
-                if counts is not None and self._ledger.holds(name, entry_id):
+                if counts is not None and ledger.holds(name, entry_id):
                     continue  # replayed while still on its way through the pipeline
                 if not flat:
                     # Deleted or trimmed from the stream since it was delivered.
@@ -1837,7 +1846,7 @@ class from_redis_consumer_group(_RedisSource):
                         "%s: pending entry %s of stream %r is no longer in the "
                         "stream; acknowledged without emitting it", self, entry_id, name,
                     )
-                    settled.append(ack(name, entry_id))
+                    settled.append(_Ack(ledger, name, entry_id))
                     continue
                 deliveries = 1 if counts is None else counts.get((name, entry_id), 1)
                 if self.max_deliveries is not None and deliveries > self.max_deliveries:
@@ -1851,9 +1860,12 @@ class from_redis_consumer_group(_RedisSource):
                         "acknowledged, it stays pending", self, entry_id, name, exc,
                     )
                     continue
-                entry = _new_tuple(Entry, (name, entry_id, fields))
-                entry.deliveries = deliveries
-                batch.append((entry, ack(name, entry_id)))
+                if counts is None:
+                    entry = _new_tuple(_FirstDelivery, (name, entry_id, fields))
+                else:
+                    entry = _new_tuple(Entry, (name, entry_id, fields))
+                    entry.deliveries = deliveries
+                batch.append((entry, _Ack(ledger, name, entry_id)))
         if dead:
             await self._dead_letter(dead)
         for settle in settled:
