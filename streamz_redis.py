@@ -12,11 +12,11 @@ Sources:
     ``processing_list``, a reliable queue: at-least-once.
 ``Stream.from_redis_streams(streams)``
     Reads one or more Redis Streams with XREAD from a start id and emits an
-    ``Entry(stream, id, fields, deliveries)`` per entry. Nothing is consumed:
+    ``Entry(stream, id, fields)`` per entry. Nothing is consumed:
     ``source.last_ids`` tells where to resume.
 ``Stream.from_redis_consumer_group(streams, group, consumer)``
     Reads as one consumer of a consumer group (XREADGROUP) and emits the same
-    ``Entry``. At-least-once: an entry is acknowledged (XACK) only once it has
+    ``Entry``, with ``entry.deliveries``. At-least-once: an entry is acknowledged (XACK) only once it has
     left the whole pipeline; unacknowledged entries come back when a consumer
     of the same name starts again. ``claim_idle`` takes over entries of dead
     consumers; ``max_deliveries`` sends poison entries to a dead-letter stream.
@@ -29,13 +29,15 @@ Sinks, ``stream.to_redis_stream(name)``, ``stream.to_redis_list(key)`` and
 element's streamz reference until Redis has confirmed the write, so that an
 upstream consumer-group entry is acknowledged only once its result is stored.
 
-All sources share one lifecycle (``_RedisSource``): ``start()`` connects and
-raises any misconfiguration in the caller's thread; one read loop runs on the
-streamz event loop with redis.asyncio; a lost connection is retried with capped
-exponential back-off; ``stop()`` interrupts a blocking read at once, gives back
-what it read but did not emit, flushes acknowledgements and closes the
-connections. Errors raised downstream are logged on the ``streamz_redis`` logger
-with the entry's id, and the source keeps running.
+All sources share one lifecycle (``_RedisSource``): ``start()`` connects,
+checks permissions and raises any misconfiguration in the caller's thread; one
+read loop runs on the streamz event loop with redis.asyncio; a lost connection
+is retried with capped exponential back-off (``_Backoff``); ``stop()`` wakes a
+blocking read at once (``_BlockingConnection``), gives back what it read but
+did not emit, flushes acknowledgements and closes the connections. The sources
+that acknowledge keep their books in one ``_AckLedger``. Errors raised
+downstream are logged on the ``streamz_redis`` logger with the entry's id, and
+the source keeps running. Every node has ``metrics()``.
 """
 
 import asyncio
@@ -730,6 +732,18 @@ class _RedisNode:
         except RuntimeError:
             return False
 
+    def _on_loop(self, coroutine_function, *args):
+        """Run a coroutine on the node's event loop from any thread: inside
+        the loop, return it as a future to await; elsewhere, block until it
+        is done. If that loop has ended (a finished ``asyncio.run``) nothing
+        can run: ``_loop_ended()`` says so."""
+        if self._on_loop_thread():
+            return asyncio.ensure_future(coroutine_function(*args))
+        if _loop_runs_elsewhere(self):
+            sync(self.loop, coroutine_function, *args)
+        else:
+            self._loop_ended()
+
 
 class _BlockingConnection:
     """The one connection a source's blocking reads run on.
@@ -937,9 +951,10 @@ class _RedisSource(_RedisNode, Source):
                 done.set_result(None)
                 return done
             return asyncio.shield(stopping)  # a cancelled caller never aborts the clean-up
-        if _loop_runs_elsewhere(self):
-            sync(self.loop, self._stop)
-        elif self._task is not None:
+        self._on_loop(self._stop)
+
+    def _loop_ended(self):
+        if self._task is not None:
             log.warning("%s: its event loop has ended; stop() cannot flush or close", self)
 
     def _lifecycle(self):
@@ -1938,6 +1953,9 @@ class from_redis_consumer_group(_RedisSource):
 # let stop() return within READ_STOP_DEADLINE.
 PUBSUB_POLL = 0.1
 
+# How long start() waits for Redis to confirm the subscriptions.
+SUBSCRIBE_DEADLINE = 5.0
+
 
 @Stream.register_api(staticmethod)
 class from_redis_pubsub(_RedisSource):
@@ -2006,7 +2024,7 @@ class from_redis_pubsub(_RedisSource):
         # SUBSCRIBE is only sent, not answered, until we read: wait for Redis
         # to confirm each subscription so that start() means "listening".
         unconfirmed = len(self.channels) + len(self.patterns)
-        deadline = asyncio.get_running_loop().time() + FLUSH_DEADLINE
+        deadline = asyncio.get_running_loop().time() + SUBSCRIBE_DEADLINE
         while unconfirmed:
             if asyncio.get_running_loop().time() > deadline:
                 raise redis.exceptions.TimeoutError("Redis did not confirm the subscriptions")
@@ -2293,13 +2311,7 @@ class _RedisSink(_RedisNode, Sink):
         """Wait until Redis has confirmed (or refused) every element received
         so far. Blocks in streamz's default mode; inside the event loop it
         returns an awaitable."""
-        if self._on_loop_thread():
-            return asyncio.ensure_future(self._flush())
-        if _loop_runs_elsewhere(self):
-            sync(self.loop, self._flush)
-        elif self._unconfirmed:
-            log.warning("%s: its event loop has ended; %d element(s) not written",
-                        self, self._unconfirmed)
+        return self._on_loop(self._flush)
 
     def close(self, timeout=FLUSH_DEADLINE):
         """Write what is held (waiting at most ``timeout`` seconds for Redis),
@@ -2307,11 +2319,10 @@ class _RedisSink(_RedisNode, Sink):
         their upstream entries stay unacknowledged. A later element opens a
         new connection. Blocks in streamz's default mode; inside the event
         loop it returns an awaitable."""
-        if self._on_loop_thread():
-            return asyncio.ensure_future(self._close(timeout))
-        if _loop_runs_elsewhere(self):
-            sync(self.loop, self._close, timeout)
-        elif self._unconfirmed:
+        return self._on_loop(self._close, timeout)
+
+    def _loop_ended(self):
+        if self._unconfirmed:
             log.warning("%s: its event loop has ended; %d element(s) not written",
                         self, self._unconfirmed)
 
