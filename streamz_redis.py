@@ -64,7 +64,7 @@ from redis.backoff import NoBackoff
 from redis.utils import HIREDIS_AVAILABLE
 from streamz import RefCounter, Stream
 import streamz.core
-from streamz.core import sync
+from streamz.core import sync, thread_state
 from streamz.sinks import Sink
 from streamz.sources import Source
 
@@ -1306,11 +1306,13 @@ def _name_of(value):
 
 @Stream.register_api(staticmethod)
 class from_redis_list(_RedisSource):
-    """Pop items from the head of Redis lists and emit each one.
+    """Pop items from the head (or the tail) of Redis lists and emit each one.
 
     Waits with BLPOP over the keys, in the order given; where a backlog is
     waiting it pops up to ``count`` items per key in one round trip (LPOP with
-    a count). Delivery is **at-most-once**: an item is removed from Redis when
+    a count). With ``side="right"`` it pops from the tail (BRPOP, RPOP). With
+    ``with_key=True`` it emits ``(key, item)``, for pipelines that read
+    several lists. Delivery is **at-most-once**: an item is removed from Redis when
     it is read, so an item held in memory when the process dies is lost. An
     item read but not yet emitted when ``stop()`` is called goes back to the
     head of its list.
@@ -1344,6 +1346,10 @@ class from_redis_list(_RedisSource):
         Where undecodable items go; default ``"<key>:dead-letter"``.
     processing_list : str, optional
         Makes the queue reliable (see above); needs exactly one key.
+    side : {"left", "right"}
+        Pop from the head (``"left"``, default) or the tail of the lists.
+    with_key : bool
+        Emit ``(key, item)`` instead of the item alone.
     url : str, optional
         Redis URL; default the ``REDIS_URL`` environment variable, else
         ``redis://localhost:6379/0``.
@@ -1367,7 +1373,7 @@ class from_redis_list(_RedisSource):
     _MOVE_BATCH = """
         local moved = {}
         for i = 1, tonumber(ARGV[1]) do
-            local item = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
+            local item = redis.call('LMOVE', KEYS[1], KEYS[2], ARGV[2], 'RIGHT')
             if not item then break end
             moved[i] = item
         end
@@ -1376,9 +1382,14 @@ class from_redis_list(_RedisSource):
 
     def __init__(
         self, keys, *, timeout: float = 1.0, count: int = 100,
-        dead_letter_list: Optional[str] = None, processing_list: Optional[str] = None, **kwargs,
+        dead_letter_list: Optional[str] = None, processing_list: Optional[str] = None,
+        side: str = "left", with_key: bool = False, **kwargs,
     ):
         self.keys = _names(keys, "keys")
+        if side not in ("left", "right"):
+            raise ValueError(f'side must be "left" (the head) or "right" (the tail), not {side!r}')
+        self.side = side
+        self.with_key = bool(with_key)
         self.dead_letter_list = None if dead_letter_list is None else _name(dead_letter_list, "dead_letter_list")
         self.processing_list = None if processing_list is None else _name(processing_list, "processing_list")
         if self.processing_list is not None:
@@ -1399,12 +1410,13 @@ class from_redis_list(_RedisSource):
     def _probes(self):
         timeout = self._block_seconds()
         if not self.processing_list:
-            return [["LPOP", self.keys[0], 1], ["BLPOP", *self.keys, timeout]]
+            pop = "LPOP" if self.side == "left" else "RPOP"
+            return [[pop, self.keys[0], 1], ["B" + pop, *self.keys, timeout]]
         key, processing = self.keys[0], self.processing_list
         return [
             ["LRANGE", processing, 0, -1],
-            ["EVALSHA", "0" * 40, 2, key, processing, 0],
-            ["BLMOVE", key, processing, "LEFT", "RIGHT", timeout],
+            ["EVALSHA", "0" * 40, 2, key, processing, 0, self.side.upper()],
+            ["BLMOVE", key, processing, self.side.upper(), "RIGHT", timeout],
             ["LREM", processing, 1, "x"],
         ]
 
@@ -1427,12 +1439,13 @@ class from_redis_list(_RedisSource):
         if self.processing_list:
             return await self._read_reliably()
         # A backlog: up to `count` items from each key in one round trip.
+        pop = "LPOP" if self.side == "left" else "RPOP"
         if len(self.keys) == 1:
-            replies = [await self._redis.execute_command("LPOP", self.keys[0], self.count)]
+            replies = [await self._redis.execute_command(pop, self.keys[0], self.count)]
         else:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for key in self.keys:
-                    pipe.lpop(key, self.count)
+                    pipe.execute_command(pop, key, self.count)
                 replies = await pipe.execute()
         popped = [
             (key, item)
@@ -1442,7 +1455,7 @@ class from_redis_list(_RedisSource):
         ]
         if not popped:
             # Nothing waiting: block until an item arrives (or time runs out).
-            reply = await self._reader.client.blpop(self.keys, self._block_seconds())
+            reply = await self._reader.execute("B" + pop, *self.keys, self._block_seconds())
             if reply is None:
                 return []
             popped = [(_text(reply[0]), reply[1])]
@@ -1462,9 +1475,11 @@ class from_redis_list(_RedisSource):
             if items:
                 log.info("%s: emitting %d items left in %r", self, len(items), processing)
                 return await self._decode_items([(processing, item) for item in items])
-        items = await self._move_batch(keys=[key, processing], args=[self.count])
+        items = await self._move_batch(keys=[key, processing], args=[self.count, self.side.upper()])
         if not items:
-            item = await self._reader.client.blmove(key, processing, self._block_seconds(), "LEFT", "RIGHT")
+            item = await self._reader.execute(
+                "BLMOVE", key, processing, self.side.upper(), "RIGHT", self._block_seconds()
+            )
             if item is None:
                 return []
             items = [item]
@@ -1478,12 +1493,14 @@ class from_redis_list(_RedisSource):
             origin = self._ledger.ack
         else:
             origin = lambda key, item: (key, item)  # noqa: E731
-        if self._encoding is None:
-            return [(item, origin(key, item)) for key, item in popped]
+        source_key = self.keys[0] if self.processing_list else None
         batch, undecodable = [], []
         for key, item in popped:
             try:
-                batch.append((_decoded(item, self._encoding), origin(key, item)))
+                value = _decoded(item, self._encoding)
+                if self.with_key:
+                    value = (source_key or key, value)
+                batch.append((value, origin(key, item)))
             except UnicodeDecodeError as exc:
                 undecodable.append((key, item, exc))
         if undecodable:
@@ -1536,14 +1553,15 @@ class from_redis_list(_RedisSource):
     async def _give_back(self, rest):
         if self.processing_list:
             return  # still in the processing list: emitted first on the next start
-        # stop() came mid-batch: the unemitted items go back to the head of
+        # stop() came mid-batch: the unemitted items go back to the end of
         # their lists, in their order, as the bytes Redis had.
         by_key = defaultdict(list)
         for _, (key, raw) in rest:
             by_key[key].append(raw)
+        push = "LPUSH" if self.side == "left" else "RPUSH"
         async with self._redis.pipeline(transaction=False) as pipe:
             for key, raws in by_key.items():
-                pipe.lpush(key, *reversed(raws))
+                pipe.execute_command(push, key, *reversed(raws))
             await pipe.execute()
 
 
@@ -2143,13 +2161,23 @@ class _Write:
     """One element on its way to Redis: the command arguments and the
     streamz references it holds until Redis confirms the write."""
 
-    __slots__ = ("element", "key", "value", "metadata")
+    __slots__ = ("element", "key", "value", "metadata", "stored")
 
     def __init__(self, element, key, value, metadata):
         self.element = element
         self.key = key
         self.value = value
         self.metadata = metadata
+        self.stored = None  # a future, for an element that came through Stream.emit()
+
+    def settle(self, error=None):
+        """Tell whoever emitted the element through ``Stream.emit()`` that it
+        is stored (or raise ``error``, why it is not)."""
+        if self.stored is not None and not self.stored.done():
+            if error is None:
+                self.stored.set_result(None)
+            else:
+                self.stored.set_exception(error)
 
 
 class _RedisSink(_RedisNode, Sink):
@@ -2204,6 +2232,12 @@ class _RedisSink(_RedisNode, Sink):
         if self._writer is None or self._writer.done():
             self._writer = asyncio.ensure_future(self._write_queued())
             _open_sinks.add(self)
+        if getattr(thread_state, "asynchronous", False):
+            # Through Stream.emit() (a script feeding the pipeline, rather
+            # than a source on the loop): emit() returns once this element is
+            # stored, so the script reads its writes back.
+            write.stored = asyncio.get_running_loop().create_future()
+            return write.stored
         if self._unconfirmed < self.max_in_flight:
             return None
         # Back-pressure: upstream waits until a round trip makes room.
@@ -2241,14 +2275,17 @@ class _RedisSink(_RedisNode, Sink):
                     if isinstance(reply, Exception):
                         _fail_origins(write.metadata)
                         refused.append((write, reply))
+                        write.settle(reply)
                     else:
                         self._release_refs(write.metadata)
+                        write.settle()
                 self._written += len(self._writing) - len(refused)
             except Exception as exc:  # pragma: no cover - a bug here must not pass silently
                 log.exception("%s: writing failed", self)
                 refused = [(write, exc) for write in self._writing]
                 for write in self._writing:
                     _fail_origins(write.metadata)
+                    write.settle(exc)
             self._confirmed(len(self._writing))
             self._writing = []
             self._refused_count += len(refused)
@@ -2343,6 +2380,7 @@ class _RedisSink(_RedisNode, Sink):
             self._writing, self._queue = [], []
             for write in left:
                 _fail_origins(write.metadata)
+                write.settle(TimeoutError(f"{self}: not written within {timeout:.1f} s of close()"))
             self._refused_count += len(left)
             self._confirmed(len(left))
             log.error(

@@ -1347,11 +1347,18 @@ def test_writes_wait_out_a_redis_restart(private_server, caplog):
     with server.client() as client:
         wait_for(lambda: client.llen("jobs") == 100)
     server.kill()
-    with caplog.at_level(logging.WARNING, logger="streamz_redis"):
+
+    def emit_more():  # each emit returns once its element is stored
         for i in range(100, 200):
             source.emit(f"job-{i}")
+
+    emitting = threading.Thread(target=emit_more)
+    with caplog.at_level(logging.WARNING, logger="streamz_redis"):
+        emitting.start()
         wait_for(lambda: any("unreachable" in m for m in caplog.messages))
     server.start()
+    emitting.join(20)
+    assert not emitting.is_alive()
     with server.client() as client:
         wait_for(lambda: client.llen("jobs") >= 200, timeout=20)
         # A batch sent when the connection dropped may be sent twice.
@@ -1415,14 +1422,11 @@ def test_sinks_inside_a_running_event_loop(server, r):
         await source.stop()
         await stored.close()
 
-        # Back-pressure: the emit that fills max_in_flight waits for Redis.
+        # What is emitted with Stream.emit() is stored once its awaitable is done.
         jobs = Stream(asynchronous=True)
-        pushed = jobs.to_redis_list("jobs", max_in_flight=3)
-        assert jobs.emit("a").done() and jobs.emit("b").done()
-        third = jobs.emit("c")
-        assert not third.done()
-        await third
-        assert r.llen("jobs") == 3
+        pushed = jobs.to_redis_list("jobs")
+        await jobs.emit("a")
+        assert r.llen("jobs") == 1
         await pushed.close()
 
     asyncio.run(main())
@@ -1674,3 +1678,86 @@ def test_blocking_reads_stay_below_redis_py_default_socket_timeout(server):
         assert source._block_seconds() < default
     else:
         assert source._block_seconds() == 8
+
+
+# --------------------------------------------------------------------------
+# What users of the original streamz_redis expect
+# --------------------------------------------------------------------------
+
+
+def test_a_script_reads_back_what_it_emitted_into_a_sink(server, r):
+    # The original project's sink tests: ten emits from the main thread, then
+    # LLEN. emit() returns once its element is stored, every time.
+    for attempt in range(20):
+        r.delete("out")
+        source = Stream()
+        sink = source.to_redis_list("out")
+        for i in range(10):
+            source.emit(i)
+        assert r.llen("out") == 10, f"attempt {attempt}"
+        sink.close()
+
+
+def test_an_emit_whose_write_redis_refuses_raises_in_the_script(server, r):
+    r.set("out", "not a list")
+    source = Stream()
+    sink = source.to_redis_list("out")
+    with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+        source.emit("x")
+    assert sink.metrics()["failed"] == 1
+
+
+def test_a_source_keeps_pipelining_into_a_sink(server, r, private_server):
+    # A source on the loop does not wait for each write: while the sink's
+    # Redis does not answer, up to max_in_flight elements queue in the sink.
+    target = private_server()
+    r.rpush("in", *range(100))
+    source = Stream.from_redis_list("in", url=server.url)
+    sink = source.to_redis_list("out", url=target.url, max_in_flight=50)
+    os.kill(target.process.pid, signal.SIGSTOP)
+    try:
+        source.start()
+        wait_for(lambda: sink.metrics()["in_flight"] == 50)
+    finally:
+        os.kill(target.process.pid, signal.SIGCONT)
+    with target.client() as t:
+        wait_for(lambda: t.llen("out") == 100)
+
+
+def test_lists_are_read_from_the_tail_with_their_names(server, r):
+    r.rpush("a", "a1", "a2", "a3")
+    r.rpush("b", "b1")
+    source = Stream.from_redis_list(["a", "b"], side="right", with_key=True)
+    seen = source.sink_to_list()
+    source.start()
+    wait_for(lambda: len(seen) == 4)
+    assert seen == [("a", "a3"), ("a", "a2"), ("a", "a1"), ("b", "b1")]
+
+
+def test_a_reliable_list_read_from_the_tail_emits_its_name_too(server, r):
+    r.rpush("jobs", "j1", "j2")
+    source = Stream.from_redis_list("jobs", processing_list="jobs:busy", side="right", with_key=True)
+    seen = source.sink_to_list()
+    source.start()
+    wait_for(lambda: len(seen) == 2 and r.llen("jobs:busy") == 0)
+    assert seen == [("jobs", "j2"), ("jobs", "j1")]
+
+
+def test_items_read_from_the_tail_go_back_to_the_tail_on_stop(server, r):
+    r.rpush("q", *range(6))
+    gate = threading.Event()
+    source = Stream.from_redis_list("q", side="right", count=6)
+    seen = []
+
+    def slow(item):
+        seen.append(item)
+        gate.wait(5)
+
+    source.sink(slow)
+    source.start()
+    wait_for(lambda: seen == ["5"])
+    stopping = threading.Thread(target=source.stop)
+    stopping.start()
+    gate.set()
+    stopping.join()
+    assert [int(x) for x in r.lrange("q", 0, -1)] == [0, 1, 2, 3, 4]
