@@ -42,6 +42,7 @@ the source keeps running. Every node has ``metrics()``.
 
 import asyncio
 import atexit
+import hashlib
 import inspect
 import logging
 import math
@@ -454,7 +455,7 @@ class _Backoff:
             pass
 
 
-_PENDING, _DONE, _FAILED = 0, 1, 2
+_PENDING, _DONE, _FAILED, _SETTLED = 0, 1, 2, 3  # _SETTLED: acknowledged by a sink's script
 
 
 class _Reference(RefCounter):
@@ -512,6 +513,19 @@ class _Ack(_Reference):
     def track(self):
         self.ledger.in_flight[self.key, self.item] = weakref.ref(self)
 
+    def settle(self):
+        """An exactly-once sink acknowledged the entry in the same script
+        that stored its result: the ledger must not acknowledge it again."""
+        if self.state == _PENDING:
+            self.state = _SETTLED
+            self.ledger.forget(self)
+            self.ledger.acked += 1
+
+    def command(self):
+        """The command that acknowledges the entry, as a sink's script runs
+        it: ``(command, key, argument, argument)``."""
+        return self.ledger.command(self.key, self.item)
+
     def __str__(self):
         if isinstance(self.item, str):
             return f"entry {self.item} of stream {self.key!r}"
@@ -568,8 +582,9 @@ class _AckLedger:
     again. ``holds()`` also counts acks queued or being sent.
     """
 
-    def __init__(self, source, send):
+    def __init__(self, source, send, command):
         self.source = source
+        self.command = command  # (key, item) -> (command, key, argument, argument)
         self.loop = self.loop_thread = None  # the source's event loop and its thread, by open()
         self.send = send
         self.in_flight = {}  # (key, item) -> weakref to its _Ack
@@ -1397,7 +1412,7 @@ class from_redis_list(_RedisSource):
                 raise ValueError("processing_list needs exactly one key: BLMOVE waits on one list")
             if self.processing_list == self.keys[0]:
                 raise ValueError("processing_list must differ from the key it reads")
-            self._ledger = _AckLedger(self, self._remove_processed)
+            self._ledger = _AckLedger(self, self._remove_processed, lambda key, item: ("LREM", key, 1, item))
         self._replay_processing = False
         super().__init__(timeout=timeout, count=count, **kwargs)
 
@@ -1733,7 +1748,7 @@ class from_redis_consumer_group(_RedisSource):
         self.dead_letter_stream = (
             None if dead_letter_stream is None else _name(dead_letter_stream, "dead_letter_stream")
         )
-        self._ledger = _AckLedger(self, self._xack)
+        self._ledger = _AckLedger(self, self._xack, lambda key, item: ("XACK", key, self.group, item))
         self._replay_from = None  # stream -> id while replaying pending entries
         self._claim_from = None  # stream -> XAUTOCLAIM cursor during a sweep
         self._next_claim = 0.0
@@ -2117,9 +2132,9 @@ def _redis_value(value, what):
         return value
     if isinstance(value, (bytearray, memoryview)):
         return bytes(value)
-    text = repr(value)
+    text, kind = repr(value), "Entry" if isinstance(value, Entry) else type(value).__name__
     raise TypeError(
-        f"{what} is a {type(value).__name__} ({text[:80]}{'...' if len(text) > 80 else ''}); "
+        f"{what} is a {kind} ({text[:80]}{'...' if len(text) > 80 else ''}); "
         "Redis stores str, bytes, int or float: convert it first, e.g. with json.dumps"
     )
 
@@ -2145,6 +2160,50 @@ def _fail_origins(metadata):
             m["ref"].fail()
 
 
+def _acks_in(metadata):
+    """The ``_Ack`` of every upstream entry an element carries."""
+    for m in metadata:
+        ref = m.get("ref")
+        if isinstance(ref, _Ack):
+            yield ref
+        elif isinstance(ref, _AckAll):
+            yield from ref.acks
+
+
+def _leaves(node):
+    """The nodes where ``node``'s elements end, each with the number of
+    paths from ``node`` that lead there."""
+    leaves = defaultdict(int)
+    todo = [node]
+    while todo:
+        node = todo.pop()
+        downstreams = [d for d in node.downstreams if d is not None]
+        if not downstreams:
+            leaves[node] += 1
+        todo.extend(downstreams)
+    return leaves
+
+
+# An element and the acknowledgement of the upstream entries it carries, in one
+# script: a script stops at its first failing call, so an element Redis refuses
+# leaves its entries pending, and nothing else runs between the write and the
+# acknowledgements. KEYS[1] is where the element goes, KEYS[2..] the stream (or
+# processing list) of each entry; ARGV holds the write's command, how many
+# arguments follow its key and those arguments, then for each entry its
+# acknowledgement (XACK group id, or LREM 1 item).
+WRITE_AND_ACKNOWLEDGE = """
+local n = tonumber(ARGV[2])
+local reply = redis.call(ARGV[1], KEYS[1], unpack(ARGV, 3, n + 2))
+local at = n + 3
+for i = 2, #KEYS do
+    redis.call(ARGV[at], KEYS[i], ARGV[at + 1], ARGV[at + 2])
+    at = at + 3
+end
+return reply
+"""
+WRITE_AND_ACKNOWLEDGE_SHA = hashlib.sha1(WRITE_AND_ACKNOWLEDGE.encode()).hexdigest()
+
+
 def _cannot_be_retried(exc):
     """Connection errors that a retry cannot mend: a wrong password, a
     missing permission, a certificate that does not verify."""
@@ -2161,7 +2220,7 @@ class _Write:
     """One element on its way to Redis: the command arguments and the
     streamz references it holds until Redis confirms the write."""
 
-    __slots__ = ("element", "key", "value", "metadata", "stored")
+    __slots__ = ("element", "key", "value", "metadata", "stored", "acks")
 
     def __init__(self, element, key, value, metadata):
         self.element = element
@@ -2169,6 +2228,7 @@ class _Write:
         self.value = value
         self.metadata = metadata
         self.stored = None  # a future, for an element that came through Stream.emit()
+        self.acks = ()  # with exactly_once: the upstream entries acknowledged with it
 
     def settle(self, error=None):
         """Tell whoever emitted the element through ``Stream.emit()`` that it
@@ -2197,10 +2257,13 @@ class _RedisSink(_RedisNode, Sink):
         url: Optional[str] = None,
         client_kwargs: Optional[Mapping] = None,
         client=None,
+        exactly_once: bool = False,
         **kwargs,
     ):
         self._connection_args(url, client_kwargs, client)
         self.max_in_flight = _positive_int(max_in_flight, "max_in_flight")
+        self.exactly_once = bool(exactly_once)
+        self._sources_checked = {}  # exactly_once: source -> None, or why it cannot hold
         self._redis = None  # connected lazily, on the loop, by the first write
         self._queue = []  # writes that wait for the next round trip
         self._writing = []  # writes of the round trip under way
@@ -2226,6 +2289,10 @@ class _RedisSink(_RedisNode, Sink):
         # Anything wrong with the element raises here, in the emitter's call,
         # before the sink holds a reference to it.
         write = self._prepare_write(x, metadata or [])
+        if self.exactly_once:
+            write.acks = list(_acks_in(write.metadata))
+            for source in {ack.ledger.source for ack in write.acks}:
+                self._check_exactly_once(source)
         self._retain_refs(write.metadata)
         self._queue.append(write)
         self._unconfirmed += 1
@@ -2249,6 +2316,61 @@ class _RedisSink(_RedisNode, Sink):
 
     def _prepare_write(self, element, metadata):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _check_exactly_once(self, source):
+        """Raise, at the first element from ``source``, if the script cannot
+        cover its entries: where they also reach another node that ends the
+        pipeline (another sink), or reach this one by more than one path."""
+        if source in self._sources_checked:
+            return
+        leaves = _leaves(source)
+        if leaves != {self: 1}:
+            others = [f"{node}" + (f" ({n} paths)" if n > 1 else "") for node, n in leaves.items()]
+            raise ValueError(
+                f"{self}: exactly_once needs every entry of {source} to end in this sink, "
+                f"by one path; they end in {', '.join(others)}. Drop exactly_once (at-least-once), "
+                "or give each branch its own source"
+            )
+        self._sources_checked[source] = None
+
+    def _queue_write(self, pipe, write):
+        if not write.acks:
+            self._queue_on(pipe, write)
+            return
+        command = self._command(write)
+        keys, args = [command[1]], [command[0], len(command) - 2, *command[2:]]
+        for ack in write.acks:
+            name, key, first, second = ack.command()
+            keys.append(key)
+            args += [name, first, second]
+        pipe.execute_command("EVALSHA", WRITE_AND_ACKNOWLEDGE_SHA, len(keys), *keys, *args)
+
+    async def _committed(self, write):
+        """After a connection was lost with ``write`` sent: whether its script
+        ran. Its entries are acknowledged if, and only if, it did."""
+        if not write.acks:
+            return False
+        name, key, first, second = write.acks[0].command()
+        if name == "XACK":
+            return not await self._redis.xpending_range(key, first, second, second, 1)
+        return await self._redis.lpos(key, second) is None
+
+    async def _same_server(self, writes):
+        """Refuse the exactly-once writes whose sources read another Redis
+        server (or database) than this sink writes to: no script spans two."""
+        checked = self._sources_checked
+        for source in {ack.ledger.source for write in writes for ack in write.acks}:
+            if checked.get(source) is None and source._redis is not None:
+                here, there = await asyncio.gather(self._redis.info("server"), source._redis.info("server"))
+                db = [c.connection_pool.connection_kwargs.get("db", 0) for c in (self._redis, source._redis)]
+                checked[source] = "" if here["run_id"] == there["run_id"] and db[0] == db[1] else (
+                    f"exactly_once needs {source} and this sink on one Redis server and database"
+                )
+        refused = []
+        for write in writes:
+            reasons = [checked[ack.ledger.source] for ack in write.acks if checked.get(ack.ledger.source)]
+            refused.append(ValueError(f"{self}: {reasons[0]}") if reasons else None)
+        return refused
 
     def _queue_on(self, pipe, write):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -2277,6 +2399,8 @@ class _RedisSink(_RedisNode, Sink):
                         refused.append((write, reply))
                         write.settle(reply)
                     else:
+                        for ack in write.acks:
+                            ack.settle()
                         self._release_refs(write.metadata)
                         write.settle()
                 self._written += len(self._writing) - len(refused)
@@ -2298,25 +2422,43 @@ class _RedisSink(_RedisNode, Sink):
 
     async def _round_trip(self, writes, backoff):
         """Send ``writes`` in one pipeline; the replies, an exception in place
-        of each command Redis refused. Connection errors are retried."""
+        of each command Redis refused. Connection errors are retried; with
+        exactly_once, only the writes whose scripts did not run."""
+        replies = [None] * len(writes)
+        todo = list(range(len(writes)))
+        sent = False
         while True:
             try:
                 if self._redis is None:
                     await self._connect()
+                if self.exactly_once:
+                    if sent:
+                        todo = [i for i in todo if not await self._committed(writes[i])]
+                    for i, refused in zip(todo, await self._same_server([writes[i] for i in todo])):
+                        replies[i] = refused
+                    todo = [i for i in todo if replies[i] is None]
                 async with self._redis.pipeline(transaction=False) as pipe:
-                    for write in writes:
-                        self._queue_on(pipe, write)
-                    return await pipe.execute(raise_on_error=False)
+                    for i in todo:
+                        self._queue_write(pipe, writes[i])
+                    sent = True
+                    answers = await pipe.execute(raise_on_error=False) if todo else []
+                for i, answer in zip(todo, answers):
+                    replies[i] = answer
+                todo = [i for i in todo if isinstance(replies[i], redis.exceptions.NoScriptError)]
+                if not todo:
+                    return replies
+                await self._redis.script_load(WRITE_AND_ACKNOWLEDGE)  # a restarted Redis
+                sent = False
             except CONNECTION_ERRORS as exc:
                 if _cannot_be_retried(exc):
-                    return [exc] * len(writes)
+                    return [exc if i in todo else reply for i, reply in enumerate(replies)]
                 log.warning(
                     "%s: Redis is unreachable (%s); %d element(s) wait, retrying in %.1f s",
-                    self, _error_text(exc), len(writes), backoff.delay,
+                    self, _error_text(exc), len(todo), backoff.delay,
                 )
                 await backoff.wait()
             except redis.exceptions.RedisError as exc:
-                return [exc] * len(writes)
+                return [exc if i in todo else reply for i, reply in enumerate(replies)]
 
     def _refused(self, refused, retry_in):
         """One log line for the writes of a round trip that Redis refused:
@@ -2493,6 +2635,10 @@ class to_redis_stream(_RedisSink):
     def _queue_on(self, pipe, write):
         pipe.xadd(write.key, write.value, maxlen=self.maxlen, approximate=self.approximate)
 
+    def _command(self, write):
+        trim = [] if self.maxlen is None else ["MAXLEN", "~" if self.approximate else "=", self.maxlen]
+        return ["XADD", write.key, *trim, "*", *[part for pair in write.value.items() for part in pair]]
+
 
 @Stream.register_api()
 class to_redis_list(_RedisSink):
@@ -2536,6 +2682,9 @@ class to_redis_list(_RedisSink):
             pipe.rpush(write.key, write.value)
         else:
             pipe.lpush(write.key, write.value)
+
+    def _command(self, write):
+        return ["RPUSH" if self.side == "right" else "LPUSH", write.key, write.value]
 
 
 @Stream.register_api()

@@ -7,6 +7,7 @@ sleep: each waits for a condition, with a deadline.
 import asyncio
 import logging
 import os
+import random
 import re
 import signal
 import subprocess
@@ -1761,3 +1762,134 @@ def test_items_read_from_the_tail_go_back_to_the_tail_on_stop(server, r):
     gate.set()
     stopping.join()
     assert [int(x) for x in r.lrange("q", 0, -1)] == [0, 1, 2, 3, 4]
+
+
+# --------------------------------------------------------------------------
+# Exactly once from a consumer group into Redis
+# --------------------------------------------------------------------------
+
+
+def test_an_exactly_once_sink_acknowledges_each_entry_in_its_own_write(server, r):
+    for n in range(50):
+        r.xadd("orders", {"n": n})
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller", start_id="0")
+    sink = source.map(lambda e: {"order": e.id}).to_redis_stream("invoices", exactly_once=True)
+    r.config_resetstat()
+    source.start()
+    wait_for(lambda: pending(r, "orders", "billing") == 0 and r.xlen("invoices") == 50)
+    wait_for(lambda: source.metrics()["acked"] == 50)
+    source.stop()
+    # One XACK per entry, each inside the script that wrote its result; the
+    # source sent none of its own.
+    assert call_count(r, "xack") == 50
+    assert sink.metrics()["written"] == 50
+
+
+def test_entries_dropped_by_a_filter_are_acknowledged_as_usual(server, r):
+    for n in range(10):
+        r.xadd("orders", {"n": n})
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller", start_id="0")
+    odd = source.filter(lambda e: int(e.fields["n"]) % 2)
+    odd.map(lambda e: e.id).to_redis_list("odd", exactly_once=True)
+    source.start()
+    wait_for(lambda: pending(r, "orders", "billing") == 0 and r.llen("odd") == 5)
+
+
+def test_exactly_once_refuses_an_entry_that_also_reaches_another_sink(server, r, caplog):
+    r.xadd("orders", {"n": 1})
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller", start_id="0")
+    source.map(lambda e: {"order": e.id}).to_redis_stream("invoices", exactly_once=True)
+    source.sink_to_list()
+    with caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        source.start()
+        wait_for(lambda: any("exactly_once needs every entry" in m for m in caplog.messages))
+    source.stop()
+    assert r.xlen("invoices") == 0 and pending(r, "orders", "billing") == 1
+
+
+def test_exactly_once_refuses_a_source_on_another_server(server, r, private_server, caplog):
+    target = private_server()
+    r.xadd("orders", {"n": 1})
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller", start_id="0", url=server.url)
+    sink = source.map(lambda e: {"order": e.id}).to_redis_stream("invoices", url=target.url, exactly_once=True)
+    with caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        source.start()
+        wait_for(lambda: sink.metrics()["failed"] == 1)
+    assert any("one Redis server and database" in m for m in caplog.messages)
+    assert pending(r, "orders", "billing") == 1
+
+
+EXACTLY_ONCE_WORKER = textwrap.dedent(
+    """
+    import sys, threading
+    from streamz import Stream
+    url, shape, exactly_once = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+    source = Stream.from_redis_consumer_group("numbers", "copiers", "copier-1", url=url, count=50)
+    if shape == "stream":
+        source.map(lambda e: {"source": e.id}).to_redis_stream(
+            "copies", url=url, exactly_once=exactly_once)
+    elif shape == "list":
+        source.map(lambda e: e.id).to_redis_list("copies", url=url, exactly_once=exactly_once)
+    else:  # many entries in one output
+        source.partition(100, timeout=0.2).map(lambda es: ",".join(e.id for e in es)).to_redis_list(
+            "copies", url=url, exactly_once=exactly_once)
+    source.start()
+    print("started", flush=True)
+    threading.Event().wait()
+    """
+)
+
+
+@pytest.mark.parametrize("shape, exactly_once", [
+    ("stream", True), ("list", True), ("partition", True), ("stream", False),
+])
+def test_three_sigkills_leave_each_input_exactly_once_in_the_output(server, r, tmp_path, shape, exactly_once):
+    seed = int(os.environ.get("STREAMZ_REDIS_TEST_SEED", time.time_ns() % 10**6))
+    print(f"seed {seed} (STREAMZ_REDIS_TEST_SEED={seed} replays it)")
+    rng = random.Random(seed)
+    total = 20_000
+    script = tmp_path / "worker.py"
+    script.write_text(EXACTLY_ONCE_WORKER)
+    r.xgroup_create("numbers", "copiers", "0", mkstream=True)
+    with r.pipeline(transaction=False) as pipe:
+        for n in range(total):
+            pipe.xadd("numbers", {"n": n})
+        source_ids = [i.decode() for i in pipe.execute()]
+
+    def copies():
+        if shape == "stream":
+            return [fields[b"source"].decode() for _, fields in r.xrange("copies")]
+        return [i for item in r.lrange("copies", 0, -1) for i in item.decode().split(",")]
+
+    def output_length():
+        return r.xlen("copies") if shape == "stream" else r.llen("copies")
+
+    def run_worker():
+        worker = subprocess.Popen(
+            [sys.executable, str(script), server.url, shape, "1" if exactly_once else "0"], cwd=HERE,
+            stdout=subprocess.PIPE, stderr=open(tmp_path / "worker.log", "ab"),
+        )
+        assert worker.stdout.readline() == b"started\n"
+        return worker
+
+    worker = run_worker()
+    try:
+        for kill in range(3):
+            at = output_length() + rng.randint(500, 3000) // (100 if shape == "partition" else 1)
+            wait_for(lambda: output_length() >= at, timeout=60)
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+            worker = run_worker()  # the same consumer name: it replays its pending entries
+        wait_for(lambda: pending(r, "numbers", "copiers") == 0
+                 and entries_read(r, "numbers", "copiers") == total, timeout=120)
+    finally:
+        worker.kill()
+        worker.wait()
+    copied = copies()
+    duplicates = len(copied) - len(set(copied))
+    print(f"{shape}, exactly_once={exactly_once}: {len(copied)} outputs, {duplicates} duplicates")
+    assert set(copied) == set(source_ids)  # nothing lost
+    if exactly_once:
+        assert duplicates == 0
+    else:
+        assert duplicates > 0  # what exactly_once is for: the test can fail
