@@ -371,12 +371,15 @@ def _check_url(url):
         raise TypeError(f"url must be a str, not {type(url).__name__}")
     try:
         redis.asyncio.connection.parse_url(url)
+        valid = True
     except ValueError:
+        valid = False  # raised outside: redis-py's error (its __context__) may quote the password
+    if not valid:
         raise ValueError(
             f"url {_safe_url(url)!r} is not a valid Redis URL (expected "
             "redis://[[user]:password@]host[:port][/db]); a password that holds "
             "'#', '/', '?', '@' or ':' must be percent-encoded (urllib.parse.quote)"
-        ) from None
+        )
     parts = urlsplit(url)
     db = parts.path.strip("/")
     if parts.scheme in ("redis", "rediss") and db and not db.isdigit():
