@@ -1383,6 +1383,9 @@ class from_redis_list(_RedisSource):
         return [
             ["LRANGE", processing, 0, -1],
             ["EVALSHA", "0" * 40, 2, key, processing, 0],
+            # What the batch-moving script runs, and how redis-py loads it.
+            ["LMOVE", key, processing, "LEFT", "RIGHT"],
+            ["SCRIPT", "LOAD", self._MOVE_BATCH],
             ["BLMOVE", key, processing, "LEFT", "RIGHT", timeout],
             ["LREM", processing, 1, "x"],
         ]
