@@ -1634,3 +1634,206 @@ def test_blocking_reads_stay_below_redis_py_default_socket_timeout(server):
     source.start()
     # redis-py 8 applies socket_timeout=5 s by default without naming it.
     assert source._block_seconds() < 5
+
+
+# ==========================================================================
+# Bug scenarios found in review: each failed before the restructuring
+# ==========================================================================
+
+
+def acl_user(r, name, *rules):
+    """An ACL user of the server ``r`` talks to, with password "pw" and
+    everything allowed unless ``rules`` take it away."""
+    r.acl_setuser(name, reset=True)  # a clean slate when a test reuses the name
+    r.execute_command("ACL", "SETUSER", name, "on", ">pw", "~*", "&*", "+@all", *rules)
+
+
+def user_url(server, name):
+    return f"redis://{name}:pw@127.0.0.1:{server.port}/0"
+
+
+def streamz_redis_errors(caplog, *words):
+    """The ERROR lines of streamz_redis that hold every one of ``words``."""
+    return [
+        rec.getMessage() for rec in caplog.records
+        if rec.name == "streamz_redis" and rec.levelno >= logging.ERROR
+        and all(w in rec.getMessage() for w in words)
+    ]
+
+
+# ---- Log lines say what Redis said ----------------------------------------
+
+
+def test_a_key_that_changes_type_while_running_is_logged_with_redis_own_words(server, r, caplog):
+    source = Stream.from_redis_list("k", timeout=0.1)
+    seen = source.sink_to_list()
+    with caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        source.start()
+        r.rpush("k", "before")
+        wait_for(lambda: seen == ["before"])
+        r.set("k", "now a string")
+        wait_for(lambda: streamz_redis_errors(caplog, "read failed"))
+        r.delete("k")
+        r.rpush("k", "after")
+        wait_for(lambda: seen == ["before", "after"])
+    [line, *_] = streamz_redis_errors(caplog, "read failed")
+    assert "ResponseError: WRONGTYPE Operation against a key holding the wrong kind of value" in line
+    assert "server:ResponseError" not in caplog.text
+
+
+# ---- A reliable list replays its processing list after every reconnect ----
+
+
+def test_a_reliable_list_loses_nothing_while_its_connections_are_killed_every_50_ms(
+    private_server, caplog
+):
+    server = private_server()
+    total = 5000
+    source = Stream.from_redis_list(
+        "jobs", processing_list="jobs:processing", timeout=0.2,
+        client_kwargs={"client_name": "worker"},
+    )
+    seen = source.sink_to_list()
+    source.start()
+    kills = 0
+    with server.client() as admin:
+
+        def kill_the_workers_connections():
+            nonlocal kills
+            for client in admin.client_list():
+                if client["name"] == "worker":
+                    try:
+                        admin.client_kill_filter(_id=client["id"])
+                        kills += 1
+                    except redis.exceptions.ResponseError:
+                        pass  # gone already
+
+        started = time.monotonic()
+        for chunk in range(0, total, 50):
+            admin.rpush("jobs", *range(chunk, chunk + 50))
+            kill_the_workers_connections()
+            time.sleep(0.05)  # the pace of the fault injection, not a synchronisation
+        wait_for(
+            lambda: {int(x) for x in seen} == set(range(total))
+            and admin.llen("jobs:processing") == 0 and admin.llen("jobs") == 0,
+            timeout=15,
+        )
+        elapsed = time.monotonic() - started
+    duplicates = len(seen) - total
+    print(f"\n{kills} connections killed, {source.metrics()['reconnects']} reconnects, "
+          f"{duplicates} duplicate(s) of {total}, {elapsed:.1f} s")
+    assert kills > 20 and source.metrics()["reconnects"] > 10
+
+
+# ---- Permissions that reading needs: checked by start() --------------------
+
+MISSING_PERMISSIONS = [
+    ("list", "lpop", lambda url: Stream.from_redis_list("k", url=url)),
+    ("list", "blpop", lambda url: Stream.from_redis_list("k", url=url)),
+    ("streams", "xread", lambda url: Stream.from_redis_streams("k", url=url)),
+    ("group", "xreadgroup", lambda url: Stream.from_redis_consumer_group("k", "g", "c", url=url)),
+    ("group", "xpending", lambda url: Stream.from_redis_consumer_group("k", "g", "c", url=url)),
+    ("group", "xack", lambda url: Stream.from_redis_consumer_group("k", "g", "c", url=url)),
+    ("claiming group", "xautoclaim",
+     lambda url: Stream.from_redis_consumer_group("k", "g", "c", claim_idle=1, url=url)),
+    *[("reliable list", command,
+       lambda url: Stream.from_redis_list("k", processing_list="k:processing", url=url))
+      for command in ("lmove", "blmove", "evalsha", "lrange", "lrem", "script")],
+]
+
+
+@pytest.mark.parametrize(
+    "kind, command, make", MISSING_PERMISSIONS, ids=[f"{k}-{c}" for k, c, _ in MISSING_PERMISSIONS]
+)
+def test_start_names_a_command_reading_needs_that_the_user_may_not_run(private_server, kind, command, make):
+    server = private_server()
+    with server.client() as r:
+        acl_user(r, "reader", f"-{command}")
+    source = make(user_url(server, "reader"))
+    with pytest.raises(redis.exceptions.NoPermissionError, match=command.upper()) as error:
+        source.start()
+    assert "pw" not in str(error.value).replace("ACL", "")
+    assert source.metrics()["read"] == 0 and not source.started
+
+
+def test_a_user_who_may_not_run_multi_can_still_start_and_read(private_server, caplog):
+    """start() checks permissions by queueing the commands inside a MULTI it
+    discards; without MULTI it cannot check, and does not refuse to start."""
+    server = private_server()
+    with server.client() as r:
+        acl_user(r, "reader", "-multi")
+        source = Stream.from_redis_consumer_group("k", "g", "c", url=user_url(server, "reader"))
+        seen = source.sink_to_list()
+        source.start()
+        r.xadd("k", {"v": "in"})
+        wait_for(lambda: [value_of(x) for x in seen] == ["in"])
+        wait_for(lambda: pending(r, "k", "g") == 0)
+
+
+def test_a_permission_taken_away_while_running_is_logged_backed_off_and_given_back(
+    private_server, caplog
+):
+    server = private_server()
+    with server.client() as r, caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        acl_user(r, "reader")
+        source = Stream.from_redis_consumer_group(
+            "k", "g", "c", timeout=0.1, url=user_url(server, "reader")
+        )
+        seen = source.sink_to_list()
+        source.start()
+        r.execute_command("ACL", "SETUSER", "reader", "-xreadgroup")
+        wait_for(lambda: streamz_redis_errors(caplog, "xreadgroup"))
+        first = time.monotonic()
+        # The back-off doubles from 0.1 s: the fifth line says 1.6 s.
+        wait_for(lambda: streamz_redis_errors(caplog, "xreadgroup", "retrying in 1.6 s"), timeout=5)
+        lines = streamz_redis_errors(caplog, "xreadgroup")
+        assert time.monotonic() - first >= 1.4
+        assert len(lines) <= 6, lines
+        assert "NOPERM" in lines[0] or "NoPermissionError" in lines[0]
+
+        r.execute_command("ACL", "SETUSER", "reader", "+xreadgroup")
+        r.xadd("k", {"v": "back"})
+        wait_for(lambda: [value_of(x) for x in seen] == ["back"], timeout=10)
+
+
+# ---- Passwords in URLs that redis-py would misread ------------------------
+
+
+@pytest.mark.parametrize("url, fragments", [
+    ("redis://:SECRETA#SECRETB@127.0.0.1:6379/0", ["SECRETA", "SECRETB"]),
+    ("redis://u:SECRETC/SECRETD@127.0.0.1/0", ["SECRETC", "SECRETD"]),
+    ("redis://:SECRETE?SECRETF@127.0.0.1/0", ["SECRETE", "SECRETF"]),
+])
+def test_an_unencoded_password_is_a_clear_error_that_never_shows_it(url, fragments):
+    for make in (lambda: Stream.from_redis_list("k", url=url), lambda: Stream().to_redis_stream("s", url=url)):
+        with pytest.raises(ValueError, match="percent-encoded") as error:
+            make()
+        shown = str(error.value) + repr(error.value) + repr(error.value.__cause__) + repr(error.value.__context__)
+        for fragment in fragments:
+            assert fragment not in shown
+
+
+def test_a_database_that_is_not_a_number_is_a_clear_error():
+    with pytest.raises(ValueError, match="database must be a number, not 'abc'"):
+        Stream.from_redis_streams("s", url="redis://127.0.0.1:6379/abc")
+
+
+# ---- Bad arguments: a clear error naming the parameter, when a node is made
+
+
+@pytest.mark.parametrize("make, error, parameter", [
+    (lambda: Stream.from_redis_streams("s", start_id="99999999999999999999999"), ValueError, "start_id"),
+    (lambda: Stream.from_redis_streams("s", count=True), ValueError, "count"),
+    (lambda: Stream.from_redis_consumer_group("s", "g", None), TypeError, "consumer"),
+    (lambda: Stream.from_redis_list("k", timeout=float("nan")), ValueError, "timeout"),
+    (lambda: Stream.from_redis_list("k", timeout="1"), TypeError, "timeout"),
+    (lambda: Stream.from_redis_list(123), TypeError, "keys"),
+    (lambda: Stream.from_redis_list("k", client_kwargs=[1, 2]), TypeError, "client_kwargs"),
+    (lambda: Stream.from_redis_list("k", client=redis.Redis()), TypeError, "redis.asyncio"),
+    (lambda: Stream.from_redis_consumer_group("s", "g", "c", claim_idle=0), ValueError, "claim_idle"),
+    (lambda: Stream.from_redis_consumer_group("s", "g", "c", max_deliveries=0), ValueError, "max_deliveries"),
+], ids=["start_id", "count", "consumer", "timeout-nan", "timeout-str", "keys", "client_kwargs",
+        "sync-client", "claim_idle", "max_deliveries"])
+def test_a_bad_argument_is_a_clear_error_naming_it(make, error, parameter):
+    with pytest.raises(error, match=re.escape(parameter)):
+        make()
