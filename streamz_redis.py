@@ -676,6 +676,10 @@ def _exit_cleanly():
             try:
                 if _loop_runs_elsewhere(node) and left > 0:
                     sync(node.loop, getattr(node, finish), left, callback_timeout=left + 1)
+                elif finish == "_close" and node._unconfirmed:
+                    # No time left (the sources took it) or no loop: say what is lost.
+                    log.error("%s: %d element(s) not written at exit; their upstream entries "
+                              "are not acknowledged", node, node._unconfirmed)
             except Exception as exc:  # pragma: no cover - best effort at exit
                 log.error("%s: could not finish cleanly at exit (%s)", node, _error_text(exc))
 
