@@ -2159,6 +2159,8 @@ class _RedisSink(_RedisNode, Sink):
         self._unconfirmed = 0  # elements received, not yet written or failed
         self._written = self._refused_count = 0
         self._writer = None  # the task that runs round trips while any are queued
+        self._backoff = _Backoff()  # shared by successive writers
+        self._refusing = False  # Redis refused the last round trip: back off before the next
         self._room = None  # what upstream awaits while max_in_flight are held
         super().__init__(upstream, ensure_io_loop=True, **kwargs)
 
@@ -2210,9 +2212,12 @@ class _RedisSink(_RedisNode, Sink):
     async def _write_queued(self):
         """Round trips until nothing is queued: each sends, in one pipeline,
         everything that arrived during the previous one. While Redis refuses
-        writes (out of memory, say) the next round trip waits, with back-off."""
-        backoff = _Backoff()
+        writes (out of memory, say) the next round trip waits, with back-off,
+        also when it is a later writer's first (elements arriving one by one)."""
+        backoff = self._backoff
         while self._queue:
+            if self._refusing:
+                await backoff.wait()
             self._writing, self._queue = self._queue, []
             refused = []
             try:
@@ -2232,10 +2237,9 @@ class _RedisSink(_RedisNode, Sink):
             self._confirmed(len(self._writing))
             self._writing = []
             self._refused_count += len(refused)
+            self._refusing = bool(refused)
             if refused:
                 self._refused(refused, backoff.delay if self._queue else None)
-                if self._queue:
-                    await backoff.wait()
             else:
                 backoff.reset()
 
