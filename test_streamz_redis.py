@@ -1837,3 +1837,102 @@ def test_a_database_that_is_not_a_number_is_a_clear_error():
 def test_a_bad_argument_is_a_clear_error_naming_it(make, error, parameter):
     with pytest.raises(error, match=re.escape(parameter)):
         make()
+
+
+# ---- A sink that Redis refuses does not flood the log ---------------------
+
+
+def test_a_sink_refused_for_want_of_memory_logs_little_and_its_entries_wait(
+    server, r, private_server, caplog
+):
+    target = private_server()
+    with target.client() as t:
+        t.config_set("maxmemory-policy", "noeviction")
+        t.config_set("maxmemory", 1)  # every write is refused: OOM
+    total = 2000
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller", url=server.url)
+    sink = source.map(lambda entry: {"order": entry.id}).to_redis_stream("invoices", url=target.url)
+    with caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        source.start()
+        started = time.monotonic()
+        for n in range(0, total, 10):  # a steady trickle over about 3 s
+            with r.pipeline(transaction=False) as pipe:
+                for i in range(n, n + 10):
+                    pipe.xadd("orders", {"n": i})
+                pipe.execute()
+            time.sleep(0.015)  # the producer's pace, not a synchronisation
+        wait_for(lambda: sink.metrics()["failed"] == total, timeout=20)
+        elapsed = time.monotonic() - started
+    refused = streamz_redis_errors(caplog, "OutOfMemoryError")
+    print(f"\n{len(refused)} ERROR lines for {total} refused writes over {elapsed:.1f} s")
+    assert refused and len(refused) < 30
+    assert sink.metrics()["written"] == 0
+    wait_for_acks(source)
+    assert pending(r, "orders", "billing") == total  # none acknowledged
+
+    with target.client() as t:
+        t.config_set("maxmemory", 0)
+        source.stop()
+        source.start()  # replays its pending entries
+        wait_for(lambda: t.xlen("invoices") == total and pending(r, "orders", "billing") == 0,
+                 timeout=20)
+
+
+# ---- Exit is bounded, even with Redis hung --------------------------------
+
+HUNG_AT_EXIT = textwrap.dedent(
+    """
+    import logging, sys, time
+    from streamz import Stream
+    from conftest import wait_for
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller", start_id="0")
+    sink = source.map(lambda entry: {"order": entry.id}).to_redis_stream("invoices")
+    source.start()
+    print("started", flush=True)
+    sys.stdin.readline()  # the test has stopped Redis (SIGSTOP)
+    wait_for(lambda: sink.metrics()["in_flight"] > 0)
+    print("ending with", sink.metrics()["in_flight"], "unwritten", flush=True)
+    """
+)
+
+
+def test_a_script_that_ends_while_redis_hangs_exits_within_3_s_and_says_what_it_lost(
+    private_server, tmp_path
+):
+    server = private_server()
+    with server.client() as r, r.pipeline(transaction=False) as pipe:
+        for n in range(20_000):
+            pipe.xadd("orders", {"n": n})
+        pipe.execute()
+    script = tmp_path / "hung.py"
+    script.write_text(HUNG_AT_EXIT)
+    worker = subprocess.Popen(
+        [sys.executable, str(script)], cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(HERE), REDIS_URL=server.url),
+    )
+    stopped = False
+    try:
+        assert worker.stdout.readline() == b"started\n"
+        with server.client() as r:
+            wait_for(lambda: r.xlen("invoices") >= 1000, timeout=30)
+        os.kill(server.process.pid, signal.SIGSTOP)  # mid-flow: reads, writes and acks hang
+        stopped = True
+        worker.stdin.write(b"go\n")
+        worker.stdin.flush()
+        ending = worker.stdout.readline()
+        ended = time.monotonic()
+        assert ending.startswith(b"ending with"), ending
+        worker.wait(timeout=30)
+        took = time.monotonic() - ended
+    finally:
+        if stopped:
+            os.kill(server.process.pid, signal.SIGCONT)
+        worker.kill()
+        worker.wait()
+        server.kill()
+    stderr = worker.stderr.read().decode()
+    print(f"\n{ending.decode().strip()}; exited {took:.2f} s after the script ended\n{stderr}")
+    assert took < 3.5
+    assert re.search(r"\d+ element\(s\) not written", stderr), stderr
