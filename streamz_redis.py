@@ -958,6 +958,7 @@ class _RedisSource(_RedisNode, Source):
             try:
                 await self._connect()
                 await self._check_permissions()
+                self._forget_last_emitted()
                 await self._prepare()
             except BaseException as exc:
                 await self._close()
@@ -1048,6 +1049,20 @@ class _RedisSource(_RedisNode, Source):
         if flushes:
             await asyncio.wait(flushes, timeout=timeout)
             await asyncio.sleep(0)  # streamz calls the acks back on the next loop turn
+
+    def _forget_last_emitted(self):
+        """streamz keeps on every node the metadata of the last element it
+        emitted (``current_metadata``). It is no hold, but it keeps that
+        element's reference alive: a replay would take an entry that a node
+        downstream dropped for one still in the pipeline, and skip it."""
+        seen, todo = set(), [self]
+        while todo:
+            node = todo.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            node.current_metadata = None
+            todo.extend(node.downstreams)
 
     def _downstream_sinks(self):
         """The Redis sinks this source's elements can reach."""
@@ -1142,6 +1157,7 @@ class _RedisSource(_RedisNode, Source):
             log.warning("%s: Redis is unreachable (%s); retrying in %.1f s",
                         self, _error_text(exc), delay)
             self._reconnects += 1
+            self._forget_last_emitted()
             self._on_disconnect()
             return False
         try:
