@@ -465,7 +465,14 @@ class _Reference(RefCounter):
     entry saved).
     """
 
-    __slots__ = ("loop", "count", "cb", "ledger", "state")
+    __slots__ = ("loop", "count", "ledger", "state")
+
+    @property
+    def cb(self):
+        # Itself, without storing it: a reference to itself would be a cycle,
+        # and a reference a node dropped would live on until the garbage
+        # collector ran (and a replay would take it for one still held).
+        return self
 
     def release(self, n=1):
         self.count -= n
@@ -486,7 +493,6 @@ class _Ack(_Reference):
         # Not RefCounter.__init__ (it would look a loop up): one per entry.
         self.loop = ledger.loop
         self.count = 1
-        self.cb = self
         self.ledger = ledger
         self.state = _PENDING
         self.key = key  # stream name or processing list
@@ -520,7 +526,6 @@ class _AckAll(_Reference):
     def __init__(self, ledger, acks):
         self.loop = ledger.loop
         self.count = 1
-        self.cb = self
         self.ledger = ledger
         self.state = _PENDING
         self.acks = acks
