@@ -1936,3 +1936,152 @@ def test_a_script_that_ends_while_redis_hangs_exits_within_3_s_and_says_what_it_
     print(f"\n{ending.decode().strip()}; exited {took:.2f} s after the script ended\n{stderr}")
     assert took < 3.5
     assert re.search(r"\d+ element\(s\) not written", stderr), stderr
+
+
+# ---- Dead letters under a restricted ACL ----------------------------------
+
+
+def test_a_poison_entry_is_dead_lettered_at_most_once_by_a_user_who_may_not_ack(
+    private_server, caplog
+):
+    server = private_server()
+    with server.client() as r, caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        acl_user(r, "worker")
+        source = Stream.from_redis_consumer_group(
+            "s", "g", "c", claim_idle=0.05, max_deliveries=1, url=user_url(server, "worker")
+        )
+
+        def process(entry):
+            raise ValueError("poison")
+
+        source.map(process).sink(lambda x: None)
+        source.start()  # checks XACK, so it is taken away only now
+        r.execute_command("ACL", "SETUSER", "worker", "-xack")
+        entry_id = r.xadd("s", {"i": "poison"}).decode()
+        wait_for(lambda: len(streamz_redis_errors(caplog, entry_id, "failed (", "stays pending")) >= 3)
+        assert r.xlen("s:dead-letter") == 0  # the script checks both commands before writing
+        assert pending(r, "s", "g") == 1
+
+        r.execute_command("ACL", "SETUSER", "worker", "+xack")
+        wait_for(lambda: pending(r, "s", "g") == 0)
+        assert r.xlen("s:dead-letter") == 1
+
+
+@pytest.mark.parametrize("refusal", ["no EVAL", "no access to the dead-letter key"])
+def test_an_undecodable_item_whose_dead_letter_move_is_refused_goes_back_to_its_list(
+    private_server, caplog, refusal
+):
+    server = private_server()
+    with server.client() as r, caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        if refusal == "no EVAL":
+            acl_user(r, "worker", "-eval")
+        else:
+            acl_user(r, "worker", "resetkeys", "~jobs")
+        source = Stream.from_redis_list("jobs", url=user_url(server, "worker"))
+        seen = source.sink_to_list()
+        source.start()
+        r.rpush("jobs", b"\xffnot utf-8", "fine")
+        wait_for(lambda: streamz_redis_errors(caplog, "put back at the head of its list"))
+        # Retried with back-off (0.1 s doubling): wait for the fourth try.
+        wait_for(lambda: streamz_redis_errors(caplog, "put back", "retrying in 0.8 s"), timeout=5)
+        assert len(streamz_redis_errors(caplog, "put back")) <= 5
+        wait_for(lambda: r.lrange("jobs", 0, -1) == [b"\xffnot utf-8", b"fine"])
+        assert seen == [] and r.llen("jobs:dead-letter") == 0
+
+        if refusal == "no EVAL":
+            r.execute_command("ACL", "SETUSER", "worker", "+eval")
+        else:
+            r.execute_command("ACL", "SETUSER", "worker", "~*")
+        wait_for(lambda: seen == ["fine"], timeout=10)
+        assert r.lrange("jobs:dead-letter", 0, -1) == [b"\xffnot utf-8"]
+
+
+# ---- start=True inside a running event loop --------------------------------
+
+
+@pytest.mark.parametrize("problem", ["unreachable", "wrong type"])
+def test_start_true_inside_a_running_loop_logs_a_failed_start(server, r, caplog, problem):
+    if problem == "wrong type":
+        r.set("s", "a string")
+        url = server.url
+    else:
+        url = f"redis://127.0.0.1:{free_port()}/0"
+
+    async def main():
+        Stream.from_redis_consumer_group(
+            "s", "g", "c", url=url, start=True, asynchronous=True, loop=IOLoop.current()
+        )
+        deadline = time.monotonic() + 10
+        while not streamz_redis_errors(caplog, "start=True failed") and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(main())
+    [line] = streamz_redis_errors(caplog, "start=True failed")
+    assert ("not a stream" if problem == "wrong type" else "ConnectionError") in line
+    assert "Task exception was never retrieved" not in caplog.text
+
+
+# ---- One log line per problem ---------------------------------------------
+
+
+def test_an_exception_in_a_map_is_logged_with_its_traceback_once(server, r, caplog):
+    source = Stream.from_redis_consumer_group("s", "g", "c")
+
+    def fragile(entry):
+        raise RuntimeError("boom")
+
+    source.map(fragile).sink(lambda x: None)
+    with caplog.at_level(logging.ERROR):
+        source.start()
+        entry_id = r.xadd("s", {"i": 0}).decode()
+        wait_for(lambda: streamz_redis_errors(caplog, entry_id, "processing failed"))
+    with_traceback = [rec for rec in caplog.records if rec.exc_info]
+    assert len(with_traceback) == 1 and with_traceback[0].name == "streamz.core"
+    [ours] = [rec for rec in caplog.records if rec.name == "streamz_redis"]
+    assert "RuntimeError: boom" in ours.getMessage() and "not acknowledged" in ours.getMessage()
+    assert caplog.text.count("Traceback") == 1
+
+
+def test_a_group_destroyed_while_running_is_warned_about_once(server, r, caplog):
+    source = Stream.from_redis_consumer_group("s", "g", "c", timeout=0.2)
+    seen = source.sink_to_list()
+    with caplog.at_level(logging.WARNING, logger="streamz_redis"):
+        source.start()
+        r.xadd("s", {"i": 0})
+        wait_for(lambda: len(seen) == 1)
+        r.xgroup_destroy("s", "g")
+        wait_for(lambda: "recreating the group" in caplog.text)
+        r.xadd("s", {"i": 1})
+        wait_for(lambda: len(seen) == 2)
+        wait_for_acks(source)
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "streamz_redis"]
+    assert len([m for m in lines if "NOGROUP" in m]) == 1, lines
+    assert len(lines) == 1, lines
+
+
+# ---- Lost references ------------------------------------------------------
+
+
+def test_entries_a_node_dropped_without_letting_go_are_delivered_again_after_a_restart(server, r):
+    """A node that loses elements without releasing their references (here a
+    buffer whose queue is replaced) must not leave their entries stuck: the
+    next start() replays them. Entries a node still holds are not replayed."""
+    source = Stream.from_redis_consumer_group("s", "g", "c", start_id="0")
+    buffered = source.buffer(100)
+    held = HeldSink(buffered)
+    ids = [r.xadd("s", {"i": i}).decode() for i in range(10)]
+    source.start()
+    wait_for(lambda: held.received and buffered.queue.qsize() == 9)
+    assert [e.id for e in held.received] == ids[:1]  # the sink holds the first, nine wait
+
+    async def drop_the_queue():
+        buffered.queue = type(buffered.queue)(maxsize=100)  # nine lost, never released
+
+    on_loop(source, drop_the_queue)
+    source.stop()
+    source.start()
+    wait_for(lambda: buffered.queue.qsize() == 9)  # replayed; the held one is not
+    held.let_go(source)
+    wait_for(lambda: pending(r, "s", "g") == 0)
+    assert [e.id for e in held.received] == ids
