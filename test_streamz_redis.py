@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -2105,3 +2106,53 @@ def test_entries_a_node_dropped_without_letting_go_are_delivered_again_after_a_r
     held.let_go(source)
     wait_for(lambda: pending(r, "s", "g") == 0)
     assert [e.id for e in held.received] == ids
+
+
+def make_ca_and_server_certificate(directory, name):
+    """A CA of its own and a certificate for 127.0.0.1 signed by it, made
+    with the openssl command line."""
+    def openssl(*args):
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}-ca.key",
+            "-out", f"{name}-ca.crt", "-days", "2", "-subj", f"/CN={name} test CA")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", "/CN=127.0.0.1")
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{name}-ca.crt", "-CAkey", f"{name}-ca.key",
+            "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", "san.ext")
+    return directory / f"{name}-ca.crt", directory / f"{name}.crt", directory / f"{name}.key"
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="needs the openssl command line")
+def test_a_sink_whose_tls_certificate_does_not_verify_fails_its_writes_instead_of_retrying(
+    server, r, private_server, tmp_path, caplog
+):
+    ca, certificate, key = make_ca_and_server_certificate(tmp_path, "server")
+    wrong_ca, _, _ = make_ca_and_server_certificate(tmp_path, "other")
+    tls_port = free_port()
+    private_server("--tls-port", str(tls_port), "--tls-cert-file", str(certificate),
+                   "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no")
+    for n in range(5):
+        r.xadd("orders", {"n": n})
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller", start_id="0", url=server.url)
+    invoices = source.map(lambda entry: {"order": entry.id})
+    sink = invoices.to_redis_stream(
+        "invoices", url=f"rediss://127.0.0.1:{tls_port}/0", client_kwargs={"ssl_ca_certs": str(wrong_ca)}
+    )
+    with caplog.at_level(logging.WARNING, logger="streamz_redis"):
+        source.start()
+        wait_for(lambda: sink.metrics()["failed"] == 5)
+    assert streamz_redis_errors(caplog, "refused", "certificate verify failed")
+    assert "unreachable" not in caplog.text  # a permanent error, not retried as a lost connection
+    wait_for_acks(source)
+    assert pending(r, "orders", "billing") == 5
+
+    # The same server, with the right CA: the entries are written on restart.
+    source.stop()
+    good = invoices.to_redis_stream(
+        "invoices", url=f"rediss://127.0.0.1:{tls_port}/0", client_kwargs={"ssl_ca_certs": str(ca)}
+    )
+    sink.destroy()
+    source.start()
+    wait_for(lambda: good.metrics()["written"] == 5 and pending(r, "orders", "billing") == 0)
