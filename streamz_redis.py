@@ -382,12 +382,15 @@ def _check_url(url):
         raise TypeError(f"url must be a str, not {type(url).__name__}")
     try:
         redis.asyncio.connection.parse_url(url)
+        valid = True
     except ValueError:
+        valid = False  # raised outside: redis-py's error (its __context__) may quote the password
+    if not valid:
         raise ValueError(
             f"url {_safe_url(url)!r} is not a valid Redis URL (expected "
             "redis://[[user]:password@]host[:port][/db]); a password that holds "
             "'#', '/', '?', '@' or ':' must be percent-encoded (urllib.parse.quote)"
-        ) from None
+        )
     parts = urlsplit(url)
     db = parts.path.strip("/")
     if parts.scheme in ("redis", "rediss") and db and not db.isdigit():
@@ -473,7 +476,14 @@ class _Reference(RefCounter):
     entry saved).
     """
 
-    __slots__ = ("loop", "count", "cb", "ledger", "state")
+    __slots__ = ("loop", "count", "ledger", "state")
+
+    @property
+    def cb(self):
+        # Itself, without storing it: a reference to itself would be a cycle,
+        # and a reference a node dropped would live on until the garbage
+        # collector ran (and a replay would take it for one still held).
+        return self
 
     def release(self, n=1):
         self.count -= n
@@ -494,7 +504,6 @@ class _Ack(_Reference):
         # Not RefCounter.__init__ (it would look a loop up): one per entry.
         self.loop = ledger.loop
         self.count = 1
-        self.cb = self
         self.ledger = ledger
         self.state = _PENDING
         self.key = key  # stream name or processing list
@@ -541,7 +550,6 @@ class _AckAll(_Reference):
     def __init__(self, ledger, acks):
         self.loop = ledger.loop
         self.count = 1
-        self.cb = self
         self.ledger = ledger
         self.state = _PENDING
         self.acks = acks
@@ -698,6 +706,10 @@ def _exit_cleanly():
             try:
                 if _loop_runs_elsewhere(node) and left > 0:
                     sync(node.loop, getattr(node, finish), left, callback_timeout=left + 1)
+                elif finish == "_close" and node._unconfirmed:
+                    # No time left (the sources took it) or no loop: say what is lost.
+                    log.error("%s: %d element(s) not written at exit; their upstream entries "
+                              "are not acknowledged", node, node._unconfirmed)
             except Exception as exc:  # pragma: no cover - best effort at exit
                 log.error("%s: could not finish cleanly at exit (%s)", node, _error_text(exc))
 
@@ -989,6 +1001,7 @@ class _RedisSource(_RedisNode, Source):
             try:
                 await self._connect()
                 await self._check_permissions()
+                self._forget_last_emitted()
                 await self._prepare()
             except BaseException as exc:
                 await self._close()
@@ -1080,6 +1093,20 @@ class _RedisSource(_RedisNode, Source):
         if flushes:
             await asyncio.wait(flushes, timeout=timeout)
             await asyncio.sleep(0)  # streamz calls the acks back on the next loop turn
+
+    def _forget_last_emitted(self):
+        """streamz keeps on every node the metadata of the last element it
+        emitted (``current_metadata``). It is no hold, but it keeps that
+        element's reference alive: a replay would take an entry that a node
+        downstream dropped for one still in the pipeline, and skip it."""
+        seen, todo = set(), [self]
+        while todo:
+            node = todo.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            node.current_metadata = None
+            todo.extend(node.downstreams)
 
     def _downstream_sinks(self):
         """The Redis sinks this source's elements can reach."""
@@ -1174,6 +1201,7 @@ class _RedisSource(_RedisNode, Source):
             log.warning("%s: Redis is unreachable (%s); retrying in %.1f s",
                         self, _error_text(exc), delay)
             self._reconnects += 1
+            self._forget_last_emitted()
             self._on_disconnect()
             return False
         try:
@@ -1431,6 +1459,9 @@ class from_redis_list(_RedisSource):
         return [
             ["LRANGE", processing, 0, -1],
             ["EVALSHA", "0" * 40, 2, key, processing, 0, self.side.upper()],
+            # What the batch-moving script runs, and how redis-py loads it.
+            ["LMOVE", key, processing, self.side.upper(), "RIGHT"],
+            ["SCRIPT", "LOAD", self._MOVE_BATCH],
             ["BLMOVE", key, processing, self.side.upper(), "RIGHT", timeout],
             ["LREM", processing, 1, "x"],
         ]
@@ -2270,6 +2301,8 @@ class _RedisSink(_RedisNode, Sink):
         self._unconfirmed = 0  # elements received, not yet written or failed
         self._written = self._refused_count = 0
         self._writer = None  # the task that runs round trips while any are queued
+        self._backoff = _Backoff()  # shared by successive writers
+        self._refusing = False  # Redis refused the last round trip: back off before the next
         self._room = None  # what upstream awaits while max_in_flight are held
         super().__init__(upstream, ensure_io_loop=True, **kwargs)
 
@@ -2386,9 +2419,12 @@ class _RedisSink(_RedisNode, Sink):
     async def _write_queued(self):
         """Round trips until nothing is queued: each sends, in one pipeline,
         everything that arrived during the previous one. While Redis refuses
-        writes (out of memory, say) the next round trip waits, with back-off."""
-        backoff = _Backoff()
+        writes (out of memory, say) the next round trip waits, with back-off,
+        also when it is a later writer's first (elements arriving one by one)."""
+        backoff = self._backoff
         while self._queue:
+            if self._refusing:
+                await backoff.wait()
             self._writing, self._queue = self._queue, []
             refused = []
             try:
@@ -2413,10 +2449,9 @@ class _RedisSink(_RedisNode, Sink):
             self._confirmed(len(self._writing))
             self._writing = []
             self._refused_count += len(refused)
+            self._refusing = bool(refused)
             if refused:
                 self._refused(refused, backoff.delay if self._queue else None)
-                if self._queue:
-                    await backoff.wait()
             else:
                 backoff.reset()
 

@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -678,7 +679,7 @@ def test_url_defaults_to_the_REDIS_URL_variable(server, monkeypatch):
 
 
 # --------------------------------------------------------------------------
-# Inside a running event loop
+# Sources inside a running event loop
 # --------------------------------------------------------------------------
 
 
@@ -836,10 +837,11 @@ def test_a_poison_entry_ends_in_the_dead_letter_stream_and_the_rest_flow(server,
     with caplog.at_level(logging.ERROR, logger="streamz_redis"):
         source.start()
         wait_for(lambda: r.xlen("s:dead-letter") == 1 and pending(r, "s", "g") == 0)
+        # The log line is written after the script that moved the entry returned.
+        wait_for(lambda: "moved to stream 's:dead-letter'" in caplog.text)
     [(_, dead)] = r.xrange("s:dead-letter")
     assert dead == {b"i": b"3", b"source_stream": b"s", b"source_id": ids[3].encode(), b"deliveries": b"3"}
     assert in_order(e.id for e in done) == ids[:3] + ids[4:]
-    assert "moved to stream 's:dead-letter'" in caplog.text
     r.xadd("s", {"i": "after"})  # the source keeps running
     wait_for(lambda: len(done) == 10)
 
@@ -977,7 +979,10 @@ def test_sigkill_at_random_moments_loses_nothing(private_server, tmp_path, mode)
             return r.llen("jobs:processing:worker-1")
 
     kills, lost_in_flight = 3, 0
-    rng = random.Random()
+    # STREAMZ_REDIS_TEST_SEED=<n> replays a run: the seed is printed.
+    seed = int(os.environ.get("STREAMZ_REDIS_TEST_SEED", "20240611"))
+    print(f"\n{mode}: random seed {seed} (STREAMZ_REDIS_TEST_SEED)")
+    rng = random.Random(seed)
     for k in range(kills + 1):
         worker = subprocess.Popen(
             [sys.executable, str(script), server.url, mode, "worker-1"], cwd=HERE,
@@ -1084,7 +1089,7 @@ def results(r, stream):
 
 
 # --------------------------------------------------------------------------
-# Round trips
+# Sinks: round trips
 # --------------------------------------------------------------------------
 
 
@@ -1130,7 +1135,7 @@ def test_numbers_are_written_as_redis_formats_them(server, r):
 
 
 # --------------------------------------------------------------------------
-# Pub/Sub
+# Sinks and source: Pub/Sub
 # --------------------------------------------------------------------------
 
 
@@ -1195,7 +1200,7 @@ def test_pubsub_needs_a_channel_or_a_pattern():
 
 
 # --------------------------------------------------------------------------
-# What a sink refuses
+# Sinks: what they refuse
 # --------------------------------------------------------------------------
 
 
@@ -1261,7 +1266,7 @@ def test_a_refused_write_is_logged_and_its_entry_stays_pending(server, r, caplog
 
 
 # --------------------------------------------------------------------------
-# Acknowledgement waits for the write
+# Sinks: acknowledgement waits for the write
 # --------------------------------------------------------------------------
 
 
@@ -1335,7 +1340,7 @@ def test_stopping_the_source_waits_for_the_sink_and_acknowledges(server, r, priv
 
 
 # --------------------------------------------------------------------------
-# Connection loss
+# Sinks: connection loss and close()
 # --------------------------------------------------------------------------
 
 
@@ -1400,7 +1405,7 @@ def test_close_gives_up_on_a_redis_that_does_not_answer(server, r, private_serve
 
 
 # --------------------------------------------------------------------------
-# Inside a running event loop
+# Sinks inside a running event loop
 # --------------------------------------------------------------------------
 
 
@@ -1572,6 +1577,29 @@ def test_stopping_one_source_leaves_the_others_feeding_a_shared_sink_running(
     assert not second._task.done()
 
 
+def test_an_async_sink_may_await_stop_of_its_own_source(server, r):
+    source = Stream.from_redis_list("k", asynchronous=False)
+    seen = []
+
+    async def stop_after_two(item):
+        seen.append(item)
+        if len(seen) == 2:
+            await source.stop()
+
+    source.sink(stop_after_two)
+    r.rpush("k", *range(5))
+    source.start()
+    wait_for(lambda: source._task is None and len(seen) == 2, timeout=3)
+    assert r.lrange("k", 0, -1) == [b"2", b"3", b"4"]
+    source.start()  # and it starts again
+    wait_for(lambda: len(seen) == 5)
+
+
+# --------------------------------------------------------------------------
+# When the event loop ends before stop()
+# --------------------------------------------------------------------------
+
+
 def test_a_script_whose_event_loop_ended_before_stop_still_exits(server):
     script = textwrap.dedent(
         """
@@ -1592,12 +1620,26 @@ def test_a_script_whose_event_loop_ended_before_stop_still_exits(server):
     assert out.returncode == 3
 
 
-def test_a_password_in_the_query_string_is_masked_too(server):
-    source = Stream.from_redis_list("k", url="redis://127.0.0.1:1/0?password=hunter2&db=0")
-    assert "hunter2" not in repr(source) and "password=***" in repr(source)
-    with pytest.raises(redis.exceptions.ConnectionError) as error:
-        source.start()
-    assert "hunter2" not in str(error.value)
+@pytest.mark.skipif(
+    sys.version_info < (3, 11),
+    reason="Python 3.10 cannot tell a cancel that redis-py's asyncio.wait_for swallowed: "
+    "asyncio.run() may then wait on the read loop; stop sources before the loop ends",
+)
+def test_stop_after_the_event_loop_has_ended_returns_with_a_warning(server, caplog):
+    async def main():
+        source = Stream.from_redis_list("k", asynchronous=True, loop=IOLoop.current())
+        await source.start()
+        return source
+
+    source = asyncio.run(main())
+    with caplog.at_level(logging.WARNING, logger="streamz_redis"):
+        source.stop()  # returns: it does not wait on a loop that is gone
+    assert "event loop has ended" in caplog.text
+
+
+# --------------------------------------------------------------------------
+# Claimed entries and dead letters
+# --------------------------------------------------------------------------
 
 
 def test_claimed_entries_carry_their_own_delivery_counts(server, r):
@@ -1634,39 +1676,17 @@ def test_a_dead_letter_write_that_fails_leaves_the_entry_pending(server, r, capl
     assert r.type("dead") == b"string"
 
 
-def test_an_async_sink_may_await_stop_of_its_own_source(server, r):
-    source = Stream.from_redis_list("k", asynchronous=False)
-    seen = []
-
-    async def stop_after_two(item):
-        seen.append(item)
-        if len(seen) == 2:
-            await source.stop()
-
-    source.sink(stop_after_two)
-    r.rpush("k", *range(5))
-    source.start()
-    wait_for(lambda: source._task is None and len(seen) == 2, timeout=3)
-    assert r.lrange("k", 0, -1) == [b"2", b"3", b"4"]
-    source.start()  # and it starts again
-    wait_for(lambda: len(seen) == 5)
+# --------------------------------------------------------------------------
+# Connection settings: passwords in URLs, blocking reads under socket_timeout
+# --------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(
-    sys.version_info < (3, 11),
-    reason="Python 3.10 cannot tell a cancel that redis-py's asyncio.wait_for swallowed: "
-    "asyncio.run() may then wait on the read loop; stop sources before the loop ends",
-)
-def test_stop_after_the_event_loop_has_ended_returns_with_a_warning(server, caplog):
-    async def main():
-        source = Stream.from_redis_list("k", asynchronous=True, loop=IOLoop.current())
-        await source.start()
-        return source
-
-    source = asyncio.run(main())
-    with caplog.at_level(logging.WARNING, logger="streamz_redis"):
-        source.stop()  # returns: it does not wait on a loop that is gone
-    assert "event loop has ended" in caplog.text
+def test_a_password_in_the_query_string_is_masked_too(server):
+    source = Stream.from_redis_list("k", url="redis://127.0.0.1:1/0?password=hunter2&db=0")
+    assert "hunter2" not in repr(source) and "password=***" in repr(source)
+    with pytest.raises(redis.exceptions.ConnectionError) as error:
+        source.start()
+    assert "hunter2" not in str(error.value)
 
 
 def test_blocking_reads_stay_below_redis_py_default_socket_timeout(server):
@@ -1893,3 +1913,505 @@ def test_three_sigkills_leave_each_input_exactly_once_in_the_output(server, r, t
         assert duplicates == 0
     else:
         assert duplicates > 0  # what exactly_once is for: the test can fail
+
+
+# ==========================================================================
+# What the user sees when things go wrong: log lines, permissions, bad
+# arguments, refused and hung servers, killed connections, lost references
+# ==========================================================================
+
+
+def acl_user(r, name, *rules):
+    """An ACL user of the server ``r`` talks to, with password "pw" and
+    everything allowed unless ``rules`` take it away."""
+    r.acl_setuser(name, reset=True)  # a clean slate when a test reuses the name
+    r.execute_command("ACL", "SETUSER", name, "on", ">pw", "~*", "&*", "+@all", *rules)
+
+
+def user_url(server, name):
+    return f"redis://{name}:pw@127.0.0.1:{server.port}/0"
+
+
+def streamz_redis_errors(caplog, *words):
+    """The ERROR lines of streamz_redis that hold every one of ``words``."""
+    return [
+        rec.getMessage() for rec in caplog.records
+        if rec.name == "streamz_redis" and rec.levelno >= logging.ERROR
+        and all(w in rec.getMessage() for w in words)
+    ]
+
+
+# ---- Log lines say what Redis said ----------------------------------------
+
+
+def test_a_key_that_changes_type_while_running_is_logged_with_redis_own_words(server, r, caplog):
+    source = Stream.from_redis_list("k", timeout=0.1)
+    seen = source.sink_to_list()
+    with caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        source.start()
+        r.rpush("k", "before")
+        wait_for(lambda: seen == ["before"])
+        r.set("k", "now a string")
+        wait_for(lambda: streamz_redis_errors(caplog, "read failed"))
+        r.delete("k")
+        r.rpush("k", "after")
+        wait_for(lambda: seen == ["before", "after"])
+    [line, *_] = streamz_redis_errors(caplog, "read failed")
+    assert "ResponseError: WRONGTYPE Operation against a key holding the wrong kind of value" in line
+    assert "server:ResponseError" not in caplog.text
+
+
+# ---- A reliable list replays its processing list after every reconnect ----
+
+
+def test_a_reliable_list_loses_nothing_while_its_connections_are_killed_every_50_ms(
+    private_server, caplog
+):
+    server = private_server()
+    total = 5000
+    source = Stream.from_redis_list(
+        "jobs", processing_list="jobs:processing", timeout=0.2,
+        client_kwargs={"client_name": "worker"},
+    )
+    seen = source.sink_to_list()
+    source.start()
+    kills = 0
+    with server.client() as admin:
+
+        def kill_the_workers_connections():
+            nonlocal kills
+            for client in admin.client_list():
+                if client["name"] == "worker":
+                    try:
+                        admin.client_kill_filter(_id=client["id"])
+                        kills += 1
+                    except redis.exceptions.ResponseError:
+                        pass  # gone already
+
+        started = time.monotonic()
+        for chunk in range(0, total, 50):
+            admin.rpush("jobs", *range(chunk, chunk + 50))
+            kill_the_workers_connections()
+            time.sleep(0.05)  # the pace of the fault injection, not a synchronisation
+        wait_for(
+            lambda: {int(x) for x in seen} == set(range(total))
+            and admin.llen("jobs:processing") == 0 and admin.llen("jobs") == 0,
+            timeout=15,
+        )
+        elapsed = time.monotonic() - started
+    duplicates = len(seen) - total
+    print(f"\n{kills} connections killed, {source.metrics()['reconnects']} reconnects, "
+          f"{duplicates} duplicate(s) of {total}, {elapsed:.1f} s")
+    assert kills > 20 and source.metrics()["reconnects"] > 10
+
+
+# ---- Permissions that reading needs: checked by start() --------------------
+
+MISSING_PERMISSIONS = [
+    ("list", "lpop", lambda url: Stream.from_redis_list("k", url=url)),
+    ("list", "blpop", lambda url: Stream.from_redis_list("k", url=url)),
+    ("streams", "xread", lambda url: Stream.from_redis_streams("k", url=url)),
+    ("group", "xreadgroup", lambda url: Stream.from_redis_consumer_group("k", "g", "c", url=url)),
+    ("group", "xpending", lambda url: Stream.from_redis_consumer_group("k", "g", "c", url=url)),
+    ("group", "xack", lambda url: Stream.from_redis_consumer_group("k", "g", "c", url=url)),
+    ("claiming group", "xautoclaim",
+     lambda url: Stream.from_redis_consumer_group("k", "g", "c", claim_idle=1, url=url)),
+    *[("reliable list", command,
+       lambda url: Stream.from_redis_list("k", processing_list="k:processing", url=url))
+      for command in ("lmove", "blmove", "evalsha", "lrange", "lrem", "script")],
+]
+
+
+@pytest.mark.parametrize(
+    "kind, command, make", MISSING_PERMISSIONS, ids=[f"{k}-{c}" for k, c, _ in MISSING_PERMISSIONS]
+)
+def test_start_names_a_command_reading_needs_that_the_user_may_not_run(private_server, kind, command, make):
+    server = private_server()
+    with server.client() as r:
+        acl_user(r, "reader", f"-{command}")
+    source = make(user_url(server, "reader"))
+    with pytest.raises(redis.exceptions.NoPermissionError, match=command.upper()) as error:
+        source.start()
+    assert "pw" not in str(error.value).replace("ACL", "")
+    assert source.metrics()["read"] == 0 and not source.started
+
+
+def test_a_user_who_may_not_run_multi_can_still_start_and_read(private_server, caplog):
+    """start() checks permissions by queueing the commands inside a MULTI it
+    discards; without MULTI it cannot check, and does not refuse to start."""
+    server = private_server()
+    with server.client() as r:
+        acl_user(r, "reader", "-multi")
+        source = Stream.from_redis_consumer_group("k", "g", "c", url=user_url(server, "reader"))
+        seen = source.sink_to_list()
+        source.start()
+        r.xadd("k", {"v": "in"})
+        wait_for(lambda: [value_of(x) for x in seen] == ["in"])
+        wait_for(lambda: pending(r, "k", "g") == 0)
+
+
+def test_a_permission_taken_away_while_running_is_logged_backed_off_and_given_back(
+    private_server, caplog
+):
+    server = private_server()
+    with server.client() as r, caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        acl_user(r, "reader")
+        source = Stream.from_redis_consumer_group(
+            "k", "g", "c", timeout=0.1, url=user_url(server, "reader")
+        )
+        seen = source.sink_to_list()
+        source.start()
+        r.execute_command("ACL", "SETUSER", "reader", "-xreadgroup")
+        wait_for(lambda: streamz_redis_errors(caplog, "xreadgroup"))
+        first = time.monotonic()
+        # The back-off doubles from 0.1 s: the fifth line says 1.6 s.
+        wait_for(lambda: streamz_redis_errors(caplog, "xreadgroup", "retrying in 1.6 s"), timeout=5)
+        lines = streamz_redis_errors(caplog, "xreadgroup")
+        assert time.monotonic() - first >= 1.4
+        assert len(lines) <= 6, lines
+        assert "NOPERM" in lines[0] or "NoPermissionError" in lines[0]
+
+        r.execute_command("ACL", "SETUSER", "reader", "+xreadgroup")
+        r.xadd("k", {"v": "back"})
+        wait_for(lambda: [value_of(x) for x in seen] == ["back"], timeout=10)
+
+
+# ---- Passwords in URLs that redis-py would misread ------------------------
+
+
+@pytest.mark.parametrize("url, fragments", [
+    ("redis://:SECRETA#SECRETB@127.0.0.1:6379/0", ["SECRETA", "SECRETB"]),
+    ("redis://u:SECRETC/SECRETD@127.0.0.1/0", ["SECRETC", "SECRETD"]),
+    ("redis://:SECRETE?SECRETF@127.0.0.1/0", ["SECRETE", "SECRETF"]),
+])
+def test_an_unencoded_password_is_a_clear_error_that_never_shows_it(url, fragments):
+    for make in (lambda: Stream.from_redis_list("k", url=url), lambda: Stream().to_redis_stream("s", url=url)):
+        with pytest.raises(ValueError, match="percent-encoded") as error:
+            make()
+        shown = str(error.value) + repr(error.value) + repr(error.value.__cause__) + repr(error.value.__context__)
+        for fragment in fragments:
+            assert fragment not in shown
+
+
+def test_a_database_that_is_not_a_number_is_a_clear_error():
+    with pytest.raises(ValueError, match="database must be a number, not 'abc'"):
+        Stream.from_redis_streams("s", url="redis://127.0.0.1:6379/abc")
+
+
+# ---- Bad arguments: a clear error naming the parameter, when a node is made
+
+
+@pytest.mark.parametrize("make, error, parameter", [
+    (lambda: Stream.from_redis_streams("s", start_id="99999999999999999999999"), ValueError, "start_id"),
+    (lambda: Stream.from_redis_streams("s", count=True), ValueError, "count"),
+    (lambda: Stream.from_redis_consumer_group("s", "g", None), TypeError, "consumer"),
+    (lambda: Stream.from_redis_list("k", timeout=float("nan")), ValueError, "timeout"),
+    (lambda: Stream.from_redis_list("k", timeout="1"), TypeError, "timeout"),
+    (lambda: Stream.from_redis_list(123), TypeError, "keys"),
+    (lambda: Stream.from_redis_list("k", client_kwargs=[1, 2]), TypeError, "client_kwargs"),
+    (lambda: Stream.from_redis_list("k", client=redis.Redis()), TypeError, "redis.asyncio"),
+    (lambda: Stream.from_redis_consumer_group("s", "g", "c", claim_idle=0), ValueError, "claim_idle"),
+    (lambda: Stream.from_redis_consumer_group("s", "g", "c", max_deliveries=0), ValueError, "max_deliveries"),
+], ids=["start_id", "count", "consumer", "timeout-nan", "timeout-str", "keys", "client_kwargs",
+        "sync-client", "claim_idle", "max_deliveries"])
+def test_a_bad_argument_is_a_clear_error_naming_it(make, error, parameter):
+    with pytest.raises(error, match=re.escape(parameter)):
+        make()
+
+
+# ---- A sink that Redis refuses does not flood the log ---------------------
+
+
+def test_a_sink_refused_for_want_of_memory_logs_little_and_its_entries_wait(
+    server, r, private_server, caplog
+):
+    target = private_server()
+    with target.client() as t:
+        t.config_set("maxmemory-policy", "noeviction")
+        t.config_set("maxmemory", 1)  # every write is refused: OOM
+    total = 2000
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller", url=server.url)
+    sink = source.map(lambda entry: {"order": entry.id}).to_redis_stream("invoices", url=target.url)
+    with caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        source.start()
+        started = time.monotonic()
+        for n in range(0, total, 10):  # a steady trickle over about 3 s
+            with r.pipeline(transaction=False) as pipe:
+                for i in range(n, n + 10):
+                    pipe.xadd("orders", {"n": i})
+                pipe.execute()
+            time.sleep(0.015)  # the producer's pace, not a synchronisation
+        wait_for(lambda: sink.metrics()["failed"] == total, timeout=20)
+        elapsed = time.monotonic() - started
+    refused = streamz_redis_errors(caplog, "OutOfMemoryError")
+    print(f"\n{len(refused)} ERROR lines for {total} refused writes over {elapsed:.1f} s")
+    assert refused and len(refused) < 30
+    assert sink.metrics()["written"] == 0
+    wait_for_acks(source)
+    assert pending(r, "orders", "billing") == total  # none acknowledged
+
+    with target.client() as t:
+        t.config_set("maxmemory", 0)
+        source.stop()
+        source.start()  # replays its pending entries
+        wait_for(lambda: t.xlen("invoices") == total and pending(r, "orders", "billing") == 0,
+                 timeout=20)
+
+
+# ---- Exit is bounded, even with Redis hung --------------------------------
+
+HUNG_AT_EXIT = textwrap.dedent(
+    """
+    import logging, sys, time
+    from streamz import Stream
+    from conftest import wait_for
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller", start_id="0")
+    sink = source.map(lambda entry: {"order": entry.id}).to_redis_stream("invoices")
+    source.start()
+    print("started", flush=True)
+    sys.stdin.readline()  # the test has stopped Redis (SIGSTOP)
+    wait_for(lambda: sink.metrics()["in_flight"] > 0)
+    print("ending with", sink.metrics()["in_flight"], "unwritten", flush=True)
+    """
+)
+
+
+def test_a_script_that_ends_while_redis_hangs_exits_within_3_s_and_says_what_it_lost(
+    private_server, tmp_path
+):
+    server = private_server()
+    with server.client() as r, r.pipeline(transaction=False) as pipe:
+        for n in range(20_000):
+            pipe.xadd("orders", {"n": n})
+        pipe.execute()
+    script = tmp_path / "hung.py"
+    script.write_text(HUNG_AT_EXIT)
+    worker = subprocess.Popen(
+        [sys.executable, str(script)], cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(HERE), REDIS_URL=server.url),
+    )
+    stopped = False
+    try:
+        assert worker.stdout.readline() == b"started\n"
+        with server.client() as r:
+            wait_for(lambda: r.xlen("invoices") >= 1000, timeout=30)
+        os.kill(server.process.pid, signal.SIGSTOP)  # mid-flow: reads, writes and acks hang
+        stopped = True
+        worker.stdin.write(b"go\n")
+        worker.stdin.flush()
+        ending = worker.stdout.readline()
+        ended = time.monotonic()
+        assert ending.startswith(b"ending with"), ending
+        worker.wait(timeout=30)
+        took = time.monotonic() - ended
+    finally:
+        if stopped:
+            os.kill(server.process.pid, signal.SIGCONT)
+        worker.kill()
+        worker.wait()
+        server.kill()
+    stderr = worker.stderr.read().decode()
+    print(f"\n{ending.decode().strip()}; exited {took:.2f} s after the script ended\n{stderr}")
+    assert took < 3.5
+    assert re.search(r"\d+ element\(s\) not written", stderr), stderr
+
+
+# ---- Dead letters under a restricted ACL ----------------------------------
+
+
+def test_a_poison_entry_is_dead_lettered_at_most_once_by_a_user_who_may_not_ack(
+    private_server, caplog
+):
+    server = private_server()
+    with server.client() as r, caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        acl_user(r, "worker")
+        source = Stream.from_redis_consumer_group(
+            "s", "g", "c", claim_idle=0.05, max_deliveries=1, url=user_url(server, "worker")
+        )
+
+        def process(entry):
+            raise ValueError("poison")
+
+        source.map(process).sink(lambda x: None)
+        source.start()  # checks XACK, so it is taken away only now
+        r.execute_command("ACL", "SETUSER", "worker", "-xack")
+        entry_id = r.xadd("s", {"i": "poison"}).decode()
+        wait_for(lambda: len(streamz_redis_errors(caplog, entry_id, "failed (", "stays pending")) >= 3)
+        assert r.xlen("s:dead-letter") == 0  # the script checks both commands before writing
+        assert pending(r, "s", "g") == 1
+
+        r.execute_command("ACL", "SETUSER", "worker", "+xack")
+        wait_for(lambda: pending(r, "s", "g") == 0)
+        assert r.xlen("s:dead-letter") == 1
+
+
+@pytest.mark.parametrize("refusal", ["no EVAL", "no access to the dead-letter key"])
+def test_an_undecodable_item_whose_dead_letter_move_is_refused_goes_back_to_its_list(
+    private_server, caplog, refusal
+):
+    server = private_server()
+    with server.client() as r, caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        if refusal == "no EVAL":
+            acl_user(r, "worker", "-eval")
+        else:
+            acl_user(r, "worker", "resetkeys", "~jobs")
+        source = Stream.from_redis_list("jobs", url=user_url(server, "worker"))
+        seen = source.sink_to_list()
+        source.start()
+        r.rpush("jobs", b"\xffnot utf-8", "fine")
+        wait_for(lambda: streamz_redis_errors(caplog, "put back at the head of its list"))
+        # Retried with back-off (0.1 s doubling): wait for the fourth try.
+        wait_for(lambda: streamz_redis_errors(caplog, "put back", "retrying in 0.8 s"), timeout=5)
+        assert len(streamz_redis_errors(caplog, "put back")) <= 5
+        wait_for(lambda: r.lrange("jobs", 0, -1) == [b"\xffnot utf-8", b"fine"])
+        assert seen == [] and r.llen("jobs:dead-letter") == 0
+
+        if refusal == "no EVAL":
+            r.execute_command("ACL", "SETUSER", "worker", "+eval")
+        else:
+            r.execute_command("ACL", "SETUSER", "worker", "~*")
+        wait_for(lambda: seen == ["fine"], timeout=10)
+        assert r.lrange("jobs:dead-letter", 0, -1) == [b"\xffnot utf-8"]
+
+
+# ---- start=True inside a running event loop --------------------------------
+
+
+@pytest.mark.parametrize("problem", ["unreachable", "wrong type"])
+def test_start_true_inside_a_running_loop_logs_a_failed_start(server, r, caplog, problem):
+    if problem == "wrong type":
+        r.set("s", "a string")
+        url = server.url
+    else:
+        url = f"redis://127.0.0.1:{free_port()}/0"
+
+    async def main():
+        Stream.from_redis_consumer_group(
+            "s", "g", "c", url=url, start=True, asynchronous=True, loop=IOLoop.current()
+        )
+        deadline = time.monotonic() + 10
+        while not streamz_redis_errors(caplog, "start=True failed") and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(main())
+    [line] = streamz_redis_errors(caplog, "start=True failed")
+    assert ("not a stream" if problem == "wrong type" else "ConnectionError") in line
+    assert "Task exception was never retrieved" not in caplog.text
+
+
+# ---- One log line per problem ---------------------------------------------
+
+
+def test_an_exception_in_a_map_is_logged_with_its_traceback_once(server, r, caplog):
+    source = Stream.from_redis_consumer_group("s", "g", "c")
+
+    def fragile(entry):
+        raise RuntimeError("boom")
+
+    source.map(fragile).sink(lambda x: None)
+    with caplog.at_level(logging.ERROR):
+        source.start()
+        entry_id = r.xadd("s", {"i": 0}).decode()
+        wait_for(lambda: streamz_redis_errors(caplog, entry_id, "processing failed"))
+    with_traceback = [rec for rec in caplog.records if rec.exc_info]
+    assert len(with_traceback) == 1 and with_traceback[0].name == "streamz.core"
+    [ours] = [rec for rec in caplog.records if rec.name == "streamz_redis"]
+    assert "RuntimeError: boom" in ours.getMessage() and "not acknowledged" in ours.getMessage()
+    assert caplog.text.count("Traceback") == 1
+
+
+def test_a_group_destroyed_while_running_is_warned_about_once(server, r, caplog):
+    source = Stream.from_redis_consumer_group("s", "g", "c", timeout=0.2)
+    seen = source.sink_to_list()
+    with caplog.at_level(logging.WARNING, logger="streamz_redis"):
+        source.start()
+        r.xadd("s", {"i": 0})
+        wait_for(lambda: len(seen) == 1)
+        r.xgroup_destroy("s", "g")
+        wait_for(lambda: "recreating the group" in caplog.text)
+        r.xadd("s", {"i": 1})
+        wait_for(lambda: len(seen) == 2)
+        wait_for_acks(source)
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "streamz_redis"]
+    assert len([m for m in lines if "NOGROUP" in m]) == 1, lines
+    assert len(lines) == 1, lines
+
+
+# ---- Lost references ------------------------------------------------------
+
+
+def test_entries_a_node_dropped_without_letting_go_are_delivered_again_after_a_restart(server, r):
+    """A node that loses elements without releasing their references (here a
+    buffer whose queue is replaced) must not leave their entries stuck: the
+    next start() replays them. Entries a node still holds are not replayed."""
+    source = Stream.from_redis_consumer_group("s", "g", "c", start_id="0")
+    buffered = source.buffer(100)
+    held = HeldSink(buffered)
+    ids = [r.xadd("s", {"i": i}).decode() for i in range(10)]
+    source.start()
+    wait_for(lambda: held.received and buffered.queue.qsize() == 9)
+    assert [e.id for e in held.received] == ids[:1]  # the sink holds the first, nine wait
+
+    async def drop_the_queue():
+        buffered.queue = type(buffered.queue)(maxsize=100)  # nine lost, never released
+
+    on_loop(source, drop_the_queue)
+    source.stop()
+    source.start()
+    wait_for(lambda: buffered.queue.qsize() == 9)  # replayed; the held one is not
+    held.let_go(source)
+    wait_for(lambda: pending(r, "s", "g") == 0)
+    assert [e.id for e in held.received] == ids
+
+
+def make_ca_and_server_certificate(directory, name):
+    """A CA of its own and a certificate for 127.0.0.1 signed by it, made
+    with the openssl command line."""
+    def openssl(*args):
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}-ca.key",
+            "-out", f"{name}-ca.crt", "-days", "2", "-subj", f"/CN={name} test CA")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", "/CN=127.0.0.1")
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{name}-ca.crt", "-CAkey", f"{name}-ca.key",
+            "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", "san.ext")
+    return directory / f"{name}-ca.crt", directory / f"{name}.crt", directory / f"{name}.key"
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="needs the openssl command line")
+def test_a_sink_whose_tls_certificate_does_not_verify_fails_its_writes_instead_of_retrying(
+    server, r, private_server, tmp_path, caplog
+):
+    ca, certificate, key = make_ca_and_server_certificate(tmp_path, "server")
+    wrong_ca, _, _ = make_ca_and_server_certificate(tmp_path, "other")
+    tls_port = free_port()
+    private_server("--tls-port", str(tls_port), "--tls-cert-file", str(certificate),
+                   "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no")
+    for n in range(5):
+        r.xadd("orders", {"n": n})
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller", start_id="0", url=server.url)
+    invoices = source.map(lambda entry: {"order": entry.id})
+    sink = invoices.to_redis_stream(
+        "invoices", url=f"rediss://127.0.0.1:{tls_port}/0", client_kwargs={"ssl_ca_certs": str(wrong_ca)}
+    )
+    with caplog.at_level(logging.WARNING, logger="streamz_redis"):
+        source.start()
+        wait_for(lambda: sink.metrics()["failed"] == 5)
+    assert streamz_redis_errors(caplog, "refused", "certificate verify failed")
+    assert "unreachable" not in caplog.text  # a permanent error, not retried as a lost connection
+    wait_for_acks(source)
+    assert pending(r, "orders", "billing") == 5
+
+    # The same server, with the right CA: the entries are written on restart.
+    source.stop()
+    good = invoices.to_redis_stream(
+        "invoices", url=f"rediss://127.0.0.1:{tls_port}/0", client_kwargs={"ssl_ca_certs": str(ca)}
+    )
+    sink.destroy()
+    source.start()
+    wait_for(lambda: good.metrics()["written"] == 5 and pending(r, "orders", "billing") == 0)
