@@ -55,7 +55,7 @@ import sys
 import threading
 import time
 import weakref
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Mapping
 from operator import methodcaller
 from typing import Any, NamedTuple, Optional
@@ -885,6 +885,9 @@ class _RedisSource(_RedisNode, Source):
         self._reading = False  # the read loop is waiting on Redis
         self._giving_up = False  # stop() is cancelling the read loop
         self._read_count = self._emitted = self._failed = self._reconnects = 0
+        self._dead_lettered = 0
+        self._read_batches = deque()  # (monotonic time, keys of the tracked entries) per read
+        self._read_batches_compacted_at = 64
         super().__init__(**kwargs)
         if start:
             starting = self.start()
@@ -899,8 +902,10 @@ class _RedisSource(_RedisNode, Source):
         emitted downstream; ``failed``: whose processing raised downstream;
         ``acked``: acknowledgements Redis confirmed (consumer groups and the
         reliable list); ``in_flight``: emitted and not yet done (held
-        somewhere in the pipeline); ``reconnects``: connections lost while
-        reading.
+        somewhere in the pipeline); ``oldest_in_flight_seconds``: how long
+        ago the oldest of those was read (0.0 when none is); ``reconnects``:
+        connections lost while reading; ``dead_lettered``: entries or items
+        moved to the dead-letter stream or list.
         """
         ledger = self._ledger
         return {
@@ -909,8 +914,47 @@ class _RedisSource(_RedisNode, Source):
             "failed": self._failed,
             "acked": ledger.acked if ledger else 0,
             "in_flight": ledger.in_flight_count() if ledger else 0,
+            "oldest_in_flight_seconds": self._oldest_in_flight_seconds(),
             "reconnects": self._reconnects,
+            "dead_lettered": self._dead_lettered,
         }
+
+    def _oldest_in_flight_seconds(self):
+        """Age of the oldest read that still has an entry in the pipeline.
+        Reads are timed, not entries: the per-entry path stays as it was."""
+        for read_at, keys in list(self._read_batches):
+            if self._any_in_flight(keys):
+                return time.monotonic() - read_at
+        return 0.0
+
+    def _any_in_flight(self, keys):
+        in_flight = self._ledger.in_flight
+        for key in keys:
+            ref = in_flight.get(key)
+            if ref is not None and ref() is not None:
+                return True
+        return False
+
+    def _after_read(self, batch):
+        """Called on the loop after each read, before its batch is emitted:
+        time the read for ``oldest_in_flight_seconds`` and forget reads that
+        have left the pipeline."""
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: read %d", self, len(batch))
+        if self._ledger is None:
+            return
+        reads = self._read_batches
+        while reads and not self._any_in_flight(reads[0][1]):
+            reads.popleft()
+        if len(reads) > self._read_batches_compacted_at:
+            # A read held up front (a window, a slow branch) keeps the ones
+            # behind it listed: drop those that are done, each time their
+            # number doubles.
+            self._read_batches = reads = deque(r for r in reads if self._any_in_flight(r[1]))
+            self._read_batches_compacted_at = max(64, 2 * len(reads))
+        keys = [(origin.key, origin.item) for _, origin in batch if isinstance(origin, _Ack)]
+        if keys:
+            reads.append((time.monotonic(), keys))
 
     def _report_failed_start(self, starting):
         if not starting.cancelled() and starting.exception() is not None:
@@ -992,6 +1036,7 @@ class _RedisSource(_RedisNode, Source):
                 self._ledger.open(self._stopping)
             _running_sources.add(self)
             self._task = asyncio.ensure_future(self._run())
+            log.info("%s: started, %s", self, self._reading_what())
 
     def _explain(self, exc):
         """``exc`` with a message that names this source and its server."""
@@ -1021,7 +1066,9 @@ class _RedisSource(_RedisNode, Source):
         await self._end(task, left)
         self._task = None
         _running_sources.discard(self)
+        stopped = "stopped"
         if self._ledger is not None:
+            acked = self._ledger.acked
             await self._let_sinks_finish(left(FLUSH_DEADLINE))
             unsent = await self._ledger.close(left(FLUSH_DEADLINE))
             if unsent:
@@ -1029,7 +1076,14 @@ class _RedisSource(_RedisNode, Source):
                     "%s: %d acknowledgement(s) not sent before closing; they are sent "
                     "on the next start(), or the entries are delivered again", self, unsent,
                 )
+            stopped += (f"; {self._ledger.acked - acked} acknowledgement(s) flushed, {unsent} "
+                        f"left unsent, {self._ledger.acked} sent since it was made")
         await self._close()
+        log.info("%s: %s", self, stopped)
+
+    def _reading_what(self):
+        """For the log line of start(): what the source reads, and from where."""
+        return f"reading {self._describe()}"
 
     async def _end(self, task, left):
         """Wait for the read loop to end. A blocking read is woken at once; a
@@ -1152,8 +1206,11 @@ class _RedisSource(_RedisNode, Source):
                 continue
             finally:
                 self._reading = False
+            if backoff.delay > BACKOFF_FIRST:
+                log.info("%s: Redis answers again; reading", self)
             backoff.reset()
             self._read_count += len(batch)
+            self._after_read(batch)
             await self._emit_batch(batch)
 
     async def _handle_read_error(self, exc, delay):
@@ -1540,6 +1597,7 @@ class from_redis_list(_RedisSource):
                 )
                 stuck.append((key, item))
                 continue
+            self._dead_lettered += 1
             log.error(
                 "%s: item %r of list %r cannot be decoded (%s); moved to list %r",
                 self, item[:80], key, exc, target,
@@ -1614,6 +1672,10 @@ class from_redis_streams(_RedisSource):
 
     def _describe(self):
         return ", ".join(map(repr, self.start_ids))
+
+    def _reading_what(self):
+        after = ", ".join(f"{name!r} after {last_id}" for name, last_id in self.last_ids.items())
+        return f"reading {after}"
 
     def _probes(self):
         probes = [["XREAD", "COUNT", 1, "STREAMS", *self.start_ids, *["0"] * len(self.start_ids)]]
@@ -1716,6 +1778,12 @@ class from_redis_consumer_group(_RedisSource):
         ``deliveries``, then acknowledged.
     dead_letter_stream : str, optional
         Where such entries go; default ``"<stream>:dead-letter"``.
+    trim_acknowledged : bool
+        ``True`` keeps the streams bounded: about once a second, each stream
+        is trimmed (XTRIM MINID, in one script) up to the oldest entry that
+        some group still needs (pending in any group, or not yet delivered
+        to one), never further. A stream without groups is never trimmed.
+        Needs ``eval``, ``xinfo``, ``xpending``, ``xrange`` and ``xtrim``.
     decode : bool or str
         As for ``from_redis_streams``. An entry that cannot be decoded is
         logged and not acknowledged: it stays pending (and, with
@@ -1727,7 +1795,8 @@ class from_redis_consumer_group(_RedisSource):
     def __init__(
         self, streams, group: str, consumer: str, *, start_id: str = "$", count: int = 100,
         timeout: float = 1.0, claim_idle: Optional[float] = None,
-        max_deliveries: Optional[int] = None, dead_letter_stream: Optional[str] = None, **kwargs,
+        max_deliveries: Optional[int] = None, dead_letter_stream: Optional[str] = None,
+        trim_acknowledged: bool = False, **kwargs,
     ):
         self.start_ids = _streams_with_ids(streams, start_id)
         self.group = _name(group, "group")
@@ -1743,7 +1812,67 @@ class from_redis_consumer_group(_RedisSource):
         self._next_claim = 0.0
         self._last_read = {}  # stream -> id of the last new entry read
         self._recreated = False  # the group was recreated since the last read
+        self.trim_acknowledged = bool(trim_acknowledged)
+        self._lag = self._pending = None  # from Redis, by _refresh_figures()
+        self._trimmed = 0
+        self._next_figures = 0.0
+        self._figures_task = None
         super().__init__(timeout=timeout, count=count, **kwargs)
+
+    def metrics(self) -> dict:
+        """The figures of every source (see ``_RedisSource.metrics``), and
+        from Redis, refreshed on the loop about once a second (``None`` until
+        known): ``lag``, the group's entries not yet delivered to any of its
+        consumers (summed over the streams; ``None`` where Redis does not say
+        and there are more than LAG_COUNT_LIMIT to count), and ``pending``,
+        the entries delivered to this consumer and not yet acknowledged. With
+        ``trim_acknowledged``, ``trimmed``: entries trimmed so far."""
+        figures = super().metrics()
+        figures.update(lag=self._lag, pending=self._pending, trimmed=self._trimmed)
+        return figures
+
+    def _reading_what(self):
+        options = [f"{name}={getattr(self, name)!r}" for name in
+                   ("claim_idle", "max_deliveries", "trim_acknowledged") if getattr(self, name)]
+        return (f"reading {', '.join(map(repr, self.start_ids))} as consumer {self.consumer!r} "
+                f"of group {self.group!r}: its pending entries first, then new ones"
+                + (f" ({', '.join(options)})" if options else ""))
+
+    def _after_read(self, batch):
+        super()._after_read(batch)
+        now = asyncio.get_running_loop().time()
+        if now >= self._next_figures and (self._figures_task is None or self._figures_task.done()):
+            self._next_figures = now + FIGURES_EVERY
+            self._figures_task = asyncio.ensure_future(self._refresh_figures())
+
+    async def _refresh_figures(self):
+        """Ask Redis for the lag and this consumer's pending count, and trim
+        with ``trim_acknowledged``: beside the read loop, never in its way."""
+        try:
+            lag, pending = 0, 0
+            for name in self.start_ids:
+                groups = [g for g in await self._redis.xinfo_groups(name) if _text(g["name"]) == self.group]
+                stream_lag = await _group_lag(self._redis, name, groups[0]) if groups else None
+                lag = None if lag is None or stream_lag is None else lag + stream_lag
+                for consumer in await self._redis.xinfo_consumers(name, self.group):
+                    if _text(consumer["name"]) == self.consumer:
+                        pending += consumer["pending"]
+            self._lag, self._pending = lag, pending
+        except Exception as exc:
+            log.debug("%s: lag and pending not refreshed (%s)", self, _error_text(exc))
+        if not self.trim_acknowledged:
+            return
+        for name in self.start_ids:
+            try:
+                trimmed = await _trim_to_oldest_needed(self._redis, name)
+            except Exception as exc:
+                if not self.stopped:
+                    log.warning("%s: trimming stream %r failed (%s)", self, name, _error_text(exc))
+                continue
+            if trimmed and trimmed[1]:
+                self._trimmed += trimmed[1]
+                log.debug("%s: trimmed %d entries of stream %r, up to %s (needed by group %r)",
+                          self, trimmed[1], name, trimmed[0], trimmed[2])
 
     def _describe(self):
         names = ", ".join(map(repr, self.start_ids))
@@ -1928,6 +2057,7 @@ class from_redis_consumer_group(_RedisSource):
                     name, deliveries, self.max_deliveries, target, _error_text(failure),
                 )
                 continue
+            self._dead_lettered += 1
             log.error(
                 "%s: entry %s of stream %r was delivered %d times (max_deliveries=%d); "
                 "moved to stream %r", self, entry_id, name, deliveries,
@@ -1935,6 +2065,8 @@ class from_redis_consumer_group(_RedisSource):
             )
 
     async def _xack(self, batch):
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: XACK %d", self, sum(map(len, batch.values())))
         if len(batch) == 1:  # the common case: one stream, one command
             [(name, ids)] = batch.items()
             await self._redis.execute_command("XACK", name, self.group, *ids)
@@ -2581,6 +2713,10 @@ class to_redis_pubsub(_RedisSink):
 # --------------------------------------------------------------------------
 # Operating a stream: figures Redis keeps, trimming, and the command line
 # --------------------------------------------------------------------------
+
+# How often, at most, a consumer group asks Redis for its lag and pending
+# count (and trims, with trim_acknowledged): after a read, beside the loop.
+FIGURES_EVERY = 1.0
 
 # Where Redis does not say how far behind a group is (Redis 6.2 has no "lag";
 # Redis 7 has none after some deletions), the entries after its

@@ -1813,6 +1813,7 @@ def poison_entries_dead_lettered(r, stream, poison):
     wait_for(lambda: r.exists(f"{stream}:dead-letter") and r.xlen(f"{stream}:dead-letter") == len(poison)
              and pending(r, stream, "billing") == 0)
     source.stop()
+    assert source.metrics()["dead_lettered"] == len(poison)
     return ids
 
 
@@ -1945,3 +1946,79 @@ def test_trim_leaves_a_stream_without_groups_alone(server, r):
     r.xadd("log", {"n": 1})
     assert "no consumer group" in cli("trim", "log").stdout
     assert r.xlen("log") == 1
+
+
+def test_a_consumer_group_says_how_far_behind_it_is_and_how_long_it_holds_an_entry(server, r):
+    ids = [r.xadd("orders", {"n": n}).decode() for n in range(5)]
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller-1", start_id="0", count=1)
+    held = HeldSink(source)
+    source.start()
+    wait_for(lambda: held.received)  # the first order is held; four wait in Redis
+    wait_for(lambda: (source.metrics()["lag"], source.metrics()["pending"]) == (4, 1))
+    wait_for(lambda: source.metrics()["oldest_in_flight_seconds"] > 0.2)
+    assert source.metrics()["in_flight"] == 1
+
+    held.let_go(source)
+    wait_for(lambda: len(held.received) == 5 and source.metrics()["acked"] == 5)
+    figures = source.metrics()
+    assert (figures["in_flight"], figures["oldest_in_flight_seconds"]) == (0, 0.0)
+    wait_for(lambda: (source.metrics()["lag"], source.metrics()["pending"]) == (0, 0))
+    assert [entry.id for entry in held.received] == ids
+
+
+def test_figures_can_be_read_from_another_thread_while_redis_is_down(private_server):
+    server = private_server()
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller-1")
+    source.start()
+    server.kill()
+    started = time.monotonic()
+    figures = {}
+    reader = threading.Thread(target=lambda: figures.update(source.metrics()))
+    reader.start()
+    reader.join(timeout=1)
+    assert figures and time.monotonic() - started < 1
+    wait_for(lambda: source.metrics()["reconnects"] >= 1)
+
+
+def test_an_undecodable_list_item_is_counted_as_dead_lettered(server, r):
+    source = Stream.from_redis_list("jobs")
+    seen = source.sink_to_list()
+    r.rpush("jobs", b"\xff", "fine")
+    source.start()
+    wait_for(lambda: seen == ["fine"] and source.metrics()["dead_lettered"] == 1)
+
+
+def test_a_consumer_group_that_trims_keeps_what_another_group_still_needs(server, r):
+    ids = [r.xadd("orders", {"n": n}).decode() for n in range(10)]
+    r.xgroup_create("orders", "shipping", "0")  # another service, at its own pace
+    r.xreadgroup("shipping", "shipper-1", {"orders": ">"}, count=7)
+    r.xack("orders", "shipping", *ids[:7])
+    source = Stream.from_redis_consumer_group(
+        "orders", "billing", "biller-1", start_id="0", trim_acknowledged=True
+    )
+    billed = source.sink_to_list()
+    source.start()
+    wait_for(lambda: len(billed) == 10 and source.metrics()["trimmed"] == 7)
+    assert [i.decode() for i, _ in r.xrange("orders")] == ids[7:]  # shipping's next three stay
+
+    r.xreadgroup("shipping", "shipper-1", {"orders": ">"})
+    r.xack("orders", "shipping", *ids[7:])
+    wait_for(lambda: source.metrics()["trimmed"] == 9)
+    assert [i.decode() for i, _ in r.xrange("orders")] == ids[9:]  # the last delivered id stays
+    r.xadd("orders", {"n": 10})
+    wait_for(lambda: len(billed) == 11)
+
+
+def test_a_source_says_what_it_reads_when_it_starts_and_what_it_flushed_when_it_stops(
+    server, r, caplog
+):
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller-1", claim_idle=30)
+    source.sink_to_list()
+    with caplog.at_level(logging.INFO, logger="streamz_redis"):
+        source.start()
+        r.xadd("orders", {"n": 1})
+        wait_for(lambda: source.metrics()["emitted"] == 1)
+        source.stop()
+    assert ("started, reading 'orders' as consumer 'biller-1' of group 'billing': its pending "
+            "entries first, then new ones (claim_idle=30)") in caplog.text
+    assert re.search(r"stopped; \d acknowledgement\(s\) flushed, 0 left unsent, 1 sent", caplog.text)
