@@ -2022,3 +2022,33 @@ def test_a_source_says_what_it_reads_when_it_starts_and_what_it_flushed_when_it_
     assert ("started, reading 'orders' as consumer 'biller-1' of group 'billing': its pending "
             "entries first, then new ones (claim_idle=30)") in caplog.text
     assert re.search(r"stopped; \d acknowledgement\(s\) flushed, 0 left unsent, 1 sent", caplog.text)
+
+
+def test_the_prometheus_exporter_serves_the_figures(server, r):
+    pytest.importorskip("prometheus_client")
+    import urllib.request
+
+    port = free_port()
+    exporter = subprocess.Popen(
+        [sys.executable, str(HERE / "examples" / "prometheus_exporter.py"), "orders", "billing",
+         "worker-1", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, REDIS_URL=server.url),
+    )
+    try:
+        assert "serving the figures" in exporter.stdout.readline()
+        r.xadd("orders", {"n": 1})
+        labels = '{consumer="worker-1",group="billing",stream="orders"}'
+
+        def scraped():
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+                return reply.read().decode()
+
+        wait_for(lambda: f"streamz_redis_source_acked_total{labels} 1.0" in scraped())
+        wait_for(lambda: f"streamz_redis_source_lag{labels} 0.0" in scraped())
+        assert f"streamz_redis_source_oldest_in_flight_seconds{labels}" in scraped()
+        exporter.send_signal(signal.SIGINT)
+        assert exporter.wait(timeout=20) == 0
+    finally:
+        exporter.kill()
+    assert "Traceback" not in exporter.stderr.read()
