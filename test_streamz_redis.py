@@ -5,6 +5,7 @@ sleep: each waits for a condition, with a deadline.
 """
 
 import asyncio
+import json
 import logging
 import os
 import random
@@ -2415,3 +2416,293 @@ def test_a_sink_whose_tls_certificate_does_not_verify_fails_its_writes_instead_o
     sink.destroy()
     source.start()
     wait_for(lambda: good.metrics()["written"] == 5 and pending(r, "orders", "billing") == 0)
+
+
+# --------------------------------------------------------------------------
+# Operating: the command line, the figures, trimming
+# --------------------------------------------------------------------------
+
+
+def cli(*args, url=None, check=True):
+    """Run ``python -m streamz_redis ARGS`` as an operator would."""
+    env = dict(os.environ)
+    if url is not None:
+        env["REDIS_URL"] = url
+    out = subprocess.run(
+        [sys.executable, "-m", "streamz_redis", *args], capture_output=True, text=True,
+        timeout=60, env=env, cwd=HERE,
+    )
+    if check:
+        assert out.returncode == 0, out.stderr
+        assert out.stderr == "", out.stderr
+    return out
+
+
+def two_groups_at_different_positions(r):
+    """Ten orders; "billing" has delivered four (two acked, two pending with
+    biller-1), "shipping" seven (all acked). The ids, in order."""
+    ids = [r.xadd("orders", {"n": n}).decode() for n in range(10)]
+    r.xgroup_create("orders", "billing", "0")
+    r.xgroup_create("orders", "shipping", "0")
+    r.xreadgroup("billing", "biller-1", {"orders": ">"}, count=4)
+    r.xack("orders", "billing", ids[0], ids[1])
+    r.xreadgroup("shipping", "shipper-1", {"orders": ">"}, count=7)
+    r.xack("orders", "shipping", *ids[:7])
+    return ids
+
+
+def poison_entries_dead_lettered(r, stream, poison):
+    """Run a consumer whose processing raises on the entries whose "n" is in
+    ``poison`` until they reach the dead-letter stream; the source's ids."""
+    def process(entry):
+        if int(entry.fields["n"]) in poison:
+            raise ValueError("poison")
+
+    ids = [r.xadd(stream, {"n": n, "note": f"order {n}"}).decode() for n in range(5)]
+    source = Stream.from_redis_consumer_group(
+        stream, "billing", "biller-1", claim_idle=0.05, max_deliveries=1, start_id="0"
+    )
+    source.map(process).sink(lambda _: None)
+    source.start()
+    wait_for(lambda: r.exists(f"{stream}:dead-letter") and r.xlen(f"{stream}:dead-letter") == len(poison)
+             and pending(r, stream, "billing") == 0)
+    source.stop()
+    assert source.metrics()["dead_lettered"] == len(poison)
+    return ids
+
+
+def test_info_shows_each_group_with_its_lag_pending_and_consumers(server, r):
+    ids = two_groups_at_different_positions(r)
+    figures = json.loads(cli("info", "orders", "--json").stdout)
+    assert figures["stream"] == "orders" and figures["length"] == 10
+    assert (figures["first_id"], figures["last_id"]) == (ids[0], ids[-1])
+    billing, shipping = sorted(figures["groups"], key=lambda g: g["name"])
+    assert (billing["name"], billing["lag"], billing["pending"]) == ("billing", 6, 2)
+    assert billing["last_delivered_id"] == ids[3]
+    [biller] = billing["consumers"]
+    assert (biller["name"], biller["pending"]) == ("biller-1", 2) and biller["idle_ms"] >= 0
+    assert (shipping["lag"], shipping["pending"]) == (3, 0)
+
+    text = cli("info", "orders").stdout
+    assert f"orders: 10 entries, first {ids[0]}, last {ids[-1]}" in text
+    assert f"group billing: lag 6, pending 2, last delivered {ids[3]}" in text
+    assert "consumer biller-1: pending 2" in text
+
+
+def test_info_counts_the_lag_where_redis_does_not_give_it(server, r):
+    ids = two_groups_at_different_positions(r)
+    r.xdel("orders", ids[8])  # Redis 7 no longer knows the lag of a group behind a deletion
+    figures = json.loads(cli("info", "orders", "--json").stdout)
+    lags = {group["name"]: group["lag"] for group in figures["groups"]}
+    assert lags == {"billing": 5, "shipping": 2}
+
+
+def test_pending_lists_the_oldest_pending_entries_with_their_consumer(server, r):
+    ids = two_groups_at_different_positions(r)
+    out = cli("pending", "orders", "billing", "--count", "1").stdout.splitlines()
+    assert re.fullmatch(rf"{ids[2]}  consumer biller-1  idle \d+ ms  deliveries 1", out[0])
+    assert out[1] == "2 pending in group billing of stream orders, the oldest 1 shown"
+
+
+def test_dead_letters_are_shown_and_redriven_to_their_stream(server, r):
+    ids = poison_entries_dead_lettered(r, "orders", poison={1, 3})
+    shown = cli("dead-letters", "orders").stdout.splitlines()
+    assert f"source orders {ids[1]}  deliveries 2" in shown[0]
+    assert json.loads(shown[0].split("  ")[-1]) == {"n": "1", "note": "order 1"}
+    assert shown[-1] == "2 entries in orders:dead-letter"
+
+    dry = cli("redrive", "orders:dead-letter", "--dry-run").stdout
+    assert "would redrive 2 entries" in dry and r.xlen("orders:dead-letter") == 2
+
+    assert "redrove 1 entries" in cli("redrive", "orders:dead-letter", "--count", "1").stdout
+    assert "redrove 1 entries" in cli("redrive", "orders:dead-letter").stdout
+    assert r.xlen("orders:dead-letter") == 0
+    redriven = [fields for _, fields in r.xrange("orders")][5:]
+    assert redriven == [{b"n": b"1", b"note": b"order 1"}, {b"n": b"3", b"note": b"order 3"}]
+
+
+def test_two_redrives_at_once_put_each_entry_back_exactly_once(server, r):
+    for n in range(300):
+        r.xadd("orders:dead-letter", {"n": n, "source_stream": "orders", "source_id": f"{n + 1}-0",
+                                      "deliveries": 4})
+    command = [sys.executable, "-m", "streamz_redis", "redrive", "orders:dead-letter"]
+    redrives = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=HERE)
+                for _ in range(2)]
+    for process in redrives:
+        assert process.wait(timeout=60) == 0, process.stderr.read()
+    back = [int(fields[b"n"]) for _, fields in r.xrange("orders")]
+    assert sorted(back) == list(range(300))
+    assert r.xlen("orders:dead-letter") == 0
+
+
+def test_tail_prints_entries_as_they_arrive_until_ctrl_c(server, r):
+    r.xadd("orders", {"n": "old"})
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "streamz_redis", "tail", "orders"], cwd=HERE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert "tailing orders" in tail.stderr.readline()  # ready: what comes now is shown
+        added = [r.xadd("orders", {"n": n}).decode() for n in range(3)]
+        lines = [tail.stdout.readline() for _ in range(3)]
+        tail.send_signal(signal.SIGINT)
+        assert tail.wait(timeout=10) == 0
+    finally:
+        tail.kill()
+    assert lines == [f'{entry_id} {{"n": "{n}"}}\n' for n, entry_id in enumerate(added)]
+    assert "Traceback" not in tail.stderr.read()
+
+
+def test_bad_input_is_one_line_on_stderr_and_a_non_zero_exit(server, r, private_server):
+    r.set("not-a-stream", "x")
+    locked = private_server("--requirepass", "right-secret")
+    down = f"redis://127.0.0.1:{free_port()}/0"
+    cases = {
+        ("info", "missing"): (server.url, "no such stream: 'missing'"),
+        ("info", "not-a-stream"): (server.url, "holds a string, not a stream"),
+        ("pending", "orders", "no-group"): (server.url, "no such stream"),
+        ("trim", "missing"): (server.url, "no such stream"),
+        ("info", "orders"): (down, f"cannot reach Redis at {down}"),
+        ("tail", "orders"): ("redis://127.0.0.1:notaport/0", "is not a valid Redis URL"),
+        ("dead-letters", "orders"): (
+            f"redis://:wrong-secret@127.0.0.1:{locked.port}/0", "redis://:***@127.0.0.1"
+        ),
+    }
+    for args, (url, expected) in cases.items():
+        out = cli(*args, url=url, check=False)
+        assert out.returncode == 1, (args, out.stderr)
+        assert out.stderr.count("\n") == 1 and expected in out.stderr, (args, out.stderr)
+        assert "wrong-secret" not in out.stderr
+    r.xadd("orders", {"n": 1})
+    out = cli("pending", "orders", "no-group", url=server.url, check=False)
+    assert out.returncode == 1 and "NOGROUP" in out.stderr and out.stderr.count("\n") == 1
+    out = cli("no-such-command", check=False)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+
+
+def test_trim_keeps_everything_a_group_still_needs(server, r):
+    ids = two_groups_at_different_positions(r)
+    # billing still needs its pending ids[2] and ids[3] and the undelivered
+    # ids[4:]; shipping ids[7:]: only ids[0] and ids[1] may go.
+    assert f"trimmed 2 entries from orders: kept from {ids[2]}, which group billing" in (
+        cli("trim", "orders").stdout
+    )
+    assert [i.decode() for i, _ in r.xrange("orders")] == ids[2:]
+    r.xack("orders", "billing", ids[2], ids[3])
+    r.xreadgroup("billing", "biller-1", {"orders": ">"})  # all delivered, none acked
+    r.xreadgroup("shipping", "shipper-1", {"orders": ">"})
+    r.xack("orders", "shipping", *ids[7:])
+    cli("trim", "orders")
+    assert [i.decode() for i, _ in r.xrange("orders")] == ids[4:]  # billing's pending stay
+
+
+def test_trim_leaves_a_stream_without_groups_alone(server, r):
+    r.xadd("log", {"n": 1})
+    assert "no consumer group" in cli("trim", "log").stdout
+    assert r.xlen("log") == 1
+
+
+def test_a_consumer_group_says_how_far_behind_it_is_and_how_long_it_holds_an_entry(server, r):
+    ids = [r.xadd("orders", {"n": n}).decode() for n in range(5)]
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller-1", start_id="0", count=1)
+    held = HeldSink(source)
+    source.start()
+    wait_for(lambda: held.received)  # the first order is held; four wait in Redis
+    wait_for(lambda: (source.metrics()["lag"], source.metrics()["pending"]) == (4, 1))
+    wait_for(lambda: source.metrics()["oldest_in_flight_seconds"] > 0.2)
+    assert source.metrics()["in_flight"] == 1
+
+    held.let_go(source)
+    wait_for(lambda: len(held.received) == 5 and source.metrics()["acked"] == 5)
+    figures = source.metrics()
+    assert (figures["in_flight"], figures["oldest_in_flight_seconds"]) == (0, 0.0)
+    wait_for(lambda: (source.metrics()["lag"], source.metrics()["pending"]) == (0, 0))
+    assert [entry.id for entry in held.received] == ids
+
+
+def test_figures_can_be_read_from_another_thread_while_redis_is_down(private_server):
+    server = private_server()
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller-1")
+    source.start()
+    server.kill()
+    started = time.monotonic()
+    figures = {}
+    reader = threading.Thread(target=lambda: figures.update(source.metrics()))
+    reader.start()
+    reader.join(timeout=1)
+    assert figures and time.monotonic() - started < 1
+    wait_for(lambda: source.metrics()["reconnects"] >= 1)
+
+
+def test_an_undecodable_list_item_is_counted_as_dead_lettered(server, r):
+    source = Stream.from_redis_list("jobs")
+    seen = source.sink_to_list()
+    r.rpush("jobs", b"\xff", "fine")
+    source.start()
+    wait_for(lambda: seen == ["fine"] and source.metrics()["dead_lettered"] == 1)
+
+
+def test_a_consumer_group_that_trims_keeps_what_another_group_still_needs(server, r):
+    ids = [r.xadd("orders", {"n": n}).decode() for n in range(10)]
+    r.xgroup_create("orders", "shipping", "0")  # another service, at its own pace
+    r.xreadgroup("shipping", "shipper-1", {"orders": ">"}, count=7)
+    r.xack("orders", "shipping", *ids[:7])
+    source = Stream.from_redis_consumer_group(
+        "orders", "billing", "biller-1", start_id="0", trim_acknowledged=True
+    )
+    billed = source.sink_to_list()
+    source.start()
+    wait_for(lambda: len(billed) == 10 and source.metrics()["trimmed"] == 7)
+    assert [i.decode() for i, _ in r.xrange("orders")] == ids[7:]  # shipping's next three stay
+
+    r.xreadgroup("shipping", "shipper-1", {"orders": ">"})
+    r.xack("orders", "shipping", *ids[7:])
+    wait_for(lambda: source.metrics()["trimmed"] == 9)
+    assert [i.decode() for i, _ in r.xrange("orders")] == ids[9:]  # the last delivered id stays
+    r.xadd("orders", {"n": 10})
+    wait_for(lambda: len(billed) == 11)
+
+
+def test_a_source_says_what_it_reads_when_it_starts_and_what_it_flushed_when_it_stops(
+    server, r, caplog
+):
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller-1", claim_idle=30)
+    source.sink_to_list()
+    with caplog.at_level(logging.INFO, logger="streamz_redis"):
+        source.start()
+        r.xadd("orders", {"n": 1})
+        wait_for(lambda: source.metrics()["emitted"] == 1)
+        source.stop()
+    assert ("started, reading 'orders' as consumer 'biller-1' of group 'billing': its pending "
+            "entries first, then new ones (claim_idle=30)") in caplog.text
+    assert re.search(r"stopped; \d acknowledgement\(s\) flushed, 0 left unsent, 1 sent", caplog.text)
+
+
+def test_the_prometheus_exporter_serves_the_figures(server, r):
+    pytest.importorskip("prometheus_client")
+    import urllib.request
+
+    port = free_port()
+    exporter = subprocess.Popen(
+        [sys.executable, str(HERE / "examples" / "prometheus_exporter.py"), "orders", "billing",
+         "worker-1", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, REDIS_URL=server.url),
+    )
+    try:
+        assert "serving the figures" in exporter.stdout.readline()
+        r.xadd("orders", {"n": 1})
+        labels = '{consumer="worker-1",group="billing",stream="orders"}'
+
+        def scraped():
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+                return reply.read().decode()
+
+        wait_for(lambda: f"streamz_redis_source_acked_total{labels} 1.0" in scraped())
+        wait_for(lambda: f"streamz_redis_source_lag{labels} 0.0" in scraped())
+        assert f"streamz_redis_source_oldest_in_flight_seconds{labels}" in scraped()
+        exporter.send_signal(signal.SIGINT)
+        assert exporter.wait(timeout=20) == 0
+    finally:
+        exporter.kill()
+    assert "Traceback" not in exporter.stderr.read()
