@@ -2751,6 +2751,11 @@ class to_redis_stream(_RedisSink):
         stream may then be slightly longer than ``maxlen``.
     field : str, optional
         The field under which an element that is not a mapping is stored.
+    exactly_once : bool
+        Write each element and acknowledge the consumer-group entries (or
+        reliable-list items) it came from in one script: after a crash the
+        output holds each input once. Raises at the first element if an
+        entry also reaches another sink; refuses a source on another server.
     max_in_flight : int
         How many elements may await Redis before upstream must wait.
     url : str, optional
@@ -2827,6 +2832,8 @@ class to_redis_list(_RedisSink):
     side : {"right", "left"}
         ``"right"`` (default) appends with RPUSH, so that ``from_redis_list``
         (which pops from the left) reads in order; ``"left"`` uses LPUSH.
+    exactly_once : bool
+        As for ``to_redis_stream``.
     max_in_flight, url, client_kwargs, client, **kwargs
         As for ``to_redis_stream``.
 
@@ -2881,6 +2888,8 @@ class to_redis_pubsub(_RedisSink):
     """
 
     def __init__(self, upstream, channel, **kwargs):
+        if kwargs.get("exactly_once"):
+            raise ValueError("exactly_once: Pub/Sub keeps nothing that a script could write with the acks")
         if not callable(channel):
             _key_name(channel, "channel")
         self.target = channel

@@ -1840,6 +1840,36 @@ def test_exactly_once_refuses_a_source_on_another_server(server, r, private_serv
     assert pending(r, "orders", "billing") == 1
 
 
+def test_exactly_once_covers_batches_windows_and_two_groups_feeding_one_sink(server, r):
+    for n in range(30):
+        r.xadd("a", {"n": n})
+        r.xadd("b", {"n": n})
+    first = Stream.from_redis_consumer_group("a", "g", "c", start_id="0", batch=True, count=7)
+    second = Stream.from_redis_consumer_group("b", "g", "c", start_id="0")
+    windows = second.timed_window(0.05).filter(len)
+    merged = first.union(windows).map(lambda entries: ",".join(f"{e.stream}:{e.id}" for e in entries))
+    merged.to_redis_list("out", exactly_once=True)
+    r.config_resetstat()
+    first.start()
+    second.start()
+    wait_for(lambda: pending(r, "a", "g") == 0 and pending(r, "b", "g") == 0
+             and entries_read(r, "a", "g") == 30 and entries_read(r, "b", "g") == 30)
+    written = [x for item in r.lrange("out", 0, -1) for x in item.decode().split(",")]
+    assert len(written) == len(set(written)) == 60
+    assert call_count(r, "xack") == 60  # every one inside a script
+
+
+def test_a_reliable_list_into_an_exactly_once_sink_removes_its_items_in_the_same_script(server, r):
+    r.rpush("jobs", *[f"job-{i}" for i in range(20)])
+    source = Stream.from_redis_list("jobs", processing_list="jobs:busy")
+    source.map(str.upper).to_redis_list("done", exactly_once=True)
+    r.config_resetstat()
+    source.start()
+    wait_for(lambda: r.llen("done") == 20 and r.llen("jobs:busy") == 0)
+    assert call_count(r, "lrem") == 20  # each inside the script that pushed its result
+    assert source.metrics()["acked"] == 20
+
+
 EXACTLY_ONCE_WORKER = textwrap.dedent(
     """
     import sys, threading

@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""Throughput of a consume-transform-produce pipeline with and without
+``exactly_once=True``, side by side in one run, against a private redis-server.
+
+    python bench/exactly_once.py              # 20,000 entries, 3 rounds
+    python bench/exactly_once.py --n 2000 --rounds 1
+
+Each round runs ``from_redis_consumer_group -> map -> to_redis_stream`` over
+the same backlog of ``--n`` entries, once per sink (interleaved), from
+``start()`` until nothing is pending and every result is stored. It prints
+entries per second and the CPU time of this process per entry, then the
+paired ratio (exactly_once / plain, per round, then the median; target >= 0.7).
+"""
+
+import argparse
+import os
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+
+import redis
+from streamz import Stream
+
+import streamz_redis  # noqa: F401  (registers the nodes)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(url, n, exactly_once):
+    r = redis.Redis.from_url(url)
+    r.flushall()
+    with r.pipeline(transaction=False) as pipe:
+        for i in range(n):
+            pipe.xadd("in", {"i": i, "p": "x" * 50})
+        pipe.execute()
+    source = Stream.from_redis_consumer_group("in", "g", "c", start_id="0", url=url)
+    source.map(lambda e: {"source": e.id}).to_redis_stream("out", url=url, exactly_once=exactly_once)
+    began, cpu_began = time.perf_counter(), cpu()
+    source.start()
+    while r.xlen("out") < n or r.xpending("in", "g")["pending"]:
+        time.sleep(0.005)
+    seconds, cpu_seconds = time.perf_counter() - began, cpu() - cpu_began
+    source.stop()
+    assert r.xlen("out") == n
+    r.close()
+    return n / seconds, cpu_seconds / n * 1e6
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=20_000)
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args()
+    binary = os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
+    port, folder = free_port(), tempfile.mkdtemp()
+    server = subprocess.Popen([binary, "--port", str(port), "--save", "", "--appendonly", "no",
+                               "--dir", folder], stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis.from_url(url).ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        print(f"load average at start: {os.getloadavg()}")
+        rows = {False: [], True: []}
+        for _ in range(args.rounds):
+            for exactly_once in (False, True):
+                rows[exactly_once].append(run(url, args.n, exactly_once))
+        for exactly_once, runs in rows.items():
+            rates = [rate for rate, _ in runs]
+            cpus = [c for _, c in runs]
+            print(f"exactly_once={exactly_once!s:5}: median {statistics.median(rates):8,.0f} entries/s, "
+                  f"best {max(rates):8,.0f}; CPU {statistics.median(cpus):5.1f} us/entry")
+        ratios = [eo[0] / plain[0] for plain, eo in zip(rows[False], rows[True])]
+        ratio = statistics.median(ratios)
+        print(f"paired ratio exactly_once/plain: {ratio:.2f} (target >= 0.70: {'met' if ratio >= 0.7 else 'MISSED'})")
+        print(f"load average at end: {os.getloadavg()}")
+    finally:
+        server.kill()
+        server.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
