@@ -59,7 +59,7 @@ import weakref
 from collections import defaultdict, deque
 from collections.abc import Mapping
 from operator import methodcaller
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, List, NamedTuple, Optional, Union
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio
@@ -1485,7 +1485,7 @@ class from_redis_list(_RedisSource):
     """
 
     def __init__(
-        self, keys, *, timeout: float = 1.0, count: int = 100,
+        self, keys: Union[str, List[str]], *, timeout: float = 1.0, count: int = 100,
         dead_letter_list: Optional[str] = None, processing_list: Optional[str] = None,
         side: str = "left", with_key: bool = False, **kwargs,
     ):
@@ -1710,7 +1710,8 @@ class from_redis_streams(_RedisSource):
     """
 
     def __init__(
-        self, streams, *, start_id: str = "$", count: int = 100, timeout: float = 1.0, **kwargs
+        self, streams: Union[str, List[str], Mapping[str, str]], *, start_id: str = "$",
+        count: int = 100, timeout: float = 1.0, **kwargs
     ):
         self.start_ids = _streams_with_ids(streams, start_id)
         self.last_ids = {}
@@ -1839,7 +1840,8 @@ class from_redis_consumer_group(_RedisSource):
     """
 
     def __init__(
-        self, streams, group: str, consumer: str, *, start_id: str = "$", count: int = 100,
+        self, streams: Union[str, List[str], Mapping[str, str]], group: str, consumer: str, *,
+        start_id: str = "$", count: int = 100,
         timeout: float = 1.0, claim_idle: Optional[float] = None,
         max_deliveries: Optional[int] = None, dead_letter_stream: Optional[str] = None,
         trim_acknowledged: bool = False, **kwargs,
@@ -2201,7 +2203,11 @@ class from_redis_pubsub(_RedisSource):
 
     uses_blocking_reads = False  # the subscription has a connection of its own
 
-    def __init__(self, channels=None, *, patterns=None, decode=True, count=100, timeout=1.0, **kwargs):
+    def __init__(
+        self, channels: Union[str, List[str], None] = None, *,
+        patterns: Union[str, List[str], None] = None, decode: Union[bool, str] = True,
+        count: int = 100, timeout: float = 1.0, **kwargs,
+    ):
         self.channels = list(dict.fromkeys(_names(channels, "channels"))) if channels else []
         self.patterns = list(dict.fromkeys(_names(patterns, "patterns"))) if patterns else []
         if not self.channels and not self.patterns:
@@ -2777,7 +2783,10 @@ class to_redis_stream(_RedisSink):
     >>> source.start()  # doctest: +SKIP
     """
 
-    def __init__(self, upstream, stream, *, maxlen=None, approximate=True, field=None, **kwargs):
+    def __init__(
+        self, upstream, stream: Union[str, Callable[[Any], str]], *, maxlen: Optional[int] = None,
+        approximate: bool = True, field: Optional[str] = None, **kwargs,
+    ):
         if not callable(stream):
             _key_name(stream, "stream")
         if maxlen is not None and (not isinstance(maxlen, int) or maxlen < 0):
@@ -2842,7 +2851,7 @@ class to_redis_list(_RedisSink):
     >>> Stream.from_redis_list("jobs").map(str.upper).to_redis_list("done")  # doctest: +SKIP
     """
 
-    def __init__(self, upstream, key, *, side="right", **kwargs):
+    def __init__(self, upstream, key: Union[str, Callable[[Any], str]], *, side: str = "right", **kwargs):
         if not callable(key):
             _key_name(key, "key")
         if side not in ("right", "left"):
@@ -2887,7 +2896,7 @@ class to_redis_pubsub(_RedisSink):
     >>> source.map(json.dumps).to_redis_pubsub("events")  # doctest: +SKIP
     """
 
-    def __init__(self, upstream, channel, **kwargs):
+    def __init__(self, upstream, channel: Union[str, Callable[[Any], str]], **kwargs):
         if kwargs.get("exactly_once"):
             raise ValueError("exactly_once: Pub/Sub keeps nothing that a script could write with the acks")
         if not callable(channel):
