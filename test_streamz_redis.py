@@ -2736,3 +2736,24 @@ def test_the_prometheus_exporter_serves_the_figures(server, r):
     finally:
         exporter.kill()
     assert "Traceback" not in exporter.stderr.read()
+
+
+def test_without_hiredis_the_first_start_says_reading_is_slower(server, tmp_path):
+    script = tmp_path / "no_hiredis.py"
+    script.write_text(textwrap.dedent(
+        """
+        import logging, sys
+        sys.modules["hiredis"] = None  # as if it were not installed
+        logging.basicConfig()
+        from streamz import Stream
+        import streamz_redis
+        for _ in range(2):
+            source = Stream.from_redis_list("k")
+            source.start()
+            source.stop()
+        """
+    ))
+    done = subprocess.run([sys.executable, str(script)], cwd=HERE, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "REDIS_URL": server.url})
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("hiredis is not installed") == 1
