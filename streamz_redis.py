@@ -1196,7 +1196,7 @@ class _RedisSource(_RedisNode, Source):
             command, exc = refused[0]
             raise redis.exceptions.NoPermissionError(
                 f"this Redis user may not run {command.upper()} as reading needs it "
-                f"({_error_text(exc)}); grant it (see the README's ACL table)"
+                f"({_error_text(exc)}); grant it (the README's Permissions (ACL) section lists what each node needs)"
             )
 
     def _block_seconds(self):

@@ -2757,3 +2757,43 @@ def test_without_hiredis_the_first_start_says_reading_is_slower(server, tmp_path
                           timeout=60, env={**os.environ, "REDIS_URL": server.url})
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("hiredis is not installed") == 1
+
+
+# The README's least-privilege rules per node (Permissions (ACL)).
+LEAST_PRIVILEGE = {
+    "list": "+type +lpop +blpop +lpush +client|id +client|unblock",
+    "reliable-list": "+type +lrange +lmove +blmove +evalsha +eval +script|load "
+                     "+lrem +rpush +client|id +client|unblock",
+    "streams": "+type +xread +xrevrange +client|id +client|unblock",
+    "group": "+type +xgroup|create +xreadgroup +xack +xpending +client|id +client|unblock",
+}
+
+
+@pytest.mark.parametrize("kind", LEAST_PRIVILEGE)
+def test_each_source_runs_with_the_readme_least_privilege_rules(server, r, kind):
+    readme = " ".join((HERE / "README.rst").read_text().split())
+    for rule in LEAST_PRIVILEGE[kind].split():
+        assert rule in readme
+    keys = {"list": "~L ~L:dead-letter", "reliable-list": "~L ~P ~L:dead-letter",
+            "streams": "~S", "group": "~S ~S:dead-letter"}[kind]
+    r.execute_command("ACL", "SETUSER", "least", "reset", "on", ">pw", "+ping", "+multi", "+discard",
+                      *LEAST_PRIVILEGE[kind].split(), *keys.split())
+    url = user_url(server, "least")
+    if kind == "list":
+        source = Stream.from_redis_list("L", url=url)
+    elif kind == "reliable-list":
+        source = Stream.from_redis_list("L", processing_list="P", url=url)
+    elif kind == "streams":
+        source = Stream.from_redis_streams("S", url=url)
+    else:
+        source = Stream.from_redis_consumer_group("S", "g", "c", url=url)
+    seen = source.sink_to_list()
+    source.start()
+    for i in range(3):
+        r.rpush("L", i) if "list" in kind else r.xadd("S", {"i": i})
+    wait_for(lambda: len(seen) == 3)
+    if kind == "group":
+        wait_for(lambda: pending(r, "S", "g") == 0)
+    if kind == "reliable-list":
+        wait_for(lambda: r.llen("P") == 0)
+    source.stop()  # CLIENT UNBLOCK, give back, acks: all allowed
