@@ -1761,3 +1761,226 @@ def test_items_read_from_the_tail_go_back_to_the_tail_on_stop(server, r):
     gate.set()
     stopping.join()
     assert [int(x) for x in r.lrange("q", 0, -1)] == [0, 1, 2, 3, 4]
+
+
+# --------------------------------------------------------------------------
+# The original streamz_redis's own scenarios (roveo/streamz_redis, 2020),
+# rewritten against our names: from_redis_lists -> from_redis_list with
+# with_key=True; sink_to_redis_list/_stream -> to_redis_list/_stream; its
+# consumer groups began at "0" (start_id="0"); heartbeats -> claim_idle.
+# --------------------------------------------------------------------------
+
+
+def original_data(n=3):
+    """The original suite's entries: {"i": "0"}, {"i": "1"}, ..."""
+    return [{"i": str(i)} for i in range(n)]
+
+
+def test_original_one_list_emits_its_name_and_each_item(server, r):
+    source = Stream.from_redis_list("numbers", with_key=True, timeout=0.1)
+    seen = source.pluck(1).map(int).sink_to_list()
+    source.start()
+    r.rpush("numbers", *range(3))
+    wait_for(lambda: seen == [0, 1, 2])
+
+
+def test_original_two_lists_feed_one_source(server, r):
+    source = Stream.from_redis_list(["first", "second"], with_key=True, timeout=0.1)
+    seen = source.sink_to_list()
+    source.start()
+    r.rpush("first", *range(3))
+    r.rpush("second", *range(3))
+    wait_for(lambda: len(seen) == 6)
+    assert sorted(seen) == [(key, str(i)) for key in ("first", "second") for i in range(3)]
+
+
+def test_original_a_stream_is_read_from_its_beginning(server, r):
+    data = original_data()
+    source = Stream.from_redis_streams("events", start_id="0", timeout=0.1)
+    seen = source.sink_to_list()
+    source.start()
+    for fields in data:
+        r.xadd("events", fields)
+    wait_for(lambda: len(seen) == 3)
+    assert [entry[2] for entry in seen] == data  # (stream, id, fields)
+
+
+def test_original_two_streams_each_from_its_own_start_id(server, r):
+    source = Stream.from_redis_streams({"one": "0", "two": "0"}, timeout=0.1)
+    from_one = source.pluck(0).filter(lambda name: name == "one").sink_to_list()
+    from_two = source.pluck(0).filter(lambda name: name == "two").sink_to_list()
+    source.start()
+    for fields in original_data():
+        r.xadd("one", fields)
+        r.xadd("two", fields)
+    wait_for(lambda: len(from_one) == 3 and len(from_two) == 3)
+    assert from_one == ["one"] * 3 and from_two == ["two"] * 3
+
+
+def test_original_entries_that_left_the_pipeline_are_acknowledged(server, r):
+    for fields in original_data():
+        r.xadd("events", fields)
+    source = Stream.from_redis_consumer_group("events", "group", "consumer", start_id="0", timeout=0.1)
+    seen = source.sink_to_list()
+    source.start()
+    wait_for(lambda: len(seen) == 3)
+
+    def own_pending():
+        # XREADGROUP from id 0: what this consumer was given and never acked.
+        [[_, entries]] = r.xreadgroup("group", "consumer", {"events": "0"})
+        return entries
+
+    wait_for(lambda: own_pending() == [])  # where the original slept 50 ms
+
+
+# On main, an _Ack refers to itself (cb = self), so a reference that a node
+# dropped lives on until the garbage collector runs, and the replay takes it
+# for one still held. Branch bug-tests fixes that (592d4b3: cb a property;
+# 58e21bf: forget streamz's current_metadata on start); once it is merged,
+# this condition is false and the test must pass.
+DROPPED_REFERENCES_WAIT_FOR_GC = "cb" in getattr(streamz_redis._Reference, "__slots__", ())
+
+
+@pytest.mark.xfail(
+    DROPPED_REFERENCES_WAIT_FOR_GC, strict=False,
+    reason="a dropped entry's _Ack is freed only by the garbage collector (fixed on bug-tests)",
+)
+def test_original_entries_a_buffer_dropped_are_delivered_again_after_restart(server, r, monkeypatch):
+    # The original's test_replay: a buffer whose queue is swapped for an empty
+    # one drops five entries' references without releasing them. They were
+    # never acknowledged; after stop() and start() they come back.
+    monkeypatch.setattr(streamz_redis, "EMIT_STOP_DEADLINE", 0.5)  # the emit stuck on the old queue
+    data = original_data(10)
+    maxsize = 5
+    source = Stream.from_redis_consumer_group({"events": "0"}, "group", "consumer", count=1, timeout=0.1)
+    buffer = source.buffer(maxsize)
+    seen = buffer.rate_limit(0.1).sink_to_list()
+    source.start()
+    for fields in data:
+        r.xadd("events", fields)
+
+    def swap_when_full():
+        # On the loop, so that the buffer's own coroutine sees a full queue.
+        if buffer.queue.qsize() == maxsize:
+            buffer.queue = type(buffer.queue)(maxsize)
+            return True
+        return False
+
+    wait_for(lambda: on_loop(source, lambda: asyncio.sleep(0, swap_when_full())))
+    source.stop()
+    dropped = {fields["i"] for fields in data} - {entry.fields["i"] for entry in seen}
+    assert len(dropped) >= maxsize
+
+    source.start()
+    wait_for(lambda: {entry[2]["i"] for entry in seen} == {fields["i"] for fields in data}, timeout=5)
+    wait_for(lambda: pending(r, "events", "group") == 0)
+    assert len(seen) == 10  # each one exactly once: nothing still held came twice
+
+
+def test_original_three_consumers_share_fifty_entries(server, r):
+    out = Stream().pluck(2)
+    seen = set()
+    out.pluck("i").sink(seen.add)
+    for n in range(3):
+        source = Stream.from_redis_consumer_group(
+            "events", "group", f"consumer-{n}", count=1, timeout=0.1, start_id="0"
+        )
+        source.connect(out)
+        source.start()
+    data = original_data(50)
+    for fields in data:
+        r.xadd("events", fields)
+    wait_for(lambda: seen == {fields["i"] for fields in data})
+    wait_for(lambda: pending(r, "events", "group") == 0)
+
+
+def test_original_a_newcomer_claims_what_ten_failed_consumers_left(server, r, monkeypatch):
+    # The original's test_claim: ten consumers, each with a random name, lose
+    # the ten entries in their buffer and never come back. A new consumer
+    # with claim_idle (the original's heartbeat_interval and claim_timeout)
+    # takes them over, and every entry reaches the target list once.
+    monkeypatch.setattr(streamz_redis, "EMIT_STOP_DEADLINE", 0.5)
+    import uuid
+
+    for fields in original_data(500):
+        r.xadd("events", fields)
+
+    def run_and_fail():
+        name = str(uuid.uuid4())
+        source = Stream.from_redis_consumer_group(
+            "events", "group", name, count=1, timeout=0.1, start_id="0"
+        )
+        buffer = source.buffer(10)
+        buffer.rate_limit(0.1).pluck(1).to_redis_list("target")
+
+        def lose_the_buffer():
+            if buffer.queue.qsize() == 10:
+                buffer.queue = type(buffer.queue)(10)  # never acknowledged
+                return True
+            return False
+
+        source.start()
+        wait_for(lambda: on_loop(source, lambda: asyncio.sleep(0, lose_the_buffer())))
+        source.stop()
+        mine = [c for c in r.xinfo_consumers("events", "group") if c["name"].decode() == name]
+        assert mine[0]["pending"] >= 10
+
+    for _ in range(10):
+        run_and_fail()
+    assert pending(r, "events", "group") >= 100
+    # A buffer's loop outlives its stopped source: an entry it let go after
+    # stop() was written, but its acknowledgement came too late. Those are the
+    # only ones the newcomer may write a second time (at-least-once).
+    written_late = set(r.lrange("target", 0, -1)) & {
+        row["message_id"] for row in r.xpending_range("events", "group", "-", "+", 1000)
+    }
+
+    newcomer = Stream.from_redis_consumer_group(
+        "events", "group", str(uuid.uuid4()), claim_idle=0.5, count=10, timeout=0.1
+    )
+    newcomer.pluck(1).to_redis_list("target")
+    newcomer.start()
+    every_id = {entry_id for entry_id, _ in r.xrange("events")}
+    wait_for(
+        lambda: set(r.lrange("target", 0, -1)) == every_id and pending(r, "events", "group") == 0,
+        timeout=30,
+    )
+    target = r.lrange("target", 0, -1)
+    twice = {entry_id for entry_id in target if target.count(entry_id) > 1}
+    assert twice <= written_late and len(target) == 500 + len(twice)
+
+
+def test_original_sink_to_list_appends_on_the_right(server, r):
+    source = Stream()
+    source.to_redis_list("out")
+    for i in range(10):
+        source.emit(i)
+    assert r.llen("out") == 10  # no waiting: emit() returns once it is stored
+    assert int(r.lpop("out")) == 0
+    assert int(r.rpop("out")) == 9
+
+
+def test_original_sink_to_list_pushes_on_the_left(server, r):
+    source = Stream()
+    source.to_redis_list("out", side="left")  # the original's right=False
+    for i in range(10):
+        source.emit(i)
+    assert r.llen("out") == 10
+    assert int(r.lpop("out")) == 9
+    assert int(r.rpop("out")) == 0
+
+
+def test_original_sink_to_stream_adds_each_element(server, r):
+    source = Stream()
+    source.to_redis_stream("out")
+    for fields in original_data():
+        source.emit(fields)
+    assert r.xlen("out") == 3
+
+
+def test_original_sink_to_stream_trims_exactly_to_maxlen(server, r):
+    source = Stream()
+    source.to_redis_stream("out", maxlen=10, approximate=False)
+    for fields in original_data(50):
+        source.emit(fields)
+    assert r.xlen("out") == 10
