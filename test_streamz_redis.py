@@ -5,6 +5,7 @@ sleep: each waits for a condition, with a deadline.
 """
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -1984,3 +1985,123 @@ def test_original_sink_to_stream_trims_exactly_to_maxlen(server, r):
     for fields in original_data(50):
         source.emit(fields)
     assert r.xlen("out") == 10
+
+
+# --------------------------------------------------------------------------
+# The tutorial's three examples: killed with SIGKILL mid-way, restarted,
+# nothing lost and nothing left pending
+# --------------------------------------------------------------------------
+
+EXAMPLE_STREAMS = ["source-stream-1", "source-stream-2"]
+EXAMPLE_LISTS = ["data-source-1", "data-source-2"]
+
+
+def example_seed():
+    seed = int(os.environ.get("STREAMZ_REDIS_TEST_SEED", time.time_ns() % 2**32))
+    print(f"seed {seed} (set STREAMZ_REDIS_TEST_SEED to repeat)")
+    return seed
+
+
+def produce(r, example, rng, start, n):
+    """Add n records per source, numbered from start, in a random interleaving;
+    return the keys by which the output names them."""
+    sources = EXAMPLE_LISTS if example == "lists_consumer.py" else EXAMPLE_STREAMS
+    todo = [(source, k) for source in sources for k in range(start, start + n)]
+    rng.shuffle(todo)
+    with r.pipeline(transaction=False) as pipe:
+        for source, k in todo:
+            if example == "lists_consumer.py":
+                pipe.rpush(source, json.dumps({"n": k}))  # JSON keeps n a number
+            else:
+                pipe.xadd(source, {"n": k})  # a stream field comes back as a string
+        pipe.execute()
+    if example == "lists_consumer.py":
+        return set(todo)
+    return {(source, str(k)) for source, k in todo}
+
+
+def output_records(r, example):
+    records = []
+    for batch in r.lrange("preprocessed-data", 0, -1):
+        for line in batch.decode().split("\n"):
+            record = json.loads(line)
+            records.append((record["_source"], record["n"]))
+    return records
+
+
+def held_by_workers(r, example):
+    """Read and not finished: pending entries, or items in processing lists."""
+    if example == "lists_consumer.py":
+        return sum(r.llen(key) for key in r.keys("*:processing:*"))
+    held = 0
+    for stream in EXAMPLE_STREAMS:
+        if r.exists(stream):
+            held += r.xpending(stream, "my-group")["pending"]
+    return held
+
+
+def waiting(r, example):
+    """Not yet read at all."""
+    if example == "lists_consumer.py":
+        return sum(r.llen(key) for key in EXAMPLE_LISTS)
+    return sum(
+        group["lag"] or 0 for stream in EXAMPLE_STREAMS for group in r.xinfo_groups(stream)
+    )
+
+
+def start_example(example, server, log):
+    args = [sys.executable, str(HERE / "examples" / example)]
+    args += ["--claim-idle", "4"] if example == "dynamic_consumer_group.py" else ["worker-1"]
+    worker = subprocess.Popen(
+        args, cwd=HERE, stdout=subprocess.PIPE, stderr=log,
+        env=dict(os.environ, REDIS_URL=server.url, PYTHONPATH=str(HERE)),
+    )
+    assert b"reading" in worker.stdout.readline()
+    return worker
+
+
+@pytest.mark.parametrize(
+    "example", ["simple_consumer_group.py", "lists_consumer.py", "dynamic_consumer_group.py"]
+)
+def test_an_example_worker_killed_mid_way_and_restarted_loses_nothing(server, r, tmp_path, example):
+    import random
+
+    rng = random.Random(example_seed())
+    log = open(tmp_path / "worker.log", "ab")
+    # 1250 per source: two full batches of 1000 and 500 that partition holds
+    # for up to 3 s, so that the kill finds entries in flight.
+    expected = produce(r, example, rng, 0, 1250)
+    worker = start_example(example, server, log)
+    try:
+        batches = rng.randint(1, 2)
+        wait_for(lambda: r.llen("preprocessed-data") >= batches or worker.poll() is not None, timeout=30)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+        in_flight = held_by_workers(r, example)
+        print(f"{example}: killed after {r.llen('preprocessed-data')} batches, {in_flight} in flight")
+        assert len(output_records(r, example)) < len(expected), "it finished before the kill"
+
+        expected |= produce(r, example, rng, 1250, 1250)
+        worker = start_example(example, server, log)  # the same name, or a new one with claim_idle
+        wait_for(
+            lambda: set(output_records(r, example)) == expected
+            and held_by_workers(r, example) == 0 and waiting(r, example) == 0,
+            timeout=60, interval=0.05,
+        )
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        log.close()
+
+    records = output_records(r, example)
+    assert set(records) == expected and held_by_workers(r, example) == 0
+    # Only what the dead worker had read and not finished runs twice.
+    assert len(records) - len(expected) <= in_flight
+    if example == "dynamic_consumer_group.py":
+        # The second worker left the group on SIGTERM; the dead one is still listed.
+        for stream in EXAMPLE_STREAMS:
+            consumers = r.xinfo_consumers(stream, "my-group")
+            assert len(consumers) == 1 and consumers[0]["pending"] == 0
