@@ -40,18 +40,23 @@ downstream are logged on the ``streamz_redis`` logger with the entry's id, and
 the source keeps running. Every node has ``metrics()``.
 """
 
+import argparse
 import asyncio
 import atexit
+import hashlib
 import inspect
+import json
 import logging
 import math
 import os
 import re
+import signal
 import ssl
+import sys
 import threading
 import time
 import weakref
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Mapping
 from operator import methodcaller
 from typing import Any, NamedTuple, Optional
@@ -381,12 +386,15 @@ def _check_url(url):
         raise TypeError(f"url must be a str, not {type(url).__name__}")
     try:
         redis.asyncio.connection.parse_url(url)
+        valid = True
     except ValueError:
+        valid = False  # raised outside: redis-py's error (its __context__) may quote the password
+    if not valid:
         raise ValueError(
             f"url {_safe_url(url)!r} is not a valid Redis URL (expected "
             "redis://[[user]:password@]host[:port][/db]); a password that holds "
             "'#', '/', '?', '@' or ':' must be percent-encoded (urllib.parse.quote)"
-        ) from None
+        )
     parts = urlsplit(url)
     db = parts.path.strip("/")
     if parts.scheme in ("redis", "rediss") and db and not db.isdigit():
@@ -454,7 +462,7 @@ class _Backoff:
             pass
 
 
-_PENDING, _DONE, _FAILED = 0, 1, 2
+_PENDING, _DONE, _FAILED, _SETTLED = 0, 1, 2, 3  # _SETTLED: acknowledged by a sink's script
 
 
 class _Reference(RefCounter):
@@ -472,7 +480,14 @@ class _Reference(RefCounter):
     entry saved).
     """
 
-    __slots__ = ("loop", "count", "cb", "ledger", "state")
+    __slots__ = ("loop", "count", "ledger", "state")
+
+    @property
+    def cb(self):
+        # Itself, without storing it: a reference to itself would be a cycle,
+        # and a reference a node dropped would live on until the garbage
+        # collector ran (and a replay would take it for one still held).
+        return self
 
     def release(self, n=1):
         self.count -= n
@@ -493,7 +508,6 @@ class _Ack(_Reference):
         # Not RefCounter.__init__ (it would look a loop up): one per entry.
         self.loop = ledger.loop
         self.count = 1
-        self.cb = self
         self.ledger = ledger
         self.state = _PENDING
         self.key = key  # stream name or processing list
@@ -512,6 +526,19 @@ class _Ack(_Reference):
     def track(self):
         self.ledger.in_flight[self.key, self.item] = weakref.ref(self)
 
+    def settle(self):
+        """An exactly-once sink acknowledged the entry in the same script
+        that stored its result: the ledger must not acknowledge it again."""
+        if self.state == _PENDING:
+            self.state = _SETTLED
+            self.ledger.forget(self)
+            self.ledger.acked += 1
+
+    def command(self):
+        """The command that acknowledges the entry, as a sink's script runs
+        it: ``(command, key, argument, argument)``."""
+        return self.ledger.command(self.key, self.item)
+
     def __str__(self):
         if isinstance(self.item, str):
             return f"entry {self.item} of stream {self.key!r}"
@@ -527,7 +554,6 @@ class _AckAll(_Reference):
     def __init__(self, ledger, acks):
         self.loop = ledger.loop
         self.count = 1
-        self.cb = self
         self.ledger = ledger
         self.state = _PENDING
         self.acks = acks
@@ -568,8 +594,9 @@ class _AckLedger:
     again. ``holds()`` also counts acks queued or being sent.
     """
 
-    def __init__(self, source, send):
+    def __init__(self, source, send, command):
         self.source = source
+        self.command = command  # (key, item) -> (command, key, argument, argument)
         self.loop = self.loop_thread = None  # the source's event loop and its thread, by open()
         self.send = send
         self.in_flight = {}  # (key, item) -> weakref to its _Ack
@@ -683,6 +710,10 @@ def _exit_cleanly():
             try:
                 if _loop_runs_elsewhere(node) and left > 0:
                     sync(node.loop, getattr(node, finish), left, callback_timeout=left + 1)
+                elif finish == "_close" and node._unconfirmed:
+                    # No time left (the sources took it) or no loop: say what is lost.
+                    log.error("%s: %d element(s) not written at exit; their upstream entries "
+                              "are not acknowledged", node, node._unconfirmed)
             except Exception as exc:  # pragma: no cover - best effort at exit
                 log.error("%s: could not finish cleanly at exit (%s)", node, _error_text(exc))
 
@@ -881,6 +912,9 @@ class _RedisSource(_RedisNode, Source):
         self._reading = False  # the read loop is waiting on Redis
         self._giving_up = False  # stop() is cancelling the read loop
         self._read_count = self._emitted = self._failed = self._reconnects = 0
+        self._dead_lettered = 0
+        self._read_batches = deque()  # (monotonic time, keys of the tracked entries) per read
+        self._read_batches_compacted_at = 64
         super().__init__(**kwargs)
         if start:
             starting = self.start()
@@ -895,8 +929,10 @@ class _RedisSource(_RedisNode, Source):
         emitted downstream; ``failed``: whose processing raised downstream;
         ``acked``: acknowledgements Redis confirmed (consumer groups and the
         reliable list); ``in_flight``: emitted and not yet done (held
-        somewhere in the pipeline); ``reconnects``: connections lost while
-        reading.
+        somewhere in the pipeline); ``oldest_in_flight_seconds``: how long
+        ago the oldest of those was read (0.0 when none is); ``reconnects``:
+        connections lost while reading; ``dead_lettered``: entries or items
+        moved to the dead-letter stream or list.
         """
         ledger = self._ledger
         return {
@@ -905,8 +941,47 @@ class _RedisSource(_RedisNode, Source):
             "failed": self._failed,
             "acked": ledger.acked if ledger else 0,
             "in_flight": ledger.in_flight_count() if ledger else 0,
+            "oldest_in_flight_seconds": self._oldest_in_flight_seconds(),
             "reconnects": self._reconnects,
+            "dead_lettered": self._dead_lettered,
         }
+
+    def _oldest_in_flight_seconds(self):
+        """Age of the oldest read that still has an entry in the pipeline.
+        Reads are timed, not entries: the per-entry path stays as it was."""
+        for read_at, keys in list(self._read_batches):
+            if self._any_in_flight(keys):
+                return time.monotonic() - read_at
+        return 0.0
+
+    def _any_in_flight(self, keys):
+        in_flight = self._ledger.in_flight
+        for key in keys:
+            ref = in_flight.get(key)
+            if ref is not None and ref() is not None:
+                return True
+        return False
+
+    def _after_read(self, batch):
+        """Called on the loop after each read, before its batch is emitted:
+        time the read for ``oldest_in_flight_seconds`` and forget reads that
+        have left the pipeline."""
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: read %d", self, len(batch))
+        if self._ledger is None:
+            return
+        reads = self._read_batches
+        while reads and not self._any_in_flight(reads[0][1]):
+            reads.popleft()
+        if len(reads) > self._read_batches_compacted_at:
+            # A read held up front (a window, a slow branch) keeps the ones
+            # behind it listed: drop those that are done, each time their
+            # number doubles.
+            self._read_batches = reads = deque(r for r in reads if self._any_in_flight(r[1]))
+            self._read_batches_compacted_at = max(64, 2 * len(reads))
+        keys = [(origin.key, origin.item) for _, origin in batch if isinstance(origin, _Ack)]
+        if keys:
+            reads.append((time.monotonic(), keys))
 
     def _report_failed_start(self, starting):
         if not starting.cancelled() and starting.exception() is not None:
@@ -974,6 +1049,7 @@ class _RedisSource(_RedisNode, Source):
             try:
                 await self._connect()
                 await self._check_permissions()
+                self._forget_last_emitted()
                 await self._prepare()
             except BaseException as exc:
                 await self._close()
@@ -988,6 +1064,7 @@ class _RedisSource(_RedisNode, Source):
                 self._ledger.open(self._stopping)
             _running_sources.add(self)
             self._task = asyncio.ensure_future(self._run())
+            log.info("%s: started, %s", self, self._reading_what())
 
     def _explain(self, exc):
         """``exc`` with a message that names this source and its server."""
@@ -1017,7 +1094,9 @@ class _RedisSource(_RedisNode, Source):
         await self._end(task, left)
         self._task = None
         _running_sources.discard(self)
+        stopped = "stopped"
         if self._ledger is not None:
+            acked = self._ledger.acked
             await self._let_sinks_finish(left(FLUSH_DEADLINE))
             unsent = await self._ledger.close(left(FLUSH_DEADLINE))
             if unsent:
@@ -1025,7 +1104,14 @@ class _RedisSource(_RedisNode, Source):
                     "%s: %d acknowledgement(s) not sent before closing; they are sent "
                     "on the next start(), or the entries are delivered again", self, unsent,
                 )
+            stopped += (f"; {self._ledger.acked - acked} acknowledgement(s) flushed, {unsent} "
+                        f"left unsent, {self._ledger.acked} sent since it was made")
         await self._close()
+        log.info("%s: %s", self, stopped)
+
+    def _reading_what(self):
+        """For the log line of start(): what the source reads, and from where."""
+        return f"reading {self._describe()}"
 
     async def _end(self, task, left):
         """Wait for the read loop to end. A blocking read is woken at once; a
@@ -1065,6 +1151,20 @@ class _RedisSource(_RedisNode, Source):
         if flushes:
             await asyncio.wait(flushes, timeout=timeout)
             await asyncio.sleep(0)  # streamz calls the acks back on the next loop turn
+
+    def _forget_last_emitted(self):
+        """streamz keeps on every node the metadata of the last element it
+        emitted (``current_metadata``). It is no hold, but it keeps that
+        element's reference alive: a replay would take an entry that a node
+        downstream dropped for one still in the pipeline, and skip it."""
+        seen, todo = set(), [self]
+        while todo:
+            node = todo.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            node.current_metadata = None
+            todo.extend(node.downstreams)
 
     def _downstream_sinks(self):
         """The Redis sinks this source's elements can reach."""
@@ -1148,8 +1248,11 @@ class _RedisSource(_RedisNode, Source):
                 continue
             finally:
                 self._reading = False
+            if backoff.delay > BACKOFF_FIRST:
+                log.info("%s: Redis answers again; reading", self)
             backoff.reset()
             self._read_count += len(batch)
+            self._after_read(batch)
             await self._emit_batch(batch)
 
     async def _handle_read_error(self, exc, delay):
@@ -1159,6 +1262,7 @@ class _RedisSource(_RedisNode, Source):
             log.warning("%s: Redis is unreachable (%s); retrying in %.1f s",
                         self, _error_text(exc), delay)
             self._reconnects += 1
+            self._forget_last_emitted()
             self._on_disconnect()
             return False
         try:
@@ -1397,7 +1501,7 @@ class from_redis_list(_RedisSource):
                 raise ValueError("processing_list needs exactly one key: BLMOVE waits on one list")
             if self.processing_list == self.keys[0]:
                 raise ValueError("processing_list must differ from the key it reads")
-            self._ledger = _AckLedger(self, self._remove_processed)
+            self._ledger = _AckLedger(self, self._remove_processed, lambda key, item: ("LREM", key, 1, item))
         self._replay_processing = False
         super().__init__(timeout=timeout, count=count, **kwargs)
 
@@ -1416,6 +1520,9 @@ class from_redis_list(_RedisSource):
         return [
             ["LRANGE", processing, 0, -1],
             ["EVALSHA", "0" * 40, 2, key, processing, 0, self.side.upper()],
+            # What the batch-moving script runs, and how redis-py loads it.
+            ["LMOVE", key, processing, self.side.upper(), "RIGHT"],
+            ["SCRIPT", "LOAD", self._MOVE_BATCH],
             ["BLMOVE", key, processing, self.side.upper(), "RIGHT", timeout],
             ["LREM", processing, 1, "x"],
         ]
@@ -1536,6 +1643,7 @@ class from_redis_list(_RedisSource):
                 )
                 stuck.append((key, item))
                 continue
+            self._dead_lettered += 1
             log.error(
                 "%s: item %r of list %r cannot be decoded (%s); moved to list %r",
                 self, item[:80], key, exc, target,
@@ -1610,6 +1718,10 @@ class from_redis_streams(_RedisSource):
 
     def _describe(self):
         return ", ".join(map(repr, self.start_ids))
+
+    def _reading_what(self):
+        after = ", ".join(f"{name!r} after {last_id}" for name, last_id in self.last_ids.items())
+        return f"reading {after}"
 
     def _probes(self):
         probes = [["XREAD", "COUNT", 1, "STREAMS", *self.start_ids, *["0"] * len(self.start_ids)]]
@@ -1712,6 +1824,12 @@ class from_redis_consumer_group(_RedisSource):
         ``deliveries``, then acknowledged.
     dead_letter_stream : str, optional
         Where such entries go; default ``"<stream>:dead-letter"``.
+    trim_acknowledged : bool
+        ``True`` keeps the streams bounded: about once a second, each stream
+        is trimmed (XTRIM MINID, in one script) up to the oldest entry that
+        some group still needs (pending in any group, or not yet delivered
+        to one), never further. A stream without groups is never trimmed.
+        Needs ``eval``, ``xinfo``, ``xpending``, ``xrange`` and ``xtrim``.
     decode : bool or str
         As for ``from_redis_streams``. An entry that cannot be decoded is
         logged and not acknowledged: it stays pending (and, with
@@ -1723,7 +1841,8 @@ class from_redis_consumer_group(_RedisSource):
     def __init__(
         self, streams, group: str, consumer: str, *, start_id: str = "$", count: int = 100,
         timeout: float = 1.0, claim_idle: Optional[float] = None,
-        max_deliveries: Optional[int] = None, dead_letter_stream: Optional[str] = None, **kwargs,
+        max_deliveries: Optional[int] = None, dead_letter_stream: Optional[str] = None,
+        trim_acknowledged: bool = False, **kwargs,
     ):
         self.start_ids = _streams_with_ids(streams, start_id)
         self.group = _name(group, "group")
@@ -1733,13 +1852,73 @@ class from_redis_consumer_group(_RedisSource):
         self.dead_letter_stream = (
             None if dead_letter_stream is None else _name(dead_letter_stream, "dead_letter_stream")
         )
-        self._ledger = _AckLedger(self, self._xack)
+        self._ledger = _AckLedger(self, self._xack, lambda key, item: ("XACK", key, self.group, item))
         self._replay_from = None  # stream -> id while replaying pending entries
         self._claim_from = None  # stream -> XAUTOCLAIM cursor during a sweep
         self._next_claim = 0.0
         self._last_read = {}  # stream -> id of the last new entry read
         self._recreated = False  # the group was recreated since the last read
+        self.trim_acknowledged = bool(trim_acknowledged)
+        self._lag = self._pending = None  # from Redis, by _refresh_figures()
+        self._trimmed = 0
+        self._next_figures = 0.0
+        self._figures_task = None
         super().__init__(timeout=timeout, count=count, **kwargs)
+
+    def metrics(self) -> dict:
+        """The figures of every source (see ``_RedisSource.metrics``), and
+        from Redis, refreshed on the loop about once a second (``None`` until
+        known): ``lag``, the group's entries not yet delivered to any of its
+        consumers (summed over the streams; ``None`` where Redis does not say
+        and there are more than LAG_COUNT_LIMIT to count), and ``pending``,
+        the entries delivered to this consumer and not yet acknowledged. With
+        ``trim_acknowledged``, ``trimmed``: entries trimmed so far."""
+        figures = super().metrics()
+        figures.update(lag=self._lag, pending=self._pending, trimmed=self._trimmed)
+        return figures
+
+    def _reading_what(self):
+        options = [f"{name}={getattr(self, name)!r}" for name in
+                   ("claim_idle", "max_deliveries", "trim_acknowledged") if getattr(self, name)]
+        return (f"reading {', '.join(map(repr, self.start_ids))} as consumer {self.consumer!r} "
+                f"of group {self.group!r}: its pending entries first, then new ones"
+                + (f" ({', '.join(options)})" if options else ""))
+
+    def _after_read(self, batch):
+        super()._after_read(batch)
+        now = asyncio.get_running_loop().time()
+        if now >= self._next_figures and (self._figures_task is None or self._figures_task.done()):
+            self._next_figures = now + FIGURES_EVERY
+            self._figures_task = asyncio.ensure_future(self._refresh_figures())
+
+    async def _refresh_figures(self):
+        """Ask Redis for the lag and this consumer's pending count, and trim
+        with ``trim_acknowledged``: beside the read loop, never in its way."""
+        try:
+            lag, pending = 0, 0
+            for name in self.start_ids:
+                groups = [g for g in await self._redis.xinfo_groups(name) if _text(g["name"]) == self.group]
+                stream_lag = await _group_lag(self._redis, name, groups[0]) if groups else None
+                lag = None if lag is None or stream_lag is None else lag + stream_lag
+                for consumer in await self._redis.xinfo_consumers(name, self.group):
+                    if _text(consumer["name"]) == self.consumer:
+                        pending += consumer["pending"]
+            self._lag, self._pending = lag, pending
+        except Exception as exc:
+            log.debug("%s: lag and pending not refreshed (%s)", self, _error_text(exc))
+        if not self.trim_acknowledged:
+            return
+        for name in self.start_ids:
+            try:
+                trimmed = await _trim_to_oldest_needed(self._redis, name)
+            except Exception as exc:
+                if not self.stopped:
+                    log.warning("%s: trimming stream %r failed (%s)", self, name, _error_text(exc))
+                continue
+            if trimmed and trimmed[1]:
+                self._trimmed += trimmed[1]
+                log.debug("%s: trimmed %d entries of stream %r, up to %s (needed by group %r)",
+                          self, trimmed[1], name, trimmed[0], trimmed[2])
 
     def _describe(self):
         names = ", ".join(map(repr, self.start_ids))
@@ -1924,6 +2103,7 @@ class from_redis_consumer_group(_RedisSource):
                     name, deliveries, self.max_deliveries, target, _error_text(failure),
                 )
                 continue
+            self._dead_lettered += 1
             log.error(
                 "%s: entry %s of stream %r was delivered %d times (max_deliveries=%d); "
                 "moved to stream %r", self, entry_id, name, deliveries,
@@ -1931,6 +2111,8 @@ class from_redis_consumer_group(_RedisSource):
             )
 
     async def _xack(self, batch):
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: XACK %d", self, sum(map(len, batch.values())))
         if len(batch) == 1:  # the common case: one stream, one command
             [(name, ids)] = batch.items()
             await self._redis.execute_command("XACK", name, self.group, *ids)
@@ -2117,9 +2299,9 @@ def _redis_value(value, what):
         return value
     if isinstance(value, (bytearray, memoryview)):
         return bytes(value)
-    text = repr(value)
+    text, kind = repr(value), "Entry" if isinstance(value, Entry) else type(value).__name__
     raise TypeError(
-        f"{what} is a {type(value).__name__} ({text[:80]}{'...' if len(text) > 80 else ''}); "
+        f"{what} is a {kind} ({text[:80]}{'...' if len(text) > 80 else ''}); "
         "Redis stores str, bytes, int or float: convert it first, e.g. with json.dumps"
     )
 
@@ -2145,6 +2327,50 @@ def _fail_origins(metadata):
             m["ref"].fail()
 
 
+def _acks_in(metadata):
+    """The ``_Ack`` of every upstream entry an element carries."""
+    for m in metadata:
+        ref = m.get("ref")
+        if isinstance(ref, _Ack):
+            yield ref
+        elif isinstance(ref, _AckAll):
+            yield from ref.acks
+
+
+def _leaves(node):
+    """The nodes where ``node``'s elements end, each with the number of
+    paths from ``node`` that lead there."""
+    leaves = defaultdict(int)
+    todo = [node]
+    while todo:
+        node = todo.pop()
+        downstreams = [d for d in node.downstreams if d is not None]
+        if not downstreams:
+            leaves[node] += 1
+        todo.extend(downstreams)
+    return leaves
+
+
+# An element and the acknowledgement of the upstream entries it carries, in one
+# script: a script stops at its first failing call, so an element Redis refuses
+# leaves its entries pending, and nothing else runs between the write and the
+# acknowledgements. KEYS[1] is where the element goes, KEYS[2..] the stream (or
+# processing list) of each entry; ARGV holds the write's command, how many
+# arguments follow its key and those arguments, then for each entry its
+# acknowledgement (XACK group id, or LREM 1 item).
+WRITE_AND_ACKNOWLEDGE = """
+local n = tonumber(ARGV[2])
+local reply = redis.call(ARGV[1], KEYS[1], unpack(ARGV, 3, n + 2))
+local at = n + 3
+for i = 2, #KEYS do
+    redis.call(ARGV[at], KEYS[i], ARGV[at + 1], ARGV[at + 2])
+    at = at + 3
+end
+return reply
+"""
+WRITE_AND_ACKNOWLEDGE_SHA = hashlib.sha1(WRITE_AND_ACKNOWLEDGE.encode()).hexdigest()
+
+
 def _cannot_be_retried(exc):
     """Connection errors that a retry cannot mend: a wrong password, a
     missing permission, a certificate that does not verify."""
@@ -2161,7 +2387,7 @@ class _Write:
     """One element on its way to Redis: the command arguments and the
     streamz references it holds until Redis confirms the write."""
 
-    __slots__ = ("element", "key", "value", "metadata", "stored")
+    __slots__ = ("element", "key", "value", "metadata", "stored", "acks")
 
     def __init__(self, element, key, value, metadata):
         self.element = element
@@ -2169,6 +2395,7 @@ class _Write:
         self.value = value
         self.metadata = metadata
         self.stored = None  # a future, for an element that came through Stream.emit()
+        self.acks = ()  # with exactly_once: the upstream entries acknowledged with it
 
     def settle(self, error=None):
         """Tell whoever emitted the element through ``Stream.emit()`` that it
@@ -2197,16 +2424,21 @@ class _RedisSink(_RedisNode, Sink):
         url: Optional[str] = None,
         client_kwargs: Optional[Mapping] = None,
         client=None,
+        exactly_once: bool = False,
         **kwargs,
     ):
         self._connection_args(url, client_kwargs, client)
         self.max_in_flight = _positive_int(max_in_flight, "max_in_flight")
+        self.exactly_once = bool(exactly_once)
+        self._sources_checked = {}  # exactly_once: source -> None, or why it cannot hold
         self._redis = None  # connected lazily, on the loop, by the first write
         self._queue = []  # writes that wait for the next round trip
         self._writing = []  # writes of the round trip under way
         self._unconfirmed = 0  # elements received, not yet written or failed
         self._written = self._refused_count = 0
         self._writer = None  # the task that runs round trips while any are queued
+        self._backoff = _Backoff()  # shared by successive writers
+        self._refusing = False  # Redis refused the last round trip: back off before the next
         self._room = None  # what upstream awaits while max_in_flight are held
         super().__init__(upstream, ensure_io_loop=True, **kwargs)
 
@@ -2226,6 +2458,10 @@ class _RedisSink(_RedisNode, Sink):
         # Anything wrong with the element raises here, in the emitter's call,
         # before the sink holds a reference to it.
         write = self._prepare_write(x, metadata or [])
+        if self.exactly_once:
+            write.acks = list(_acks_in(write.metadata))
+            for source in {ack.ledger.source for ack in write.acks}:
+                self._check_exactly_once(source)
         self._retain_refs(write.metadata)
         self._queue.append(write)
         self._unconfirmed += 1
@@ -2250,6 +2486,61 @@ class _RedisSink(_RedisNode, Sink):
     def _prepare_write(self, element, metadata):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _check_exactly_once(self, source):
+        """Raise, at the first element from ``source``, if the script cannot
+        cover its entries: where they also reach another node that ends the
+        pipeline (another sink), or reach this one by more than one path."""
+        if source in self._sources_checked:
+            return
+        leaves = _leaves(source)
+        if leaves != {self: 1}:
+            others = [f"{node}" + (f" ({n} paths)" if n > 1 else "") for node, n in leaves.items()]
+            raise ValueError(
+                f"{self}: exactly_once needs every entry of {source} to end in this sink, "
+                f"by one path; they end in {', '.join(others)}. Drop exactly_once (at-least-once), "
+                "or give each branch its own source"
+            )
+        self._sources_checked[source] = None
+
+    def _queue_write(self, pipe, write):
+        if not write.acks:
+            self._queue_on(pipe, write)
+            return
+        command = self._command(write)
+        keys, args = [command[1]], [command[0], len(command) - 2, *command[2:]]
+        for ack in write.acks:
+            name, key, first, second = ack.command()
+            keys.append(key)
+            args += [name, first, second]
+        pipe.execute_command("EVALSHA", WRITE_AND_ACKNOWLEDGE_SHA, len(keys), *keys, *args)
+
+    async def _committed(self, write):
+        """After a connection was lost with ``write`` sent: whether its script
+        ran. Its entries are acknowledged if, and only if, it did."""
+        if not write.acks:
+            return False
+        name, key, first, second = write.acks[0].command()
+        if name == "XACK":
+            return not await self._redis.xpending_range(key, first, second, second, 1)
+        return await self._redis.lpos(key, second) is None
+
+    async def _same_server(self, writes):
+        """Refuse the exactly-once writes whose sources read another Redis
+        server (or database) than this sink writes to: no script spans two."""
+        checked = self._sources_checked
+        for source in {ack.ledger.source for write in writes for ack in write.acks}:
+            if checked.get(source) is None and source._redis is not None:
+                here, there = await asyncio.gather(self._redis.info("server"), source._redis.info("server"))
+                db = [c.connection_pool.connection_kwargs.get("db", 0) for c in (self._redis, source._redis)]
+                checked[source] = "" if here["run_id"] == there["run_id"] and db[0] == db[1] else (
+                    f"exactly_once needs {source} and this sink on one Redis server and database"
+                )
+        refused = []
+        for write in writes:
+            reasons = [checked[ack.ledger.source] for ack in write.acks if checked.get(ack.ledger.source)]
+            refused.append(ValueError(f"{self}: {reasons[0]}") if reasons else None)
+        return refused
+
     def _queue_on(self, pipe, write):  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -2264,9 +2555,12 @@ class _RedisSink(_RedisNode, Sink):
     async def _write_queued(self):
         """Round trips until nothing is queued: each sends, in one pipeline,
         everything that arrived during the previous one. While Redis refuses
-        writes (out of memory, say) the next round trip waits, with back-off."""
-        backoff = _Backoff()
+        writes (out of memory, say) the next round trip waits, with back-off,
+        also when it is a later writer's first (elements arriving one by one)."""
+        backoff = self._backoff
         while self._queue:
+            if self._refusing:
+                await backoff.wait()
             self._writing, self._queue = self._queue, []
             refused = []
             try:
@@ -2277,6 +2571,8 @@ class _RedisSink(_RedisNode, Sink):
                         refused.append((write, reply))
                         write.settle(reply)
                     else:
+                        for ack in write.acks:
+                            ack.settle()
                         self._release_refs(write.metadata)
                         write.settle()
                 self._written += len(self._writing) - len(refused)
@@ -2289,34 +2585,51 @@ class _RedisSink(_RedisNode, Sink):
             self._confirmed(len(self._writing))
             self._writing = []
             self._refused_count += len(refused)
+            self._refusing = bool(refused)
             if refused:
                 self._refused(refused, backoff.delay if self._queue else None)
-                if self._queue:
-                    await backoff.wait()
             else:
                 backoff.reset()
 
     async def _round_trip(self, writes, backoff):
         """Send ``writes`` in one pipeline; the replies, an exception in place
-        of each command Redis refused. Connection errors are retried."""
+        of each command Redis refused. Connection errors are retried; with
+        exactly_once, only the writes whose scripts did not run."""
+        replies = [None] * len(writes)
+        todo = list(range(len(writes)))
+        sent = False
         while True:
             try:
                 if self._redis is None:
                     await self._connect()
+                if self.exactly_once:
+                    if sent:
+                        todo = [i for i in todo if not await self._committed(writes[i])]
+                    for i, refused in zip(todo, await self._same_server([writes[i] for i in todo])):
+                        replies[i] = refused
+                    todo = [i for i in todo if replies[i] is None]
                 async with self._redis.pipeline(transaction=False) as pipe:
-                    for write in writes:
-                        self._queue_on(pipe, write)
-                    return await pipe.execute(raise_on_error=False)
+                    for i in todo:
+                        self._queue_write(pipe, writes[i])
+                    sent = True
+                    answers = await pipe.execute(raise_on_error=False) if todo else []
+                for i, answer in zip(todo, answers):
+                    replies[i] = answer
+                todo = [i for i in todo if isinstance(replies[i], redis.exceptions.NoScriptError)]
+                if not todo:
+                    return replies
+                await self._redis.script_load(WRITE_AND_ACKNOWLEDGE)  # a restarted Redis
+                sent = False
             except CONNECTION_ERRORS as exc:
                 if _cannot_be_retried(exc):
-                    return [exc] * len(writes)
+                    return [exc if i in todo else reply for i, reply in enumerate(replies)]
                 log.warning(
                     "%s: Redis is unreachable (%s); %d element(s) wait, retrying in %.1f s",
-                    self, _error_text(exc), len(writes), backoff.delay,
+                    self, _error_text(exc), len(todo), backoff.delay,
                 )
                 await backoff.wait()
             except redis.exceptions.RedisError as exc:
-                return [exc] * len(writes)
+                return [exc if i in todo else reply for i, reply in enumerate(replies)]
 
     def _refused(self, refused, retry_in):
         """One log line for the writes of a round trip that Redis refused:
@@ -2493,6 +2806,10 @@ class to_redis_stream(_RedisSink):
     def _queue_on(self, pipe, write):
         pipe.xadd(write.key, write.value, maxlen=self.maxlen, approximate=self.approximate)
 
+    def _command(self, write):
+        trim = [] if self.maxlen is None else ["MAXLEN", "~" if self.approximate else "=", self.maxlen]
+        return ["XADD", write.key, *trim, "*", *[part for pair in write.value.items() for part in pair]]
+
 
 @Stream.register_api()
 class to_redis_list(_RedisSink):
@@ -2537,6 +2854,9 @@ class to_redis_list(_RedisSink):
         else:
             pipe.lpush(write.key, write.value)
 
+    def _command(self, write):
+        return ["RPUSH" if self.side == "right" else "LPUSH", write.key, write.value]
+
 
 @Stream.register_api()
 class to_redis_pubsub(_RedisSink):
@@ -2572,3 +2892,362 @@ class to_redis_pubsub(_RedisSink):
 
     def _queue_on(self, pipe, write):
         pipe.publish(write.key, write.value)
+
+
+# --------------------------------------------------------------------------
+# Operating a stream: figures Redis keeps, trimming, and the command line
+# --------------------------------------------------------------------------
+
+# How often, at most, a consumer group asks Redis for its lag and pending
+# count (and trims, with trim_acknowledged): after a read, beside the loop.
+FIGURES_EVERY = 1.0
+
+# Where Redis does not say how far behind a group is (Redis 6.2 has no "lag";
+# Redis 7 has none after some deletions), the entries after its
+# last-delivered-id are counted, up to this many; beyond it the lag is None.
+LAG_COUNT_LIMIT = 10_000
+
+# Trim a stream up to the oldest entry that some group still needs: an entry
+# pending in a group, or the first entry after a group's last-delivered-id.
+# One script, so that no group moves (or appears) between the reckoning and
+# the XTRIM. Ids are compared as numbers written in decimal: by length, then
+# as text. Returns {minimum id kept, entries trimmed, the group that needs it},
+# or nil where the stream has no group (nothing says what may go).
+TRIM_TO_OLDEST_NEEDED = """
+local function before(a, b)
+    local a_ms, a_seq = string.match(a, '^(%d+)-(%d+)$')
+    local b_ms, b_seq = string.match(b, '^(%d+)-(%d+)$')
+    if a_ms ~= b_ms then
+        return #a_ms < #b_ms or (#a_ms == #b_ms and a_ms < b_ms)
+    end
+    return #a_seq < #b_seq or (#a_seq == #b_seq and a_seq < b_seq)
+end
+local keep, needed_by
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+    local info = {}
+    for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
+    local last = info['last-delivered-id']
+    local next_entry = redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', 1)[1]
+    local needed = next_entry and next_entry[1] or last
+    if info['pending'] > 0 then
+        local oldest = redis.call('XPENDING', KEYS[1], info['name'])[2]
+        if before(oldest, needed) then needed = oldest end
+    end
+    if not keep or before(needed, keep) then keep, needed_by = needed, info['name'] end
+end
+if not keep then return nil end
+return {keep, redis.call('XTRIM', KEYS[1], 'MINID', keep), needed_by}
+"""
+
+
+def _info_field(info, name):
+    """A field of an XINFO reply as redis-py parses it (``str`` keys; bytes
+    keys from a raw reply)."""
+    return info.get(name, info.get(name.encode()))
+
+
+async def _group_lag(client, stream, group_info):
+    """How many entries of ``stream`` the group (its XINFO GROUPS row) has
+    not been delivered yet: Redis 7's ``lag``, else counted after its
+    last-delivered-id, or None beyond LAG_COUNT_LIMIT."""
+    lag = _info_field(group_info, "lag")
+    if lag is not None:
+        return lag
+    after, counted = "(" + _text(_info_field(group_info, "last-delivered-id")), 0
+    while counted <= LAG_COUNT_LIMIT:
+        page = await client.xrange(stream, after, "+", count=1000)
+        if not page:
+            return counted
+        counted += len(page)
+        after = "(" + _text(page[-1][0])
+    return None
+
+
+async def _trim_to_oldest_needed(client, stream):
+    """XTRIM ``stream`` with MINID up to the oldest entry some group still
+    needs, never further: ``(id kept from, entries trimmed, group)``, or None
+    where the stream has no group."""
+    reply = await client.eval(TRIM_TO_OLDEST_NEEDED, 1, stream)
+    if not reply:
+        return None
+    keep, trimmed, group = reply
+    return _text(keep), trimmed, _text(group)
+
+
+# The command line: python -m streamz_redis --help
+
+
+class _CommandError(Exception):
+    """Bad input, said in one line on stderr."""
+
+
+def _shown(value):
+    """A name or value from Redis, fit to print: UTF-8 where it is, escapes
+    where not."""
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
+
+
+def _flat_fields(flat):
+    """An entry's ``[field, value, ...]`` as printable ``{field: value}``."""
+    return {_shown(flat[i]): _shown(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+DEAD_LETTER_FIELDS = (b"source_stream", b"source_id", b"deliveries")
+
+# Redrive one dead-letter entry: add its fields back to its source stream,
+# then delete it from the dead-letter stream, in one script. An entry that is
+# no longer there (redriven meanwhile) is not added again.
+REDRIVE_ENTRY = """
+if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return false end
+local added = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+redis.call('XDEL', KEYS[1], ARGV[1])
+return added
+"""
+
+
+def _original_fields(flat):
+    """``(source stream, its original flat fields)`` of a dead-letter entry.
+    The dead-letter move appends source_stream, source_id and deliveries
+    last; an entry written otherwise loses those fields wherever they are."""
+    names = flat[0::2]
+    if tuple(names[-3:]) == DEAD_LETTER_FIELDS:
+        original, extra = flat[:-6], flat[-6:]
+    else:
+        original = [v for i in range(0, len(flat), 2) if flat[i] not in DEAD_LETTER_FIELDS
+                    for v in flat[i:i + 2]]
+        extra = flat
+    fields = dict(zip(extra[0::2], extra[1::2]))
+    return fields.get(b"source_stream"), original
+
+
+async def _existing_stream(client, stream):
+    kind = _text(await client.type(stream))
+    if kind == "none":
+        raise _CommandError(f"no such stream: {stream!r}")
+    if kind != "stream":
+        raise _CommandError(f"key {stream!r} holds a {kind}, not a stream")
+
+
+async def _cli_info(client, args):
+    await _existing_stream(client, args.stream)
+    stream_info = await client.xinfo_stream(args.stream)
+    first, last = stream_info.get("first-entry"), stream_info.get("last-entry")
+    groups = []
+    for group in await client.xinfo_groups(args.stream):
+        name = _text(group["name"])
+        consumers = await client.xinfo_consumers(args.stream, name)
+        groups.append({
+            "name": name,
+            "lag": await _group_lag(client, args.stream, group),
+            "pending": group["pending"],
+            "last_delivered_id": _text(group["last-delivered-id"]),
+            "consumers": [
+                {"name": _shown(c["name"]), "pending": c["pending"], "idle_ms": c["idle"]}
+                for c in consumers
+            ],
+        })
+    figures = {
+        "stream": args.stream,
+        "length": stream_info["length"],
+        "first_id": _text(first[0]) if first else None,
+        "last_id": _text(last[0]) if last else None,
+        "groups": groups,
+    }
+    if args.json:
+        print(json.dumps(figures))
+        return
+    print(f"stream {args.stream}: {figures['length']} entries, "
+          f"first {figures['first_id']}, last {figures['last_id']}")
+    for group in groups:
+        lag = "unknown" if group["lag"] is None else group["lag"]
+        print(f"  group {group['name']}: lag {lag}, pending {group['pending']}, "
+              f"last delivered {group['last_delivered_id']}")
+        for consumer in group["consumers"]:
+            print(f"    consumer {consumer['name']}: pending {consumer['pending']}, "
+                  f"idle {consumer['idle_ms']} ms")
+
+
+async def _cli_pending(client, args):
+    await _existing_stream(client, args.stream)
+    rows = await client.xpending_range(args.stream, args.group, "-", "+", args.count)
+    for row in rows:
+        print(f"{_text(row['message_id'])}  consumer {_shown(row['consumer'])}  "
+              f"idle {row['time_since_delivered']} ms  deliveries {row['times_delivered']}")
+    summary = await client.xpending(args.stream, args.group)
+    print(f"{summary['pending']} pending in group {args.group} of stream {args.stream}"
+          + (f", the oldest {len(rows)} shown" if summary["pending"] > len(rows) else ""))
+
+
+async def _cli_dead_letters(client, args):
+    dead_letters = args.stream + ":dead-letter"
+    if _text(await client.type(dead_letters)) == "none":
+        await _existing_stream(client, args.stream)  # a typo is an error, not "none"
+        print(f"{dead_letters} holds no entries")
+        return
+    await _existing_stream(client, dead_letters)
+    entries = await client.xrange(dead_letters, count=args.count)
+    for entry_id, flat in entries:
+        fields = _flat_fields(flat)
+        source = (fields.pop("source_stream", "?"), fields.pop("source_id", "?"))
+        deliveries = fields.pop("deliveries", "?")
+        print(f"{_text(entry_id)}  source {source[0]} {source[1]}  deliveries {deliveries}  "
+              f"{json.dumps(fields, ensure_ascii=False)}")
+    print(f"{await client.xlen(dead_letters)} entries in {dead_letters}")
+
+
+async def _cli_redrive(client, args):
+    await _existing_stream(client, args.dead_letter_stream)
+    redrive = client.register_script(REDRIVE_ENTRY)
+    done = skipped = 0
+    after = "-"
+    while args.count is None or done < args.count:
+        page = await client.xrange(args.dead_letter_stream, after, "+", count=100)
+        if not page:
+            break
+        after = "(" + _text(page[-1][0])
+        for entry_id, flat in page:
+            if args.count is not None and done >= args.count:
+                break
+            source, original = _original_fields(flat)
+            if source is None or not original:
+                print(f"{_text(entry_id)}: no source_stream or no fields; left in place",
+                      file=sys.stderr)
+                skipped += 1
+                continue
+            if args.dry_run:
+                print(f"{_text(entry_id)} would go back to {_shown(source)}: "
+                      f"{json.dumps(_flat_fields(original), ensure_ascii=False)}")
+                done += 1
+                continue
+            added = await redrive(keys=[args.dead_letter_stream, source], args=[entry_id, *original])
+            if added is None:
+                continue  # redriven by someone else meanwhile
+            print(f"{_text(entry_id)} -> {_shown(source)} {_text(added)}")
+            done += 1
+    verb = "would redrive" if args.dry_run else "redrove"
+    print(f"{verb} {done} entries from {args.dead_letter_stream}"
+          + (f"; {skipped} left in place" if skipped else ""))
+
+
+# How long one read of `tail` waits: SIGINT is honoured between reads.
+TAIL_BLOCK = 0.5
+
+
+async def _cli_tail(client, args):
+    await _existing_stream(client, args.stream)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(signal_number, stopping.set)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - Windows
+            pass
+    last = await client.xrevrange(args.stream, count=1)
+    after = _text(last[0][0]) if last else "0-0"
+    print(f"tailing {args.stream} after {after} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    while not stopping.is_set():
+        reply = await client.xread({args.stream: after}, count=100, block=int(TAIL_BLOCK * 1000))
+        for _, entries in _stream_entries(reply):
+            for entry_id, flat in entries:
+                print(entry_id, json.dumps(_flat_fields(flat), ensure_ascii=False), flush=True)
+                after = entry_id
+
+
+async def _cli_trim(client, args):
+    await _existing_stream(client, args.stream)
+    trimmed = await _trim_to_oldest_needed(client, args.stream)
+    if trimmed is None:
+        print(f"{args.stream} has no consumer group: nothing says what may go; not trimmed")
+        return
+    keep, count, group = trimmed
+    print(f"trimmed {count} entries from {args.stream}: kept from {keep}, "
+          f"which group {group} still needs")
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _parser():
+    parser = _ArgumentParser(
+        prog="python -m streamz_redis",
+        description="Look into Redis Streams and consumer groups, redrive dead letters, trim.",
+    )
+    parser.add_argument("--url", default=None, help="Redis URL (default: REDIS_URL, else "
+                        f"{DEFAULT_URL}); the password is never printed")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
+    info = commands.add_parser("info", help="length, first and last id, groups and consumers")
+    info.add_argument("stream")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(run=_cli_info)
+    pending = commands.add_parser("pending", help="the oldest pending entries of a group")
+    pending.add_argument("stream")
+    pending.add_argument("group")
+    pending.add_argument("--count", type=int, default=10)
+    pending.set_defaults(run=_cli_pending)
+    dead = commands.add_parser("dead-letters", help="what STREAM:dead-letter holds")
+    dead.add_argument("stream")
+    dead.add_argument("--count", type=int, default=100)
+    dead.set_defaults(run=_cli_dead_letters)
+    redrive = commands.add_parser("redrive", help="put dead letters back on their streams")
+    redrive.add_argument("dead_letter_stream")
+    redrive.add_argument("--count", type=int, default=None, help="at most this many")
+    redrive.add_argument("--dry-run", action="store_true", help="say what would go back")
+    redrive.set_defaults(run=_cli_redrive)
+    tail = commands.add_parser("tail", help="print entries as they arrive, until Ctrl-C")
+    tail.add_argument("stream")
+    tail.set_defaults(run=_cli_tail)
+    trim = commands.add_parser("trim", help="trim up to the oldest entry a group still needs")
+    trim.add_argument("stream")
+    trim.set_defaults(run=_cli_trim)
+    return parser
+
+
+async def _cli(args):
+    url = args.url or os.environ.get("REDIS_URL") or DEFAULT_URL
+    try:
+        _check_url(url)
+    except ValueError as exc:
+        raise _CommandError(str(exc)) from None
+    client = redis.asyncio.from_url(
+        url, socket_connect_timeout=5, socket_timeout=10, retry=Retry(NoBackoff(), 0),
+    )
+    for command in ("XRANGE", "XREAD"):
+        client.set_response_callback(command, _raw_reply)  # flat fields, as Redis keeps them
+    try:
+        await args.run(client, args)
+    except CONNECTION_ERRORS as exc:
+        raise _CommandError(f"cannot reach Redis at {_safe_url(url)} ({_error_text(exc)})") from None
+    except redis.exceptions.RedisError as exc:
+        raise _CommandError(f"Redis at {_safe_url(url)} says: {_error_text(exc)}") from None
+    except (_CommandError, asyncio.CancelledError):
+        raise
+    except Exception as exc:  # a surprise is still one line, not a traceback
+        raise _CommandError(f"{args.command} failed: {_error_text(exc)}") from None
+    finally:
+        try:
+            await client.aclose()
+        except Exception:  # pragma: no cover - closing a dead socket
+            pass
+
+
+def main(argv=None):
+    """``python -m streamz_redis``: run one command; the exit code (0, 1 for
+    an error said on stderr in one line, 2 for a bad command line)."""
+    args = _parser().parse_args(argv)
+    try:
+        asyncio.run(_cli(args))
+    except _CommandError as exc:
+        print(f"python -m streamz_redis: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C where no handler was installed
+        return 0
+    except BrokenPipeError:  # `... | head`: the reader went away
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,7 +8,9 @@ import asyncio
 import json
 import logging
 import os
+import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -678,7 +680,7 @@ def test_url_defaults_to_the_REDIS_URL_variable(server, monkeypatch):
 
 
 # --------------------------------------------------------------------------
-# Inside a running event loop
+# Sources inside a running event loop
 # --------------------------------------------------------------------------
 
 
@@ -836,10 +838,11 @@ def test_a_poison_entry_ends_in_the_dead_letter_stream_and_the_rest_flow(server,
     with caplog.at_level(logging.ERROR, logger="streamz_redis"):
         source.start()
         wait_for(lambda: r.xlen("s:dead-letter") == 1 and pending(r, "s", "g") == 0)
+        # The log line is written after the script that moved the entry returned.
+        wait_for(lambda: "moved to stream 's:dead-letter'" in caplog.text)
     [(_, dead)] = r.xrange("s:dead-letter")
     assert dead == {b"i": b"3", b"source_stream": b"s", b"source_id": ids[3].encode(), b"deliveries": b"3"}
     assert in_order(e.id for e in done) == ids[:3] + ids[4:]
-    assert "moved to stream 's:dead-letter'" in caplog.text
     r.xadd("s", {"i": "after"})  # the source keeps running
     wait_for(lambda: len(done) == 10)
 
@@ -977,7 +980,10 @@ def test_sigkill_at_random_moments_loses_nothing(private_server, tmp_path, mode)
             return r.llen("jobs:processing:worker-1")
 
     kills, lost_in_flight = 3, 0
-    rng = random.Random()
+    # STREAMZ_REDIS_TEST_SEED=<n> replays a run: the seed is printed.
+    seed = int(os.environ.get("STREAMZ_REDIS_TEST_SEED", "20240611"))
+    print(f"\n{mode}: random seed {seed} (STREAMZ_REDIS_TEST_SEED)")
+    rng = random.Random(seed)
     for k in range(kills + 1):
         worker = subprocess.Popen(
             [sys.executable, str(script), server.url, mode, "worker-1"], cwd=HERE,
@@ -1084,7 +1090,7 @@ def results(r, stream):
 
 
 # --------------------------------------------------------------------------
-# Round trips
+# Sinks: round trips
 # --------------------------------------------------------------------------
 
 
@@ -1130,7 +1136,7 @@ def test_numbers_are_written_as_redis_formats_them(server, r):
 
 
 # --------------------------------------------------------------------------
-# Pub/Sub
+# Sinks and source: Pub/Sub
 # --------------------------------------------------------------------------
 
 
@@ -1195,7 +1201,7 @@ def test_pubsub_needs_a_channel_or_a_pattern():
 
 
 # --------------------------------------------------------------------------
-# What a sink refuses
+# Sinks: what they refuse
 # --------------------------------------------------------------------------
 
 
@@ -1261,7 +1267,7 @@ def test_a_refused_write_is_logged_and_its_entry_stays_pending(server, r, caplog
 
 
 # --------------------------------------------------------------------------
-# Acknowledgement waits for the write
+# Sinks: acknowledgement waits for the write
 # --------------------------------------------------------------------------
 
 
@@ -1335,7 +1341,7 @@ def test_stopping_the_source_waits_for_the_sink_and_acknowledges(server, r, priv
 
 
 # --------------------------------------------------------------------------
-# Connection loss
+# Sinks: connection loss and close()
 # --------------------------------------------------------------------------
 
 
@@ -1400,7 +1406,7 @@ def test_close_gives_up_on_a_redis_that_does_not_answer(server, r, private_serve
 
 
 # --------------------------------------------------------------------------
-# Inside a running event loop
+# Sinks inside a running event loop
 # --------------------------------------------------------------------------
 
 
@@ -1572,6 +1578,29 @@ def test_stopping_one_source_leaves_the_others_feeding_a_shared_sink_running(
     assert not second._task.done()
 
 
+def test_an_async_sink_may_await_stop_of_its_own_source(server, r):
+    source = Stream.from_redis_list("k", asynchronous=False)
+    seen = []
+
+    async def stop_after_two(item):
+        seen.append(item)
+        if len(seen) == 2:
+            await source.stop()
+
+    source.sink(stop_after_two)
+    r.rpush("k", *range(5))
+    source.start()
+    wait_for(lambda: source._task is None and len(seen) == 2, timeout=3)
+    assert r.lrange("k", 0, -1) == [b"2", b"3", b"4"]
+    source.start()  # and it starts again
+    wait_for(lambda: len(seen) == 5)
+
+
+# --------------------------------------------------------------------------
+# When the event loop ends before stop()
+# --------------------------------------------------------------------------
+
+
 def test_a_script_whose_event_loop_ended_before_stop_still_exits(server):
     script = textwrap.dedent(
         """
@@ -1592,12 +1621,26 @@ def test_a_script_whose_event_loop_ended_before_stop_still_exits(server):
     assert out.returncode == 3
 
 
-def test_a_password_in_the_query_string_is_masked_too(server):
-    source = Stream.from_redis_list("k", url="redis://127.0.0.1:1/0?password=hunter2&db=0")
-    assert "hunter2" not in repr(source) and "password=***" in repr(source)
-    with pytest.raises(redis.exceptions.ConnectionError) as error:
-        source.start()
-    assert "hunter2" not in str(error.value)
+@pytest.mark.skipif(
+    sys.version_info < (3, 11),
+    reason="Python 3.10 cannot tell a cancel that redis-py's asyncio.wait_for swallowed: "
+    "asyncio.run() may then wait on the read loop; stop sources before the loop ends",
+)
+def test_stop_after_the_event_loop_has_ended_returns_with_a_warning(server, caplog):
+    async def main():
+        source = Stream.from_redis_list("k", asynchronous=True, loop=IOLoop.current())
+        await source.start()
+        return source
+
+    source = asyncio.run(main())
+    with caplog.at_level(logging.WARNING, logger="streamz_redis"):
+        source.stop()  # returns: it does not wait on a loop that is gone
+    assert "event loop has ended" in caplog.text
+
+
+# --------------------------------------------------------------------------
+# Claimed entries and dead letters
+# --------------------------------------------------------------------------
 
 
 def test_claimed_entries_carry_their_own_delivery_counts(server, r):
@@ -1634,39 +1677,17 @@ def test_a_dead_letter_write_that_fails_leaves_the_entry_pending(server, r, capl
     assert r.type("dead") == b"string"
 
 
-def test_an_async_sink_may_await_stop_of_its_own_source(server, r):
-    source = Stream.from_redis_list("k", asynchronous=False)
-    seen = []
-
-    async def stop_after_two(item):
-        seen.append(item)
-        if len(seen) == 2:
-            await source.stop()
-
-    source.sink(stop_after_two)
-    r.rpush("k", *range(5))
-    source.start()
-    wait_for(lambda: source._task is None and len(seen) == 2, timeout=3)
-    assert r.lrange("k", 0, -1) == [b"2", b"3", b"4"]
-    source.start()  # and it starts again
-    wait_for(lambda: len(seen) == 5)
+# --------------------------------------------------------------------------
+# Connection settings: passwords in URLs, blocking reads under socket_timeout
+# --------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(
-    sys.version_info < (3, 11),
-    reason="Python 3.10 cannot tell a cancel that redis-py's asyncio.wait_for swallowed: "
-    "asyncio.run() may then wait on the read loop; stop sources before the loop ends",
-)
-def test_stop_after_the_event_loop_has_ended_returns_with_a_warning(server, caplog):
-    async def main():
-        source = Stream.from_redis_list("k", asynchronous=True, loop=IOLoop.current())
-        await source.start()
-        return source
-
-    source = asyncio.run(main())
-    with caplog.at_level(logging.WARNING, logger="streamz_redis"):
-        source.stop()  # returns: it does not wait on a loop that is gone
-    assert "event loop has ended" in caplog.text
+def test_a_password_in_the_query_string_is_masked_too(server):
+    source = Stream.from_redis_list("k", url="redis://127.0.0.1:1/0?password=hunter2&db=0")
+    assert "hunter2" not in repr(source) and "password=***" in repr(source)
+    with pytest.raises(redis.exceptions.ConnectionError) as error:
+        source.start()
+    assert "hunter2" not in str(error.value)
 
 
 def test_blocking_reads_stay_below_redis_py_default_socket_timeout(server):
@@ -1762,6 +1783,929 @@ def test_items_read_from_the_tail_go_back_to_the_tail_on_stop(server, r):
     gate.set()
     stopping.join()
     assert [int(x) for x in r.lrange("q", 0, -1)] == [0, 1, 2, 3, 4]
+
+
+# --------------------------------------------------------------------------
+# Exactly once from a consumer group into Redis
+# --------------------------------------------------------------------------
+
+
+def test_an_exactly_once_sink_acknowledges_each_entry_in_its_own_write(server, r):
+    for n in range(50):
+        r.xadd("orders", {"n": n})
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller", start_id="0")
+    sink = source.map(lambda e: {"order": e.id}).to_redis_stream("invoices", exactly_once=True)
+    r.config_resetstat()
+    source.start()
+    wait_for(lambda: pending(r, "orders", "billing") == 0 and r.xlen("invoices") == 50)
+    wait_for(lambda: source.metrics()["acked"] == 50)
+    source.stop()
+    # One XACK per entry, each inside the script that wrote its result; the
+    # source sent none of its own.
+    assert call_count(r, "xack") == 50
+    assert sink.metrics()["written"] == 50
+
+
+def test_entries_dropped_by_a_filter_are_acknowledged_as_usual(server, r):
+    for n in range(10):
+        r.xadd("orders", {"n": n})
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller", start_id="0")
+    odd = source.filter(lambda e: int(e.fields["n"]) % 2)
+    odd.map(lambda e: e.id).to_redis_list("odd", exactly_once=True)
+    source.start()
+    wait_for(lambda: pending(r, "orders", "billing") == 0 and r.llen("odd") == 5)
+
+
+def test_exactly_once_refuses_an_entry_that_also_reaches_another_sink(server, r, caplog):
+    r.xadd("orders", {"n": 1})
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller", start_id="0")
+    source.map(lambda e: {"order": e.id}).to_redis_stream("invoices", exactly_once=True)
+    source.sink_to_list()
+    with caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        source.start()
+        wait_for(lambda: any("exactly_once needs every entry" in m for m in caplog.messages))
+    source.stop()
+    assert r.xlen("invoices") == 0 and pending(r, "orders", "billing") == 1
+
+
+def test_exactly_once_refuses_a_source_on_another_server(server, r, private_server, caplog):
+    target = private_server()
+    r.xadd("orders", {"n": 1})
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller", start_id="0", url=server.url)
+    sink = source.map(lambda e: {"order": e.id}).to_redis_stream("invoices", url=target.url, exactly_once=True)
+    with caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        source.start()
+        wait_for(lambda: sink.metrics()["failed"] == 1)
+    assert any("one Redis server and database" in m for m in caplog.messages)
+    assert pending(r, "orders", "billing") == 1
+
+
+EXACTLY_ONCE_WORKER = textwrap.dedent(
+    """
+    import sys, threading
+    from streamz import Stream
+    url, shape, exactly_once = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+    source = Stream.from_redis_consumer_group("numbers", "copiers", "copier-1", url=url, count=50)
+    if shape == "stream":
+        source.map(lambda e: {"source": e.id}).to_redis_stream(
+            "copies", url=url, exactly_once=exactly_once)
+    elif shape == "list":
+        source.map(lambda e: e.id).to_redis_list("copies", url=url, exactly_once=exactly_once)
+    else:  # many entries in one output
+        source.partition(100, timeout=0.2).map(lambda es: ",".join(e.id for e in es)).to_redis_list(
+            "copies", url=url, exactly_once=exactly_once)
+    source.start()
+    print("started", flush=True)
+    threading.Event().wait()
+    """
+)
+
+
+@pytest.mark.parametrize("shape, exactly_once", [
+    ("stream", True), ("list", True), ("partition", True), ("stream", False),
+])
+def test_three_sigkills_leave_each_input_exactly_once_in_the_output(server, r, tmp_path, shape, exactly_once):
+    seed = int(os.environ.get("STREAMZ_REDIS_TEST_SEED", time.time_ns() % 10**6))
+    print(f"seed {seed} (STREAMZ_REDIS_TEST_SEED={seed} replays it)")
+    rng = random.Random(seed)
+    total = 20_000
+    script = tmp_path / "worker.py"
+    script.write_text(EXACTLY_ONCE_WORKER)
+    r.xgroup_create("numbers", "copiers", "0", mkstream=True)
+    with r.pipeline(transaction=False) as pipe:
+        for n in range(total):
+            pipe.xadd("numbers", {"n": n})
+        source_ids = [i.decode() for i in pipe.execute()]
+
+    def copies():
+        if shape == "stream":
+            return [fields[b"source"].decode() for _, fields in r.xrange("copies")]
+        return [i for item in r.lrange("copies", 0, -1) for i in item.decode().split(",")]
+
+    def output_length():
+        return r.xlen("copies") if shape == "stream" else r.llen("copies")
+
+    def run_worker():
+        worker = subprocess.Popen(
+            [sys.executable, str(script), server.url, shape, "1" if exactly_once else "0"], cwd=HERE,
+            stdout=subprocess.PIPE, stderr=open(tmp_path / "worker.log", "ab"),
+        )
+        assert worker.stdout.readline() == b"started\n"
+        return worker
+
+    worker = run_worker()
+    try:
+        for kill in range(3):
+            at = output_length() + rng.randint(500, 3000) // (100 if shape == "partition" else 1)
+            wait_for(lambda: output_length() >= at, timeout=60)
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+            worker = run_worker()  # the same consumer name: it replays its pending entries
+        wait_for(lambda: pending(r, "numbers", "copiers") == 0
+                 and entries_read(r, "numbers", "copiers") == total, timeout=120)
+    finally:
+        worker.kill()
+        worker.wait()
+    copied = copies()
+    duplicates = len(copied) - len(set(copied))
+    print(f"{shape}, exactly_once={exactly_once}: {len(copied)} outputs, {duplicates} duplicates")
+    assert set(copied) == set(source_ids)  # nothing lost
+    if exactly_once:
+        assert duplicates == 0
+    else:
+        assert duplicates > 0  # what exactly_once is for: the test can fail
+
+
+# ==========================================================================
+# What the user sees when things go wrong: log lines, permissions, bad
+# arguments, refused and hung servers, killed connections, lost references
+# ==========================================================================
+
+
+def acl_user(r, name, *rules):
+    """An ACL user of the server ``r`` talks to, with password "pw" and
+    everything allowed unless ``rules`` take it away."""
+    r.acl_setuser(name, reset=True)  # a clean slate when a test reuses the name
+    r.execute_command("ACL", "SETUSER", name, "on", ">pw", "~*", "&*", "+@all", *rules)
+
+
+def user_url(server, name):
+    return f"redis://{name}:pw@127.0.0.1:{server.port}/0"
+
+
+def streamz_redis_errors(caplog, *words):
+    """The ERROR lines of streamz_redis that hold every one of ``words``."""
+    return [
+        rec.getMessage() for rec in caplog.records
+        if rec.name == "streamz_redis" and rec.levelno >= logging.ERROR
+        and all(w in rec.getMessage() for w in words)
+    ]
+
+
+# ---- Log lines say what Redis said ----------------------------------------
+
+
+def test_a_key_that_changes_type_while_running_is_logged_with_redis_own_words(server, r, caplog):
+    source = Stream.from_redis_list("k", timeout=0.1)
+    seen = source.sink_to_list()
+    with caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        source.start()
+        r.rpush("k", "before")
+        wait_for(lambda: seen == ["before"])
+        r.set("k", "now a string")
+        wait_for(lambda: streamz_redis_errors(caplog, "read failed"))
+        r.delete("k")
+        r.rpush("k", "after")
+        wait_for(lambda: seen == ["before", "after"])
+    [line, *_] = streamz_redis_errors(caplog, "read failed")
+    assert "ResponseError: WRONGTYPE Operation against a key holding the wrong kind of value" in line
+    assert "server:ResponseError" not in caplog.text
+
+
+# ---- A reliable list replays its processing list after every reconnect ----
+
+
+def test_a_reliable_list_loses_nothing_while_its_connections_are_killed_every_50_ms(
+    private_server, caplog
+):
+    server = private_server()
+    total = 5000
+    source = Stream.from_redis_list(
+        "jobs", processing_list="jobs:processing", timeout=0.2,
+        client_kwargs={"client_name": "worker"},
+    )
+    seen = source.sink_to_list()
+    source.start()
+    kills = 0
+    with server.client() as admin:
+
+        def kill_the_workers_connections():
+            nonlocal kills
+            for client in admin.client_list():
+                if client["name"] == "worker":
+                    try:
+                        admin.client_kill_filter(_id=client["id"])
+                        kills += 1
+                    except redis.exceptions.ResponseError:
+                        pass  # gone already
+
+        started = time.monotonic()
+        for chunk in range(0, total, 50):
+            admin.rpush("jobs", *range(chunk, chunk + 50))
+            kill_the_workers_connections()
+            time.sleep(0.05)  # the pace of the fault injection, not a synchronisation
+        wait_for(
+            lambda: {int(x) for x in seen} == set(range(total))
+            and admin.llen("jobs:processing") == 0 and admin.llen("jobs") == 0,
+            timeout=15,
+        )
+        elapsed = time.monotonic() - started
+    duplicates = len(seen) - total
+    print(f"\n{kills} connections killed, {source.metrics()['reconnects']} reconnects, "
+          f"{duplicates} duplicate(s) of {total}, {elapsed:.1f} s")
+    assert kills > 20 and source.metrics()["reconnects"] > 10
+
+
+# ---- Permissions that reading needs: checked by start() --------------------
+
+MISSING_PERMISSIONS = [
+    ("list", "lpop", lambda url: Stream.from_redis_list("k", url=url)),
+    ("list", "blpop", lambda url: Stream.from_redis_list("k", url=url)),
+    ("streams", "xread", lambda url: Stream.from_redis_streams("k", url=url)),
+    ("group", "xreadgroup", lambda url: Stream.from_redis_consumer_group("k", "g", "c", url=url)),
+    ("group", "xpending", lambda url: Stream.from_redis_consumer_group("k", "g", "c", url=url)),
+    ("group", "xack", lambda url: Stream.from_redis_consumer_group("k", "g", "c", url=url)),
+    ("claiming group", "xautoclaim",
+     lambda url: Stream.from_redis_consumer_group("k", "g", "c", claim_idle=1, url=url)),
+    *[("reliable list", command,
+       lambda url: Stream.from_redis_list("k", processing_list="k:processing", url=url))
+      for command in ("lmove", "blmove", "evalsha", "lrange", "lrem", "script")],
+]
+
+
+@pytest.mark.parametrize(
+    "kind, command, make", MISSING_PERMISSIONS, ids=[f"{k}-{c}" for k, c, _ in MISSING_PERMISSIONS]
+)
+def test_start_names_a_command_reading_needs_that_the_user_may_not_run(private_server, kind, command, make):
+    server = private_server()
+    with server.client() as r:
+        acl_user(r, "reader", f"-{command}")
+    source = make(user_url(server, "reader"))
+    with pytest.raises(redis.exceptions.NoPermissionError, match=command.upper()) as error:
+        source.start()
+    assert "pw" not in str(error.value).replace("ACL", "")
+    assert source.metrics()["read"] == 0 and not source.started
+
+
+def test_a_user_who_may_not_run_multi_can_still_start_and_read(private_server, caplog):
+    """start() checks permissions by queueing the commands inside a MULTI it
+    discards; without MULTI it cannot check, and does not refuse to start."""
+    server = private_server()
+    with server.client() as r:
+        acl_user(r, "reader", "-multi")
+        source = Stream.from_redis_consumer_group("k", "g", "c", url=user_url(server, "reader"))
+        seen = source.sink_to_list()
+        source.start()
+        r.xadd("k", {"v": "in"})
+        wait_for(lambda: [value_of(x) for x in seen] == ["in"])
+        wait_for(lambda: pending(r, "k", "g") == 0)
+
+
+def test_a_permission_taken_away_while_running_is_logged_backed_off_and_given_back(
+    private_server, caplog
+):
+    server = private_server()
+    with server.client() as r, caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        acl_user(r, "reader")
+        source = Stream.from_redis_consumer_group(
+            "k", "g", "c", timeout=0.1, url=user_url(server, "reader")
+        )
+        seen = source.sink_to_list()
+        source.start()
+        r.execute_command("ACL", "SETUSER", "reader", "-xreadgroup")
+        wait_for(lambda: streamz_redis_errors(caplog, "xreadgroup"))
+        first = time.monotonic()
+        # The back-off doubles from 0.1 s: the fifth line says 1.6 s.
+        wait_for(lambda: streamz_redis_errors(caplog, "xreadgroup", "retrying in 1.6 s"), timeout=5)
+        lines = streamz_redis_errors(caplog, "xreadgroup")
+        assert time.monotonic() - first >= 1.4
+        assert len(lines) <= 6, lines
+        assert "NOPERM" in lines[0] or "NoPermissionError" in lines[0]
+
+        r.execute_command("ACL", "SETUSER", "reader", "+xreadgroup")
+        r.xadd("k", {"v": "back"})
+        wait_for(lambda: [value_of(x) for x in seen] == ["back"], timeout=10)
+
+
+# ---- Passwords in URLs that redis-py would misread ------------------------
+
+
+@pytest.mark.parametrize("url, fragments", [
+    ("redis://:SECRETA#SECRETB@127.0.0.1:6379/0", ["SECRETA", "SECRETB"]),
+    ("redis://u:SECRETC/SECRETD@127.0.0.1/0", ["SECRETC", "SECRETD"]),
+    ("redis://:SECRETE?SECRETF@127.0.0.1/0", ["SECRETE", "SECRETF"]),
+])
+def test_an_unencoded_password_is_a_clear_error_that_never_shows_it(url, fragments):
+    for make in (lambda: Stream.from_redis_list("k", url=url), lambda: Stream().to_redis_stream("s", url=url)):
+        with pytest.raises(ValueError, match="percent-encoded") as error:
+            make()
+        shown = str(error.value) + repr(error.value) + repr(error.value.__cause__) + repr(error.value.__context__)
+        for fragment in fragments:
+            assert fragment not in shown
+
+
+def test_a_database_that_is_not_a_number_is_a_clear_error():
+    with pytest.raises(ValueError, match="database must be a number, not 'abc'"):
+        Stream.from_redis_streams("s", url="redis://127.0.0.1:6379/abc")
+
+
+# ---- Bad arguments: a clear error naming the parameter, when a node is made
+
+
+@pytest.mark.parametrize("make, error, parameter", [
+    (lambda: Stream.from_redis_streams("s", start_id="99999999999999999999999"), ValueError, "start_id"),
+    (lambda: Stream.from_redis_streams("s", count=True), ValueError, "count"),
+    (lambda: Stream.from_redis_consumer_group("s", "g", None), TypeError, "consumer"),
+    (lambda: Stream.from_redis_list("k", timeout=float("nan")), ValueError, "timeout"),
+    (lambda: Stream.from_redis_list("k", timeout="1"), TypeError, "timeout"),
+    (lambda: Stream.from_redis_list(123), TypeError, "keys"),
+    (lambda: Stream.from_redis_list("k", client_kwargs=[1, 2]), TypeError, "client_kwargs"),
+    (lambda: Stream.from_redis_list("k", client=redis.Redis()), TypeError, "redis.asyncio"),
+    (lambda: Stream.from_redis_consumer_group("s", "g", "c", claim_idle=0), ValueError, "claim_idle"),
+    (lambda: Stream.from_redis_consumer_group("s", "g", "c", max_deliveries=0), ValueError, "max_deliveries"),
+], ids=["start_id", "count", "consumer", "timeout-nan", "timeout-str", "keys", "client_kwargs",
+        "sync-client", "claim_idle", "max_deliveries"])
+def test_a_bad_argument_is_a_clear_error_naming_it(make, error, parameter):
+    with pytest.raises(error, match=re.escape(parameter)):
+        make()
+
+
+# ---- A sink that Redis refuses does not flood the log ---------------------
+
+
+def test_a_sink_refused_for_want_of_memory_logs_little_and_its_entries_wait(
+    server, r, private_server, caplog
+):
+    target = private_server()
+    with target.client() as t:
+        t.config_set("maxmemory-policy", "noeviction")
+        t.config_set("maxmemory", 1)  # every write is refused: OOM
+    total = 2000
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller", url=server.url)
+    sink = source.map(lambda entry: {"order": entry.id}).to_redis_stream("invoices", url=target.url)
+    with caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        source.start()
+        started = time.monotonic()
+        for n in range(0, total, 10):  # a steady trickle over about 3 s
+            with r.pipeline(transaction=False) as pipe:
+                for i in range(n, n + 10):
+                    pipe.xadd("orders", {"n": i})
+                pipe.execute()
+            time.sleep(0.015)  # the producer's pace, not a synchronisation
+        wait_for(lambda: sink.metrics()["failed"] == total, timeout=20)
+        elapsed = time.monotonic() - started
+    refused = streamz_redis_errors(caplog, "OutOfMemoryError")
+    print(f"\n{len(refused)} ERROR lines for {total} refused writes over {elapsed:.1f} s")
+    assert refused and len(refused) < 30
+    assert sink.metrics()["written"] == 0
+    wait_for_acks(source)
+    assert pending(r, "orders", "billing") == total  # none acknowledged
+
+    with target.client() as t:
+        t.config_set("maxmemory", 0)
+        source.stop()
+        source.start()  # replays its pending entries
+        wait_for(lambda: t.xlen("invoices") == total and pending(r, "orders", "billing") == 0,
+                 timeout=20)
+
+
+# ---- Exit is bounded, even with Redis hung --------------------------------
+
+HUNG_AT_EXIT = textwrap.dedent(
+    """
+    import logging, sys, time
+    from streamz import Stream
+    from conftest import wait_for
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller", start_id="0")
+    sink = source.map(lambda entry: {"order": entry.id}).to_redis_stream("invoices")
+    source.start()
+    print("started", flush=True)
+    sys.stdin.readline()  # the test has stopped Redis (SIGSTOP)
+    wait_for(lambda: sink.metrics()["in_flight"] > 0)
+    print("ending with", sink.metrics()["in_flight"], "unwritten", flush=True)
+    """
+)
+
+
+def test_a_script_that_ends_while_redis_hangs_exits_within_3_s_and_says_what_it_lost(
+    private_server, tmp_path
+):
+    server = private_server()
+    with server.client() as r, r.pipeline(transaction=False) as pipe:
+        for n in range(20_000):
+            pipe.xadd("orders", {"n": n})
+        pipe.execute()
+    script = tmp_path / "hung.py"
+    script.write_text(HUNG_AT_EXIT)
+    worker = subprocess.Popen(
+        [sys.executable, str(script)], cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(HERE), REDIS_URL=server.url),
+    )
+    stopped = False
+    try:
+        assert worker.stdout.readline() == b"started\n"
+        with server.client() as r:
+            wait_for(lambda: r.xlen("invoices") >= 1000, timeout=30)
+        os.kill(server.process.pid, signal.SIGSTOP)  # mid-flow: reads, writes and acks hang
+        stopped = True
+        worker.stdin.write(b"go\n")
+        worker.stdin.flush()
+        ending = worker.stdout.readline()
+        ended = time.monotonic()
+        assert ending.startswith(b"ending with"), ending
+        worker.wait(timeout=30)
+        took = time.monotonic() - ended
+    finally:
+        if stopped:
+            os.kill(server.process.pid, signal.SIGCONT)
+        worker.kill()
+        worker.wait()
+        server.kill()
+    stderr = worker.stderr.read().decode()
+    print(f"\n{ending.decode().strip()}; exited {took:.2f} s after the script ended\n{stderr}")
+    assert took < 3.5
+    assert re.search(r"\d+ element\(s\) not written", stderr), stderr
+
+
+# ---- Dead letters under a restricted ACL ----------------------------------
+
+
+def test_a_poison_entry_is_dead_lettered_at_most_once_by_a_user_who_may_not_ack(
+    private_server, caplog
+):
+    server = private_server()
+    with server.client() as r, caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        acl_user(r, "worker")
+        source = Stream.from_redis_consumer_group(
+            "s", "g", "c", claim_idle=0.05, max_deliveries=1, url=user_url(server, "worker")
+        )
+
+        def process(entry):
+            raise ValueError("poison")
+
+        source.map(process).sink(lambda x: None)
+        source.start()  # checks XACK, so it is taken away only now
+        r.execute_command("ACL", "SETUSER", "worker", "-xack")
+        entry_id = r.xadd("s", {"i": "poison"}).decode()
+        wait_for(lambda: len(streamz_redis_errors(caplog, entry_id, "failed (", "stays pending")) >= 3)
+        assert r.xlen("s:dead-letter") == 0  # the script checks both commands before writing
+        assert pending(r, "s", "g") == 1
+
+        r.execute_command("ACL", "SETUSER", "worker", "+xack")
+        wait_for(lambda: pending(r, "s", "g") == 0)
+        assert r.xlen("s:dead-letter") == 1
+
+
+@pytest.mark.parametrize("refusal", ["no EVAL", "no access to the dead-letter key"])
+def test_an_undecodable_item_whose_dead_letter_move_is_refused_goes_back_to_its_list(
+    private_server, caplog, refusal
+):
+    server = private_server()
+    with server.client() as r, caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        if refusal == "no EVAL":
+            acl_user(r, "worker", "-eval")
+        else:
+            acl_user(r, "worker", "resetkeys", "~jobs")
+        source = Stream.from_redis_list("jobs", url=user_url(server, "worker"))
+        seen = source.sink_to_list()
+        source.start()
+        r.rpush("jobs", b"\xffnot utf-8", "fine")
+        wait_for(lambda: streamz_redis_errors(caplog, "put back at the head of its list"))
+        # Retried with back-off (0.1 s doubling): wait for the fourth try.
+        wait_for(lambda: streamz_redis_errors(caplog, "put back", "retrying in 0.8 s"), timeout=5)
+        assert len(streamz_redis_errors(caplog, "put back")) <= 5
+        wait_for(lambda: r.lrange("jobs", 0, -1) == [b"\xffnot utf-8", b"fine"])
+        assert seen == [] and r.llen("jobs:dead-letter") == 0
+
+        if refusal == "no EVAL":
+            r.execute_command("ACL", "SETUSER", "worker", "+eval")
+        else:
+            r.execute_command("ACL", "SETUSER", "worker", "~*")
+        wait_for(lambda: seen == ["fine"], timeout=10)
+        assert r.lrange("jobs:dead-letter", 0, -1) == [b"\xffnot utf-8"]
+
+
+# ---- start=True inside a running event loop --------------------------------
+
+
+@pytest.mark.parametrize("problem", ["unreachable", "wrong type"])
+def test_start_true_inside_a_running_loop_logs_a_failed_start(server, r, caplog, problem):
+    if problem == "wrong type":
+        r.set("s", "a string")
+        url = server.url
+    else:
+        url = f"redis://127.0.0.1:{free_port()}/0"
+
+    async def main():
+        Stream.from_redis_consumer_group(
+            "s", "g", "c", url=url, start=True, asynchronous=True, loop=IOLoop.current()
+        )
+        deadline = time.monotonic() + 10
+        while not streamz_redis_errors(caplog, "start=True failed") and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(main())
+    [line] = streamz_redis_errors(caplog, "start=True failed")
+    assert ("not a stream" if problem == "wrong type" else "ConnectionError") in line
+    assert "Task exception was never retrieved" not in caplog.text
+
+
+# ---- One log line per problem ---------------------------------------------
+
+
+def test_an_exception_in_a_map_is_logged_with_its_traceback_once(server, r, caplog):
+    source = Stream.from_redis_consumer_group("s", "g", "c")
+
+    def fragile(entry):
+        raise RuntimeError("boom")
+
+    source.map(fragile).sink(lambda x: None)
+    with caplog.at_level(logging.ERROR):
+        source.start()
+        entry_id = r.xadd("s", {"i": 0}).decode()
+        wait_for(lambda: streamz_redis_errors(caplog, entry_id, "processing failed"))
+    with_traceback = [rec for rec in caplog.records if rec.exc_info]
+    assert len(with_traceback) == 1 and with_traceback[0].name == "streamz.core"
+    [ours] = [rec for rec in caplog.records if rec.name == "streamz_redis"]
+    assert "RuntimeError: boom" in ours.getMessage() and "not acknowledged" in ours.getMessage()
+    assert caplog.text.count("Traceback") == 1
+
+
+def test_a_group_destroyed_while_running_is_warned_about_once(server, r, caplog):
+    source = Stream.from_redis_consumer_group("s", "g", "c", timeout=0.2)
+    seen = source.sink_to_list()
+    with caplog.at_level(logging.WARNING, logger="streamz_redis"):
+        source.start()
+        r.xadd("s", {"i": 0})
+        wait_for(lambda: len(seen) == 1)
+        r.xgroup_destroy("s", "g")
+        wait_for(lambda: "recreating the group" in caplog.text)
+        r.xadd("s", {"i": 1})
+        wait_for(lambda: len(seen) == 2)
+        wait_for_acks(source)
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "streamz_redis"]
+    assert len([m for m in lines if "NOGROUP" in m]) == 1, lines
+    assert len(lines) == 1, lines
+
+
+# ---- Lost references ------------------------------------------------------
+
+
+def test_entries_a_node_dropped_without_letting_go_are_delivered_again_after_a_restart(server, r):
+    """A node that loses elements without releasing their references (here a
+    buffer whose queue is replaced) must not leave their entries stuck: the
+    next start() replays them. Entries a node still holds are not replayed."""
+    source = Stream.from_redis_consumer_group("s", "g", "c", start_id="0")
+    buffered = source.buffer(100)
+    held = HeldSink(buffered)
+    ids = [r.xadd("s", {"i": i}).decode() for i in range(10)]
+    source.start()
+    wait_for(lambda: held.received and buffered.queue.qsize() == 9)
+    assert [e.id for e in held.received] == ids[:1]  # the sink holds the first, nine wait
+
+    async def drop_the_queue():
+        buffered.queue = type(buffered.queue)(maxsize=100)  # nine lost, never released
+
+    on_loop(source, drop_the_queue)
+    source.stop()
+    source.start()
+    wait_for(lambda: buffered.queue.qsize() == 9)  # replayed; the held one is not
+    held.let_go(source)
+    wait_for(lambda: pending(r, "s", "g") == 0)
+    assert [e.id for e in held.received] == ids
+
+
+def make_ca_and_server_certificate(directory, name):
+    """A CA of its own and a certificate for 127.0.0.1 signed by it, made
+    with the openssl command line."""
+    def openssl(*args):
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}-ca.key",
+            "-out", f"{name}-ca.crt", "-days", "2", "-subj", f"/CN={name} test CA")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", "/CN=127.0.0.1")
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{name}-ca.crt", "-CAkey", f"{name}-ca.key",
+            "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", "san.ext")
+    return directory / f"{name}-ca.crt", directory / f"{name}.crt", directory / f"{name}.key"
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="needs the openssl command line")
+def test_a_sink_whose_tls_certificate_does_not_verify_fails_its_writes_instead_of_retrying(
+    server, r, private_server, tmp_path, caplog
+):
+    ca, certificate, key = make_ca_and_server_certificate(tmp_path, "server")
+    wrong_ca, _, _ = make_ca_and_server_certificate(tmp_path, "other")
+    tls_port = free_port()
+    private_server("--tls-port", str(tls_port), "--tls-cert-file", str(certificate),
+                   "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no")
+    for n in range(5):
+        r.xadd("orders", {"n": n})
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller", start_id="0", url=server.url)
+    invoices = source.map(lambda entry: {"order": entry.id})
+    sink = invoices.to_redis_stream(
+        "invoices", url=f"rediss://127.0.0.1:{tls_port}/0", client_kwargs={"ssl_ca_certs": str(wrong_ca)}
+    )
+    with caplog.at_level(logging.WARNING, logger="streamz_redis"):
+        source.start()
+        wait_for(lambda: sink.metrics()["failed"] == 5)
+    assert streamz_redis_errors(caplog, "refused", "certificate verify failed")
+    assert "unreachable" not in caplog.text  # a permanent error, not retried as a lost connection
+    wait_for_acks(source)
+    assert pending(r, "orders", "billing") == 5
+
+    # The same server, with the right CA: the entries are written on restart.
+    source.stop()
+    good = invoices.to_redis_stream(
+        "invoices", url=f"rediss://127.0.0.1:{tls_port}/0", client_kwargs={"ssl_ca_certs": str(ca)}
+    )
+    sink.destroy()
+    source.start()
+    wait_for(lambda: good.metrics()["written"] == 5 and pending(r, "orders", "billing") == 0)
+
+
+# --------------------------------------------------------------------------
+# Operating: the command line, the figures, trimming
+# --------------------------------------------------------------------------
+
+
+def cli(*args, url=None, check=True):
+    """Run ``python -m streamz_redis ARGS`` as an operator would."""
+    env = dict(os.environ)
+    if url is not None:
+        env["REDIS_URL"] = url
+    out = subprocess.run(
+        [sys.executable, "-m", "streamz_redis", *args], capture_output=True, text=True,
+        timeout=60, env=env, cwd=HERE,
+    )
+    if check:
+        assert out.returncode == 0, out.stderr
+        assert out.stderr == "", out.stderr
+    return out
+
+
+def two_groups_at_different_positions(r):
+    """Ten orders; "billing" has delivered four (two acked, two pending with
+    biller-1), "shipping" seven (all acked). The ids, in order."""
+    ids = [r.xadd("orders", {"n": n}).decode() for n in range(10)]
+    r.xgroup_create("orders", "billing", "0")
+    r.xgroup_create("orders", "shipping", "0")
+    r.xreadgroup("billing", "biller-1", {"orders": ">"}, count=4)
+    r.xack("orders", "billing", ids[0], ids[1])
+    r.xreadgroup("shipping", "shipper-1", {"orders": ">"}, count=7)
+    r.xack("orders", "shipping", *ids[:7])
+    return ids
+
+
+def poison_entries_dead_lettered(r, stream, poison):
+    """Run a consumer whose processing raises on the entries whose "n" is in
+    ``poison`` until they reach the dead-letter stream; the source's ids."""
+    def process(entry):
+        if int(entry.fields["n"]) in poison:
+            raise ValueError("poison")
+
+    ids = [r.xadd(stream, {"n": n, "note": f"order {n}"}).decode() for n in range(5)]
+    source = Stream.from_redis_consumer_group(
+        stream, "billing", "biller-1", claim_idle=0.05, max_deliveries=1, start_id="0"
+    )
+    source.map(process).sink(lambda _: None)
+    source.start()
+    wait_for(lambda: r.exists(f"{stream}:dead-letter") and r.xlen(f"{stream}:dead-letter") == len(poison)
+             and pending(r, stream, "billing") == 0)
+    source.stop()
+    assert source.metrics()["dead_lettered"] == len(poison)
+    return ids
+
+
+def test_info_shows_each_group_with_its_lag_pending_and_consumers(server, r):
+    ids = two_groups_at_different_positions(r)
+    figures = json.loads(cli("info", "orders", "--json").stdout)
+    assert figures["stream"] == "orders" and figures["length"] == 10
+    assert (figures["first_id"], figures["last_id"]) == (ids[0], ids[-1])
+    billing, shipping = sorted(figures["groups"], key=lambda g: g["name"])
+    assert (billing["name"], billing["lag"], billing["pending"]) == ("billing", 6, 2)
+    assert billing["last_delivered_id"] == ids[3]
+    [biller] = billing["consumers"]
+    assert (biller["name"], biller["pending"]) == ("biller-1", 2) and biller["idle_ms"] >= 0
+    assert (shipping["lag"], shipping["pending"]) == (3, 0)
+
+    text = cli("info", "orders").stdout
+    assert f"orders: 10 entries, first {ids[0]}, last {ids[-1]}" in text
+    assert f"group billing: lag 6, pending 2, last delivered {ids[3]}" in text
+    assert "consumer biller-1: pending 2" in text
+
+
+def test_info_counts_the_lag_where_redis_does_not_give_it(server, r):
+    ids = two_groups_at_different_positions(r)
+    r.xdel("orders", ids[8])  # Redis 7 no longer knows the lag of a group behind a deletion
+    figures = json.loads(cli("info", "orders", "--json").stdout)
+    lags = {group["name"]: group["lag"] for group in figures["groups"]}
+    assert lags == {"billing": 5, "shipping": 2}
+
+
+def test_pending_lists_the_oldest_pending_entries_with_their_consumer(server, r):
+    ids = two_groups_at_different_positions(r)
+    out = cli("pending", "orders", "billing", "--count", "1").stdout.splitlines()
+    assert re.fullmatch(rf"{ids[2]}  consumer biller-1  idle \d+ ms  deliveries 1", out[0])
+    assert out[1] == "2 pending in group billing of stream orders, the oldest 1 shown"
+
+
+def test_dead_letters_are_shown_and_redriven_to_their_stream(server, r):
+    ids = poison_entries_dead_lettered(r, "orders", poison={1, 3})
+    shown = cli("dead-letters", "orders").stdout.splitlines()
+    assert f"source orders {ids[1]}  deliveries 2" in shown[0]
+    assert json.loads(shown[0].split("  ")[-1]) == {"n": "1", "note": "order 1"}
+    assert shown[-1] == "2 entries in orders:dead-letter"
+
+    dry = cli("redrive", "orders:dead-letter", "--dry-run").stdout
+    assert "would redrive 2 entries" in dry and r.xlen("orders:dead-letter") == 2
+
+    assert "redrove 1 entries" in cli("redrive", "orders:dead-letter", "--count", "1").stdout
+    assert "redrove 1 entries" in cli("redrive", "orders:dead-letter").stdout
+    assert r.xlen("orders:dead-letter") == 0
+    redriven = [fields for _, fields in r.xrange("orders")][5:]
+    assert redriven == [{b"n": b"1", b"note": b"order 1"}, {b"n": b"3", b"note": b"order 3"}]
+
+
+def test_two_redrives_at_once_put_each_entry_back_exactly_once(server, r):
+    for n in range(300):
+        r.xadd("orders:dead-letter", {"n": n, "source_stream": "orders", "source_id": f"{n + 1}-0",
+                                      "deliveries": 4})
+    command = [sys.executable, "-m", "streamz_redis", "redrive", "orders:dead-letter"]
+    redrives = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=HERE)
+                for _ in range(2)]
+    for process in redrives:
+        assert process.wait(timeout=60) == 0, process.stderr.read()
+    back = [int(fields[b"n"]) for _, fields in r.xrange("orders")]
+    assert sorted(back) == list(range(300))
+    assert r.xlen("orders:dead-letter") == 0
+
+
+def test_tail_prints_entries_as_they_arrive_until_ctrl_c(server, r):
+    r.xadd("orders", {"n": "old"})
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "streamz_redis", "tail", "orders"], cwd=HERE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert "tailing orders" in tail.stderr.readline()  # ready: what comes now is shown
+        added = [r.xadd("orders", {"n": n}).decode() for n in range(3)]
+        lines = [tail.stdout.readline() for _ in range(3)]
+        tail.send_signal(signal.SIGINT)
+        assert tail.wait(timeout=10) == 0
+    finally:
+        tail.kill()
+    assert lines == [f'{entry_id} {{"n": "{n}"}}\n' for n, entry_id in enumerate(added)]
+    assert "Traceback" not in tail.stderr.read()
+
+
+def test_bad_input_is_one_line_on_stderr_and_a_non_zero_exit(server, r, private_server):
+    r.set("not-a-stream", "x")
+    locked = private_server("--requirepass", "right-secret")
+    down = f"redis://127.0.0.1:{free_port()}/0"
+    cases = {
+        ("info", "missing"): (server.url, "no such stream: 'missing'"),
+        ("info", "not-a-stream"): (server.url, "holds a string, not a stream"),
+        ("pending", "orders", "no-group"): (server.url, "no such stream"),
+        ("trim", "missing"): (server.url, "no such stream"),
+        ("info", "orders"): (down, f"cannot reach Redis at {down}"),
+        ("tail", "orders"): ("redis://127.0.0.1:notaport/0", "is not a valid Redis URL"),
+        ("dead-letters", "orders"): (
+            f"redis://:wrong-secret@127.0.0.1:{locked.port}/0", "redis://:***@127.0.0.1"
+        ),
+    }
+    for args, (url, expected) in cases.items():
+        out = cli(*args, url=url, check=False)
+        assert out.returncode == 1, (args, out.stderr)
+        assert out.stderr.count("\n") == 1 and expected in out.stderr, (args, out.stderr)
+        assert "wrong-secret" not in out.stderr
+    r.xadd("orders", {"n": 1})
+    out = cli("pending", "orders", "no-group", url=server.url, check=False)
+    assert out.returncode == 1 and "NOGROUP" in out.stderr and out.stderr.count("\n") == 1
+    out = cli("no-such-command", check=False)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+
+
+def test_trim_keeps_everything_a_group_still_needs(server, r):
+    ids = two_groups_at_different_positions(r)
+    # billing still needs its pending ids[2] and ids[3] and the undelivered
+    # ids[4:]; shipping ids[7:]: only ids[0] and ids[1] may go.
+    assert f"trimmed 2 entries from orders: kept from {ids[2]}, which group billing" in (
+        cli("trim", "orders").stdout
+    )
+    assert [i.decode() for i, _ in r.xrange("orders")] == ids[2:]
+    r.xack("orders", "billing", ids[2], ids[3])
+    r.xreadgroup("billing", "biller-1", {"orders": ">"})  # all delivered, none acked
+    r.xreadgroup("shipping", "shipper-1", {"orders": ">"})
+    r.xack("orders", "shipping", *ids[7:])
+    cli("trim", "orders")
+    assert [i.decode() for i, _ in r.xrange("orders")] == ids[4:]  # billing's pending stay
+
+
+def test_trim_leaves_a_stream_without_groups_alone(server, r):
+    r.xadd("log", {"n": 1})
+    assert "no consumer group" in cli("trim", "log").stdout
+    assert r.xlen("log") == 1
+
+
+def test_a_consumer_group_says_how_far_behind_it_is_and_how_long_it_holds_an_entry(server, r):
+    ids = [r.xadd("orders", {"n": n}).decode() for n in range(5)]
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller-1", start_id="0", count=1)
+    held = HeldSink(source)
+    source.start()
+    wait_for(lambda: held.received)  # the first order is held; four wait in Redis
+    wait_for(lambda: (source.metrics()["lag"], source.metrics()["pending"]) == (4, 1))
+    wait_for(lambda: source.metrics()["oldest_in_flight_seconds"] > 0.2)
+    assert source.metrics()["in_flight"] == 1
+
+    held.let_go(source)
+    wait_for(lambda: len(held.received) == 5 and source.metrics()["acked"] == 5)
+    figures = source.metrics()
+    assert (figures["in_flight"], figures["oldest_in_flight_seconds"]) == (0, 0.0)
+    wait_for(lambda: (source.metrics()["lag"], source.metrics()["pending"]) == (0, 0))
+    assert [entry.id for entry in held.received] == ids
+
+
+def test_figures_can_be_read_from_another_thread_while_redis_is_down(private_server):
+    server = private_server()
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller-1")
+    source.start()
+    server.kill()
+    started = time.monotonic()
+    figures = {}
+    reader = threading.Thread(target=lambda: figures.update(source.metrics()))
+    reader.start()
+    reader.join(timeout=1)
+    assert figures and time.monotonic() - started < 1
+    wait_for(lambda: source.metrics()["reconnects"] >= 1)
+
+
+def test_an_undecodable_list_item_is_counted_as_dead_lettered(server, r):
+    source = Stream.from_redis_list("jobs")
+    seen = source.sink_to_list()
+    r.rpush("jobs", b"\xff", "fine")
+    source.start()
+    wait_for(lambda: seen == ["fine"] and source.metrics()["dead_lettered"] == 1)
+
+
+def test_a_consumer_group_that_trims_keeps_what_another_group_still_needs(server, r):
+    ids = [r.xadd("orders", {"n": n}).decode() for n in range(10)]
+    r.xgroup_create("orders", "shipping", "0")  # another service, at its own pace
+    r.xreadgroup("shipping", "shipper-1", {"orders": ">"}, count=7)
+    r.xack("orders", "shipping", *ids[:7])
+    source = Stream.from_redis_consumer_group(
+        "orders", "billing", "biller-1", start_id="0", trim_acknowledged=True
+    )
+    billed = source.sink_to_list()
+    source.start()
+    wait_for(lambda: len(billed) == 10 and source.metrics()["trimmed"] == 7)
+    assert [i.decode() for i, _ in r.xrange("orders")] == ids[7:]  # shipping's next three stay
+
+    r.xreadgroup("shipping", "shipper-1", {"orders": ">"})
+    r.xack("orders", "shipping", *ids[7:])
+    wait_for(lambda: source.metrics()["trimmed"] == 9)
+    assert [i.decode() for i, _ in r.xrange("orders")] == ids[9:]  # the last delivered id stays
+    r.xadd("orders", {"n": 10})
+    wait_for(lambda: len(billed) == 11)
+
+
+def test_a_source_says_what_it_reads_when_it_starts_and_what_it_flushed_when_it_stops(
+    server, r, caplog
+):
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller-1", claim_idle=30)
+    source.sink_to_list()
+    with caplog.at_level(logging.INFO, logger="streamz_redis"):
+        source.start()
+        r.xadd("orders", {"n": 1})
+        wait_for(lambda: source.metrics()["emitted"] == 1)
+        source.stop()
+    assert ("started, reading 'orders' as consumer 'biller-1' of group 'billing': its pending "
+            "entries first, then new ones (claim_idle=30)") in caplog.text
+    assert re.search(r"stopped; \d acknowledgement\(s\) flushed, 0 left unsent, 1 sent", caplog.text)
+
+
+def test_the_prometheus_exporter_serves_the_figures(server, r):
+    pytest.importorskip("prometheus_client")
+    import urllib.request
+
+    port = free_port()
+    exporter = subprocess.Popen(
+        [sys.executable, str(HERE / "examples" / "prometheus_exporter.py"), "orders", "billing",
+         "worker-1", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, REDIS_URL=server.url),
+    )
+    try:
+        assert "serving the figures" in exporter.stdout.readline()
+        r.xadd("orders", {"n": 1})
+        labels = '{consumer="worker-1",group="billing",stream="orders"}'
+
+        def scraped():
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+                return reply.read().decode()
+
+        wait_for(lambda: f"streamz_redis_source_acked_total{labels} 1.0" in scraped())
+        wait_for(lambda: f"streamz_redis_source_lag{labels} 0.0" in scraped())
+        assert f"streamz_redis_source_oldest_in_flight_seconds{labels}" in scraped()
+        exporter.send_signal(signal.SIGINT)
+        assert exporter.wait(timeout=20) == 0
+    finally:
+        exporter.kill()
+    assert "Traceback" not in exporter.stderr.read()
 
 
 # --------------------------------------------------------------------------
