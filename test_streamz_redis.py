@@ -2778,18 +2778,6 @@ def test_original_entries_that_left_the_pipeline_are_acknowledged(server, r):
     wait_for(lambda: own_pending() == [])  # where the original slept 50 ms
 
 
-# On main, an _Ack refers to itself (cb = self), so a reference that a node
-# dropped lives on until the garbage collector runs, and the replay takes it
-# for one still held. Branch bug-tests fixes that (592d4b3: cb a property;
-# 58e21bf: forget streamz's current_metadata on start); once it is merged,
-# this condition is false and the test must pass.
-DROPPED_REFERENCES_WAIT_FOR_GC = "cb" in getattr(streamz_redis._Reference, "__slots__", ())
-
-
-@pytest.mark.xfail(
-    DROPPED_REFERENCES_WAIT_FOR_GC, strict=False,
-    reason="a dropped entry's _Ack is freed only by the garbage collector (fixed on bug-tests)",
-)
 def test_original_entries_a_buffer_dropped_are_delivered_again_after_restart(server, r, monkeypatch):
     # The original's test_replay: a buffer whose queue is swapped for an empty
     # one drops five entries' references without releasing them. They were
