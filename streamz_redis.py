@@ -600,7 +600,7 @@ class _AckLedger:
         self.loop = self.loop_thread = None  # the source's event loop and its thread, by open()
         self.send = send
         self.in_flight = {}  # (key, item) -> weakref to its _Ack
-        self.queued = defaultdict(dict)  # key -> {item: None}, in order
+        self.queued = defaultdict(list)  # key -> items, in order (a list item may repeat)
         self.sending = {}
         self.flusher = None
         self.is_open = False  # connected: flushing may run
@@ -620,13 +620,15 @@ class _AckLedger:
         return item in self.queued.get(key, ()) or item in self.sending.get(key, ())
 
     def done(self, ack):
-        self.in_flight.pop((ack.key, ack.item), None)
-        self.queued[ack.key][ack.item] = None
+        self.forget(ack)
+        self.queued[ack.key].append(ack.item)
         if self.is_open and (self.flusher is None or self.flusher.done()):
             self.flusher = asyncio.ensure_future(self._flush())
 
     def forget(self, ack):
-        self.in_flight.pop((ack.key, ack.item), None)
+        ref = self.in_flight.get((ack.key, ack.item))
+        if ref is not None and ref() in (ack, None):  # not another copy of a list item
+            del self.in_flight[ack.key, ack.item]
 
     def in_flight_count(self):
         return sum(1 for ref in list(self.in_flight.values()) if ref() is not None)
@@ -647,14 +649,14 @@ class _AckLedger:
     async def _flush(self):
         backoff = _Backoff()
         while self.is_open and any(self.queued.values()):
-            self.sending, self.queued = self.queued, defaultdict(dict)
+            self.sending, self.queued = self.queued, defaultdict(list)
             try:
-                await self.send({key: list(items) for key, items in self.sending.items() if items})
+                await self.send({key: items for key, items in self.sending.items() if items})
                 self.acked += sum(map(len, self.sending.values()))
                 backoff.reset()
             except BaseException as exc:
                 for key, items in self.sending.items():
-                    self.queued[key] = {**items, **self.queued[key]}
+                    self.queued[key][:0] = items
                 if not isinstance(exc, Exception):
                     raise  # cancelled by close(): the acks stay queued
                 if self.stopping.is_set():
@@ -714,6 +716,10 @@ def _exit_cleanly():
                     # No time left (the sources took it) or no loop: say what is lost.
                     log.error("%s: %d element(s) not written at exit; their upstream entries "
                               "are not acknowledged", node, node._unconfirmed)
+                elif finish == "_stop" and node._ledger is not None:
+                    log.error("%s: not stopped at exit (no time or no event loop left); %d "
+                              "acknowledgement(s) not sent: those entries are delivered again",
+                              node, node._ledger.unsent())
             except Exception as exc:  # pragma: no cover - best effort at exit
                 log.error("%s: could not finish cleanly at exit (%s)", node, _error_text(exc))
 
@@ -911,6 +917,7 @@ class _RedisSource(_RedisNode, Source):
         self._stopping = None  # an asyncio.Event, set by stop()
         self._reading = False  # the read loop is waiting on Redis
         self._giving_up = False  # stop() is cancelling the read loop
+        self._awaiting = None  # the reference whose emit's futures the loop awaits
         self._read_count = self._emitted = self._failed = self._reconnects = 0
         self._dead_lettered = 0
         self._read_batches = deque()  # (monotonic time, keys of the tracked entries) per read
@@ -1279,15 +1286,13 @@ class _RedisSource(_RedisNode, Source):
         tracked until it leaves the pipeline. On stop(), what is left is given
         back. With ``batch=True`` the values go out as one list, tracked as one.
         """
+        read = batch
         if self.batch and batch:
-            if self.stopped:
-                await self._give_back(batch)
-                return
             acks = [origin for _, origin in batch if isinstance(origin, _Ack)]
             batch = [([value for value, _ in batch], _AckAll(self._ledger, acks) if acks else None)]
         for position, (value, origin) in enumerate(batch):
             if self.stopped:
-                await self._give_back(batch[position:])
+                await self._give_back(read if self.batch else batch[position:])
                 return
             # This is the per-entry path: inline, no coroutine per entry.
             tracked = isinstance(origin, _Reference)
@@ -1298,10 +1303,12 @@ class _RedisSource(_RedisNode, Source):
                 else:
                     futures = self._emit(value)
                 if futures:
+                    self._awaiting = origin  # the source's own hold waits on these
                     if len(futures) == 1:
                         await futures[0]
                     else:
                         await asyncio.gather(*futures)
+                    self._awaiting = None
             except Exception as exc:
                 if tracked:
                     origin.fail()
@@ -2358,16 +2365,38 @@ def _leaves(node):
 
 
 # An element and the acknowledgement of the upstream entries it carries, in one
-# script: a script stops at its first failing call, so an element Redis refuses
-# leaves its entries pending, and nothing else runs between the write and the
-# acknowledgements. KEYS[1] is where the element goes, KEYS[2..] the stream (or
+# script. KEYS[1] is where the element goes, KEYS[2..] the stream (or
 # processing list) of each entry; ARGV holds the write's command, how many
 # arguments follow its key and those arguments, then for each entry its
-# acknowledgement (XACK group id, or LREM 1 item).
+# acknowledgement (XACK group id, or LREM 1 item). Nothing is written unless
+# every step can run: Redis does not undo a script that fails half-way.
+# - Sent again after a lost reply (by us, or by the retries of a user's own
+#   client), it finds its first entry acknowledged and writes nothing.
+# - Its first entry's XPENDING (or LPOS) fails on a missing group or a key of
+#   the wrong type before anything is written; Redis 7 checks the user's
+#   permissions for every step first.
 WRITE_AND_ACKNOWLEDGE = """
 local n = tonumber(ARGV[2])
-local reply = redis.call(ARGV[1], KEYS[1], unpack(ARGV, 3, n + 2))
 local at = n + 3
+if ARGV[at] == 'XACK' then
+    if #redis.call('XPENDING', KEYS[2], ARGV[at + 1], ARGV[at + 2], ARGV[at + 2], 1) == 0 then
+        return false
+    end
+elseif not redis.call('LPOS', KEYS[2], ARGV[at + 2]) then
+    return false
+end
+if redis.acl_check_cmd then
+    local allowed = redis.acl_check_cmd(ARGV[1], KEYS[1], unpack(ARGV, 3, n + 2))
+    for i = 2, #KEYS do
+        local step = at + 3 * (i - 2)
+        allowed = allowed and redis.acl_check_cmd(ARGV[step], KEYS[i], ARGV[step + 1], ARGV[step + 2])
+    end
+    if not allowed then
+        return redis.error_reply('NOPERM this user may not run ' .. ARGV[1] .. ' on ' .. KEYS[1] ..
+            ' and acknowledge its entries')
+    end
+end
+local reply = redis.call(ARGV[1], KEYS[1], unpack(ARGV, 3, n + 2))
 for i = 2, #KEYS do
     redis.call(ARGV[at], KEYS[i], ARGV[at + 1], ARGV[at + 2])
     at = at + 3
@@ -2437,6 +2466,7 @@ class _RedisSink(_RedisNode, Sink):
         self.max_in_flight = _positive_int(max_in_flight, "max_in_flight")
         self.exactly_once = bool(exactly_once)
         self._sources_checked = {}  # exactly_once: source -> None, or why it cannot hold
+        self._warned_held = False
         self._redis = None  # connected lazily, on the loop, by the first write
         self._queue = []  # writes that wait for the next round trip
         self._writing = []  # writes of the round trip under way
@@ -2465,8 +2495,7 @@ class _RedisSink(_RedisNode, Sink):
         # before the sink holds a reference to it.
         write = self._prepare_write(x, metadata or [])
         if self.exactly_once:
-            write.acks = list(_acks_in(write.metadata))
-            for source in {ack.ledger.source for ack in write.acks}:
+            for source in {ack.ledger.source for ack in _acks_in(write.metadata)}:
                 self._check_exactly_once(source)
         self._retain_refs(write.metadata)
         self._queue.append(write)
@@ -2474,10 +2503,13 @@ class _RedisSink(_RedisNode, Sink):
         if self._writer is None or self._writer.done():
             self._writer = asyncio.ensure_future(self._write_queued())
             _open_sinks.add(self)
-        if getattr(thread_state, "asynchronous", False):
+        if getattr(thread_state, "asynchronous", False) and not any(
+            isinstance(m.get("ref"), _Reference) for m in write.metadata
+        ):
             # Through Stream.emit() (a script feeding the pipeline, rather
-            # than a source on the loop): emit() returns once this element is
-            # stored, so the script reads its writes back.
+            # than a source of ours, which streamz's thread-wide flag may
+            # cover meanwhile): emit() returns once this element is stored,
+            # so the script reads its writes back.
             write.stored = asyncio.get_running_loop().create_future()
             return write.stored
         if self._unconfirmed < self.max_in_flight:
@@ -2520,15 +2552,29 @@ class _RedisSink(_RedisNode, Sink):
             args += [name, first, second]
         pipe.execute_command("EVALSHA", WRITE_AND_ACKNOWLEDGE_SHA, len(keys), *keys, *args)
 
-    async def _committed(self, write):
-        """After a connection was lost with ``write`` sent: whether its script
-        ran. Its entries are acknowledged if, and only if, it did."""
-        if not write.acks:
-            return False
-        name, key, first, second = write.acks[0].command()
-        if name == "XACK":
-            return not await self._redis.xpending_range(key, first, second, second, 1)
-        return await self._redis.lpos(key, second) is None
+    def _acks_to_settle(self, write):
+        """The entries the script may acknowledge with ``write``: those that
+        nothing but this write still holds. An entry another node still holds
+        (a ``sliding_window`` emits it again in its next window) is left to
+        its source, acknowledged when that node lets go: at-least-once."""
+        acks = []
+        for m in write.metadata:
+            ref = m.get("ref")
+            if not isinstance(ref, _Reference):
+                continue
+            # Besides this write's hold, the source's own while it awaits
+            # this very emit (back-pressure): it lets go as soon as we answer.
+            others = ref.count - 1 - (ref.ledger.source._awaiting is ref)
+            if others == 0:
+                acks.extend(ref.acks if isinstance(ref, _AckAll) else [ref])
+            elif not self._warned_held:
+                self._warned_held = True
+                log.warning(
+                    "%s: exactly_once: %s is still held by another node (a node that emits an "
+                    "entry more than once, such as sliding_window?); such entries are "
+                    "acknowledged by their source once let go: at-least-once", self, ref,
+                )
+        return acks
 
     async def _same_server(self, writes):
         """Refuse the exactly-once writes whose sources read another Redis
@@ -2599,33 +2645,31 @@ class _RedisSink(_RedisNode, Sink):
 
     async def _round_trip(self, writes, backoff):
         """Send ``writes`` in one pipeline; the replies, an exception in place
-        of each command Redis refused. Connection errors are retried; with
-        exactly_once, only the writes whose scripts did not run."""
+        of each command Redis refused. Connection errors are retried (an
+        exactly-once script sent twice writes once)."""
         replies = [None] * len(writes)
         todo = list(range(len(writes)))
-        sent = False
         while True:
             try:
                 if self._redis is None:
                     await self._connect()
                 if self.exactly_once:
-                    if sent:
-                        todo = [i for i in todo if not await self._committed(writes[i])]
+                    for i in todo:
+                        writes[i].acks = self._acks_to_settle(writes[i])
                     for i, refused in zip(todo, await self._same_server([writes[i] for i in todo])):
                         replies[i] = refused
                     todo = [i for i in todo if replies[i] is None]
                 async with self._redis.pipeline(transaction=False) as pipe:
+                    if self.exactly_once:
+                        # First, in the same round trip, so that no EVALSHA
+                        # meets a Redis that lost its scripts (restarted).
+                        pipe.execute_command("SCRIPT LOAD", WRITE_AND_ACKNOWLEDGE)
                     for i in todo:
                         self._queue_write(pipe, writes[i])
-                    sent = True
                     answers = await pipe.execute(raise_on_error=False) if todo else []
-                for i, answer in zip(todo, answers):
+                for i, answer in zip(todo, answers[self.exactly_once:]):
                     replies[i] = answer
-                todo = [i for i in todo if isinstance(replies[i], redis.exceptions.NoScriptError)]
-                if not todo:
-                    return replies
-                await self._redis.script_load(WRITE_AND_ACKNOWLEDGE)  # a restarted Redis
-                sent = False
+                return replies
             except CONNECTION_ERRORS as exc:
                 if _cannot_be_retried(exc):
                     return [exc if i in todo else reply for i, reply in enumerate(replies)]

@@ -1870,6 +1870,42 @@ def test_a_reliable_list_into_an_exactly_once_sink_removes_its_items_in_the_same
     assert source.metrics()["acked"] == 20
 
 
+def test_exactly_once_leaves_entries_a_window_still_holds_to_their_source(server, r, caplog):
+    ids = [r.xadd("s", {"n": n}).decode() for n in range(5)]
+    source = Stream.from_redis_consumer_group("s", "g", "c", start_id="0")
+    windows = source.sliding_window(2, return_partial=False)
+    windows.map(lambda es: ",".join(e.id for e in es)).to_redis_list("out", exactly_once=True)
+    with caplog.at_level(logging.WARNING, logger="streamz_redis"):
+        source.start()
+        wait_for(lambda: r.llen("out") == 4)
+    assert [w.decode() for w in r.lrange("out", 0, -1)] == [f"{a},{b}" for a, b in zip(ids, ids[1:])]
+    assert any("still held by another node" in m for m in caplog.messages)
+    # Only the last entry, still in the window, waits for its acknowledgement.
+    wait_for(lambda: pending(r, "s", "g") == 1)
+
+
+def test_an_exactly_once_sink_whose_user_may_not_acknowledge_writes_nothing(server, r, caplog):
+    r.xadd("s", {"n": 1})
+    r.execute_command("ACL", "SETUSER", "writer", "reset", "on", ">pw", "~*", "+@all", "-xack")
+    source = Stream.from_redis_consumer_group("s", "g", "c", start_id="0")
+    sink = source.map(lambda e: {"n": e.fields["n"]}).to_redis_stream(
+        "out", exactly_once=True, url=user_url(server, "writer"))
+    with caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        source.start()
+        wait_for(lambda: sink.metrics()["failed"] == 1)
+    assert r.xlen("out") == 0 and pending(r, "s", "g") == 1
+    assert any("may not run XADD" in m for m in caplog.messages)
+
+
+def test_identical_items_of_a_reliable_list_are_each_removed(server, r):
+    r.rpush("jobs", "a", "a", "a", "b")
+    source = Stream.from_redis_list("jobs", processing_list="busy")
+    seen = source.sink_to_list()
+    source.start()
+    wait_for(lambda: len(seen) == 4 and r.llen("busy") == 0)
+    assert sorted(seen) == ["a", "a", "a", "b"]
+
+
 EXACTLY_ONCE_WORKER = textwrap.dedent(
     """
     import sys, threading
