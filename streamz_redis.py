@@ -1064,6 +1064,7 @@ class _RedisSource(_RedisNode, Source):
                     return  # start() twice runs one read loop
                 await self._shutdown(self._task)  # a loop that ended: clean up first
             _warn_without_hiredis()
+            self._check_dask_client()
             try:
                 await self._connect()
                 await self._check_permissions()
@@ -1183,6 +1184,43 @@ class _RedisSource(_RedisNode, Source):
             seen.add(id(node))
             node.current_metadata = None
             todo.extend(node.downstreams)
+
+    def _check_dask_client(self):
+        """Refuse to start a pipeline with streamz.dask nodes that cannot
+        run. Those nodes use the distributed Client's event loop, and a
+        pipeline adopts it only if the Client exists when the pipeline is
+        built (streamz's get_io_loop): without a Client, or with one made
+        afterwards, entries are read and nothing ever reaches the sink,
+        silently. Nothing here imports dask unless the pipeline uses it."""
+        if "streamz.dask" not in sys.modules:
+            return
+        seen, todo, dask_nodes = set(), list(self.downstreams), []
+        while todo:
+            node = todo.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if type(node).__module__ == "streamz.dask":
+                dask_nodes.append(type(node).__name__)
+            todo.extend(node.downstreams)
+        if not dask_nodes:
+            return
+        from distributed import default_client
+
+        uses = f"the pipeline uses streamz.dask nodes ({', '.join(sorted(set(dask_nodes)))})"
+        try:
+            client = default_client()
+        except ValueError:
+            raise RuntimeError(
+                f"{self}: {uses} and no Dask client exists; create the distributed "
+                f"Client first, then build the pipeline"
+            ) from None
+        if client.loop is not self.loop:
+            raise RuntimeError(
+                f"{self}: {uses}, but it was built before the Dask client was created, so it "
+                f"runs on another event loop than the client's and would never reach its "
+                f"sinks; create the Client first, then build the pipeline"
+            )
 
     def _downstream_sinks(self):
         """The Redis sinks this source's elements can reach."""
