@@ -433,6 +433,24 @@ if KEYS[2] then redis.call('LREM', KEYS[2], 1, ARGV[1]) end
 return 1
 """
 
+# remove_idle_consumers: delete the group's consumers (other than the caller,
+# ARGV[3]) idle for at least ARGV[2] ms that hold no pending entry. One script,
+# so that a consumer cannot read an entry between the check and XGROUP
+# DELCONSUMER, which would drop that entry from the group for good.
+REMOVE_IDLE_CONSUMERS = """
+local removed = {}
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+    local info = {}
+    for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
+    if info['name'] ~= ARGV[3] and info['pending'] == 0
+            and info['idle'] >= tonumber(ARGV[2]) then
+        redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+        table.insert(removed, info['name'])
+    end
+end
+return removed
+"""
+
 
 # --------------------------------------------------------------------------
 # Back-off, and acknowledgement by streamz reference counting
@@ -1053,6 +1071,7 @@ class _RedisSource(_RedisNode, Source):
                     return  # start() twice runs one read loop
                 await self._shutdown(self._task)  # a loop that ended: clean up first
             _warn_without_hiredis()
+            self._check_dask_client()
             try:
                 await self._connect()
                 await self._check_permissions()
@@ -1172,6 +1191,43 @@ class _RedisSource(_RedisNode, Source):
             seen.add(id(node))
             node.current_metadata = None
             todo.extend(node.downstreams)
+
+    def _check_dask_client(self):
+        """Refuse to start a pipeline with streamz.dask nodes that cannot
+        run. Those nodes use the distributed Client's event loop, and a
+        pipeline adopts it only if the Client exists when the pipeline is
+        built (streamz's get_io_loop): without a Client, or with one made
+        afterwards, entries are read and nothing ever reaches the sink,
+        silently. Nothing here imports dask unless the pipeline uses it."""
+        if "streamz.dask" not in sys.modules:
+            return
+        seen, todo, dask_nodes = set(), list(self.downstreams), []
+        while todo:
+            node = todo.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if type(node).__module__ == "streamz.dask":
+                dask_nodes.append(type(node).__name__)
+            todo.extend(node.downstreams)
+        if not dask_nodes:
+            return
+        from distributed import default_client
+
+        uses = f"the pipeline uses streamz.dask nodes ({', '.join(sorted(set(dask_nodes)))})"
+        try:
+            client = default_client()
+        except ValueError:
+            raise RuntimeError(
+                f"{self}: {uses} and no Dask client exists; create the distributed "
+                f"Client first, then build the pipeline"
+            ) from None
+        if client.loop is not self.loop:
+            raise RuntimeError(
+                f"{self}: {uses}, but it was built before the Dask client was created, so it "
+                f"runs on another event loop than the client's and would never reach its "
+                f"sinks; create the Client first, then build the pipeline"
+            )
 
     def _downstream_sinks(self):
         """The Redis sinks this source's elements can reach."""
@@ -1825,6 +1881,16 @@ class from_redis_consumer_group(_RedisSource):
         good, and emits them. It must exceed the slowest processing time of
         an entry, or entries still being processed elsewhere are processed
         twice.
+    remove_idle_consumers : float, optional
+        Needs ``claim_idle``. At the end of each claim sweep, the group's
+        other consumers idle (no read, no claim) for longer than this many
+        seconds and holding no pending entry are removed from the group
+        (XGROUP DELCONSUMER, checked and done in one script). A dead
+        consumer's entries are claimed first (after ``claim_idle``), so
+        nothing is lost, and a group whose consumers have generated names
+        does not grow without bound. A consumer removed while alive is
+        recreated by Redis at its next read. Needs ``eval`` (or
+        ``evalsha``), ``xinfo`` and ``xgroup|delconsumer``.
     max_deliveries : int, optional
         An entry that Redis has delivered more than ``max_deliveries`` times
         is not emitted again: it is added to ``dead_letter_stream`` with its
@@ -1850,6 +1916,7 @@ class from_redis_consumer_group(_RedisSource):
         self, streams: Union[str, List[str], Mapping[str, str]], group: str, consumer: str, *,
         start_id: str = "$", count: int = 100,
         timeout: float = 1.0, claim_idle: Optional[float] = None,
+        remove_idle_consumers: Optional[float] = None,
         max_deliveries: Optional[int] = None, dead_letter_stream: Optional[str] = None,
         trim_acknowledged: bool = False, **kwargs,
     ):
@@ -1857,6 +1924,14 @@ class from_redis_consumer_group(_RedisSource):
         self.group = _name(group, "group")
         self.consumer = _name(consumer, "consumer")
         self.claim_idle = _seconds(claim_idle, "claim_idle", optional=True)
+        self.remove_idle_consumers = _seconds(
+            remove_idle_consumers, "remove_idle_consumers", optional=True
+        )
+        if self.remove_idle_consumers is not None and self.claim_idle is None:
+            # Removing a consumer that still holds entries would drop them
+            # from the group: only a claim sweep can empty it first.
+            raise ValueError("remove_idle_consumers needs claim_idle")
+        self._removed_consumers = 0
         self.max_deliveries = _positive_int(max_deliveries, "max_deliveries", optional=True)
         self.dead_letter_stream = (
             None if dead_letter_stream is None else _name(dead_letter_stream, "dead_letter_stream")
@@ -1881,14 +1956,19 @@ class from_redis_consumer_group(_RedisSource):
         consumers (summed over the streams; ``None`` where Redis does not say
         and there are more than LAG_COUNT_LIMIT to count), and ``pending``,
         the entries delivered to this consumer and not yet acknowledged. With
-        ``trim_acknowledged``, ``trimmed``: entries trimmed so far."""
+        ``trim_acknowledged``, ``trimmed``: entries trimmed so far. With
+        ``remove_idle_consumers``, ``removed_consumers``: consumers removed
+        from the group by this source so far."""
         figures = super().metrics()
         figures.update(lag=self._lag, pending=self._pending, trimmed=self._trimmed)
+        if self.remove_idle_consumers is not None:
+            figures["removed_consumers"] = self._removed_consumers
         return figures
 
     def _reading_what(self):
         options = [f"{name}={getattr(self, name)!r}" for name in
-                   ("claim_idle", "max_deliveries", "trim_acknowledged") if getattr(self, name)]
+                   ("claim_idle", "remove_idle_consumers", "max_deliveries", "trim_acknowledged")
+                   if getattr(self, name)]
         return (f"reading {', '.join(map(repr, self.start_ids))} as consumer {self.consumer!r} "
                 f"of group {self.group!r}: its pending entries first, then new ones"
                 + (f" ({', '.join(options)})" if options else ""))
@@ -1944,6 +2024,11 @@ class from_redis_consumer_group(_RedisSource):
         if self.claim_idle is not None:
             probes += [["XAUTOCLAIM", name, self.group, self.consumer, 1, "0-0", "COUNT", 1]
                        for name in names]
+        if self.remove_idle_consumers is not None:
+            probes += [["EVAL", "return 0", 0],
+                       *[["XINFO", "CONSUMERS", name, self.group] for name in names],
+                       *[["XGROUP", "DELCONSUMER", name, self.group, self.consumer]
+                         for name in names]]
         return probes
 
     async def _prepare(self):
@@ -2028,9 +2113,30 @@ class from_redis_consumer_group(_RedisSource):
         if not self._claim_from:
             self._claim_from = None
             self._next_claim = asyncio.get_running_loop().time() + self.claim_idle
+            if self.remove_idle_consumers is not None:
+                await self._remove_idle_consumers()
         if not reply:
             return []
         return await self._batch_of(reply, await self._delivery_counts(reply))
+
+    async def _remove_idle_consumers(self):
+        """After a claim sweep: remove the consumers idle for longer than
+        ``remove_idle_consumers`` that hold no pending entry (a dead one's
+        were claimed by the sweep once idle for ``claim_idle``)."""
+        for name in self.start_ids:
+            try:
+                removed = await self._redis.eval(
+                    REMOVE_IDLE_CONSUMERS, 1, name, self.group,
+                    int(self.remove_idle_consumers * 1000), self.consumer,
+                )
+            except redis.exceptions.ResponseError as exc:
+                log.warning("%s: removing idle consumers of stream %r failed (%s)",
+                            self, name, _error_text(exc))
+                continue
+            if removed:
+                self._removed_consumers += len(removed)
+                log.info("%s: removed %d idle consumer(s) with nothing pending from stream %r: %s",
+                         self, len(removed), name, ", ".join(map(_text, removed)))
 
     async def _delivery_counts(self, reply):
         """How many times Redis has delivered each entry of ``reply``, now

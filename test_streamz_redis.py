@@ -735,6 +735,8 @@ def readme_code_blocks():
 @pytest.mark.parametrize("number", range(len(readme_code_blocks())))
 def test_readme_code_block_runs(server, number):
     code = readme_code_blocks()[number]
+    if "distributed" in code:  # the Dask recipe, with the dask extra
+        pytest.importorskip("distributed")
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
         env=dict(os.environ, REDIS_URL=server.url),
@@ -1850,7 +1852,7 @@ def test_exactly_once_covers_batches_windows_and_two_groups_feeding_one_sink(ser
     second = Stream.from_redis_consumer_group("b", "g", "c", start_id="0")
     windows = second.timed_window(0.05).filter(len)
     merged = first.union(windows).map(lambda entries: ",".join(f"{e.stream}:{e.id}" for e in entries))
-    sink = merged.to_redis_list("out", exactly_once=True)
+    merged.to_redis_list("out", exactly_once=True)
     r.config_resetstat()
     first.start()
     second.start()
@@ -3230,3 +3232,288 @@ def test_the_original_node_names_are_not_aliases_of_ours():
     for name in ("from_redis_lists", "from_redis_comsumer_group", "sink_to_redis_list",
                  "sink_to_redis_stream"):
         assert not hasattr(Stream, name), name
+
+
+# --------------------------------------------------------------------------
+# Beyond one process: consumers in several processes, generated consumer
+# names, Dask
+# --------------------------------------------------------------------------
+
+# One consumer process of group "workers" on stream "jobs": argv is the URL,
+# its consumer name, then options as JSON. It waits for "go:<name>" (so that
+# the processes start reading together), records each entry id it processed
+# in the list "processed", and runs until killed.
+GROUP_WORKER = """
+import json, sys, threading, time
+import redis
+from streamz import Stream
+import streamz_redis
+
+url, name, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+work = options.pop("work_seconds", 0)
+control = redis.Redis.from_url(url, socket_timeout=None)
+
+
+def process(batch):
+    time.sleep(work * len(batch))  # the work an entry takes
+    control.rpush("processed", *[entry.id for entry in batch])
+
+
+source = Stream.from_redis_consumer_group("jobs", "workers", name, url=url, start_id="0",
+                                          batch=True, **options)
+source.sink(process)
+control.blpop("go:" + name)
+source.start()
+threading.Event().wait()  # until killed
+"""
+
+
+class GroupWorkers:
+    """Consumer processes of group "workers", each started by name."""
+
+    def __init__(self, server, tmp_path):
+        self.server = server
+        self.script = tmp_path / "group_worker.py"
+        self.script.write_text(GROUP_WORKER)
+        self.processes = {}
+
+    def start(self, name, **options):
+        self.processes[name] = subprocess.Popen(
+            [sys.executable, str(self.script), self.server.url, name, json.dumps(options)],
+            cwd=HERE, env=dict(os.environ, PYTHONPATH=str(HERE)),
+        )
+
+    def go(self, *names):
+        with self.server.client() as r:
+            for name in names:
+                r.rpush("go:" + name, 1)
+
+    def kill(self, name):
+        process = self.processes.pop(name)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+    def kill_all(self):
+        for name in list(self.processes):
+            self.kill(name)
+
+
+def backlog(r, total):
+    with r.pipeline(transaction=False) as pipe:
+        for i in range(total):
+            pipe.xadd("jobs", {"i": i})
+        ids = [i.decode() for i in pipe.execute()]
+    r.xgroup_create("jobs", "workers", "0")
+    return ids
+
+
+def test_three_consumer_processes_share_one_backlog_none_lost_none_twice(server, r, tmp_path):
+    ids = backlog(r, 6000)
+    workers = GroupWorkers(server, tmp_path)
+    names = [f"worker-{k}" for k in range(3)]
+    try:
+        for name in names:
+            workers.start(name, claim_idle=30)
+        workers.go(*names)
+        wait_for(lambda: r.llen("processed") >= len(ids) and pending(r, "jobs", "workers") == 0,
+                 timeout=60, interval=0.05)
+        shares = {c["name"].decode(): c["pending"] for c in r.xinfo_consumers("jobs", "workers")}
+    finally:
+        workers.kill_all()
+    processed = [i.decode() for i in r.lrange("processed", 0, -1)]
+    lost, twice = len(set(ids) - set(processed)), len(processed) - len(set(processed))
+    print(f"\n3 processes over {len(ids)} entries: {lost} lost, {twice} twice, consumers {shares}")
+    assert (lost, twice, pending(r, "jobs", "workers")) == (0, 0, 0)
+    assert set(shares) <= set(names)
+
+
+def test_consumers_with_generated_names_come_and_go_and_the_dead_ones_are_removed(
+    server, r, tmp_path
+):
+    import uuid
+
+    # STREAMZ_REDIS_TEST_SEED=<n> replays a run: the seed is printed.
+    seed = int(os.environ.get("STREAMZ_REDIS_TEST_SEED", "20240611"))
+    print(f"\nrandom seed {seed} (STREAMZ_REDIS_TEST_SEED)")
+    rng = random.Random(seed)
+    ids = backlog(r, 2000)
+    workers = GroupWorkers(server, tmp_path)
+    options = dict(claim_idle=0.5, remove_idle_consumers=1.0, timeout=0.2, count=10,
+                   work_seconds=0.002)
+
+    def new_worker():
+        name = f"worker-{uuid.UUID(int=rng.getrandbits(128)).hex[:8]}"  # as a uuid4() would be
+        workers.start(name, **options)
+        workers.go(name)
+        return name
+
+    def processed():
+        return r.llen("processed")
+
+    def consumers():
+        return {c["name"].decode(): c["pending"] for c in r.xinfo_consumers("jobs", "workers")}
+
+    live, dead, in_flight_at_kills = [new_worker(), new_worker()], [], 0
+    try:
+        for _ in range(2):  # kill one at a random moment; a new name joins
+            target = processed() + rng.randint(200, 600)
+            wait_for(lambda: processed() >= target, timeout=30)
+            victim = live.pop(rng.randrange(len(live)))
+            workers.kill(victim)
+            dead.append(victim)
+            in_flight_at_kills += consumers().get(victim, 0)
+            live.append(new_worker())
+        wait_for(lambda: len(set(r.lrange("processed", 0, -1))) == len(ids)
+                 and pending(r, "jobs", "workers") == 0 and not set(dead) & set(consumers()),
+                 timeout=60, interval=0.05)
+    finally:
+        workers.kill_all()
+    done = [i.decode() for i in r.lrange("processed", 0, -1)]
+    lost, twice = len(set(ids) - set(done)), len(done) - len(set(done))
+    print(f"2 killed ({in_flight_at_kills} entries in flight at the kills), {lost} lost, "
+          f"{twice} processed twice; group now {consumers()}")
+    assert lost == 0 and pending(r, "jobs", "workers") == 0
+    assert twice <= in_flight_at_kills  # only what was in flight at a kill ran again
+    assert not set(dead) & set(consumers())  # removed once their entries were claimed
+
+
+def test_remove_idle_consumers_needs_claim_idle():
+    with pytest.raises(ValueError, match="remove_idle_consumers needs claim_idle"):
+        Stream.from_redis_consumer_group("jobs", "workers", "w", remove_idle_consumers=60)
+
+
+def test_an_idle_consumer_is_removed_only_once_nothing_is_pending_under_its_name(server, r):
+    ids = backlog(r, 10)
+    r.xreadgroup("workers", "gone", {"jobs": ">"}, count=4)  # then it died
+    r.xgroup_createconsumer("jobs", "workers", "never-read")
+    source = Stream.from_redis_consumer_group("jobs", "workers", "alive", claim_idle=0.3,
+                                              remove_idle_consumers=0.6)
+    seen = source.sink_to_list()
+    source.start()
+    wait_for(lambda: sorted(e.id for e in seen) == sorted(ids)
+             and pending(r, "jobs", "workers") == 0)
+    wait_for(lambda: [c["name"] for c in r.xinfo_consumers("jobs", "workers")] == [b"alive"])
+    assert source.metrics()["removed_consumers"] == 2
+    assert len(seen) == 10  # the four "gone" held were claimed, not dropped
+
+
+# ---- Dask: a LocalCluster of two worker processes --------------------------
+
+
+@pytest.fixture(scope="module")
+def dask_cluster():
+    pytest.importorskip("distributed")
+    from distributed import LocalCluster
+
+    cluster = LocalCluster(processes=True, n_workers=2, threads_per_worker=1,
+                           dashboard_address=None)
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def dask_client(dask_cluster):
+    """A Client of the cluster, the default one for this test only: streamz
+    runs pipelines built while a Client exists on that Client's loop."""
+    from distributed import Client
+
+    client = Client(dask_cluster)
+    yield client
+    stop_sources_and_sinks()  # while the client's loop still runs
+    client.close()
+
+
+def stop_sources_and_sinks():
+    from conftest import stop_sources_and_sinks as stop
+
+    stop()
+
+
+def dask_pipeline(client, work, *args, buffer=8, **source_options):
+    """The recipe: submit each entry as a task, keep ``buffer`` in flight,
+    gather the results in order."""
+    import streamz.dask
+
+    source = Stream.from_redis_consumer_group("jobs", "workers", "w", start_id="0",
+                                              **source_options)
+    futures = source.map(lambda entry: client.submit(work, entry, *args, pure=False))
+    results = streamz.dask.gather(futures.buffer(buffer)).sink_to_list()
+    return source, results
+
+
+def test_dask_acknowledges_only_once_results_are_gathered_and_in_the_sink(
+    server, r, dask_client
+):
+    def work(entry, url):
+        if entry.fields["i"] == "2":  # a slow task: runs until the test releases it
+            redis.Redis.from_url(url, socket_timeout=None).blpop("release")
+        return int(entry.fields["i"]) * 10
+
+    ids = backlog(r, 5)
+    source, results = dask_pipeline(dask_client, work, server.url)
+    source.start()
+    wait_for(lambda: results == [0, 10])  # gathered in order: the rest wait on entry 2
+    wait_for(lambda: pending(r, "jobs", "workers") == 3 and source.metrics()["acked"] == 2)
+    still = [p["message_id"].decode() for p in r.xpending_range("jobs", "workers", "-", "+", 10)]
+    assert still == ids[2:]  # computed or not, nothing past the sink is acknowledged
+    assert source.metrics()["in_flight"] == 3
+    r.rpush("release", 1)
+    wait_for(lambda: results == [0, 10, 20, 30, 40] and pending(r, "jobs", "workers") == 0)
+
+
+def test_dask_a_worker_killed_mid_run_loses_nothing_and_the_pipeline_goes_on(
+    server, r, dask_client
+):
+    def work(entry):
+        time.sleep(0.01)  # the work a task takes
+        return entry.id
+
+    ids = backlog(r, 300)
+    source, results = dask_pipeline(dask_client, work)
+    source.start()
+    wait_for(lambda: len(results) >= 60, timeout=30)
+    victim_pid = next(iter(dask_client.run(os.getpid).values()))
+    os.kill(victim_pid, signal.SIGKILL)
+    wait_for(lambda: len(results) >= len(ids) and pending(r, "jobs", "workers") == 0,
+             timeout=60, interval=0.05)
+    lost, twice = len(set(ids) - set(results)), len(results) - len(set(results))
+    print(f"\na Dask worker killed after {len(ids)} entries: {lost} lost, {twice} twice")
+    assert (lost, twice) == (0, 0)
+
+
+def test_dask_batches_are_one_task_each(server, r, dask_client):
+    ids = backlog(r, 500)
+    source, results = dask_pipeline(
+        dask_client, lambda batch: [entry.id for entry in batch], batch=True, count=100
+    )
+    source.start()
+    wait_for(lambda: sum(map(len, results)) == len(ids) and pending(r, "jobs", "workers") == 0,
+             timeout=30)
+    assert [i for batch in results for i in batch] == ids
+
+
+def test_a_dask_pipeline_without_its_client_fails_loudly_at_start(server, r, dask_cluster):
+    from distributed import Client
+
+    def double(entry):
+        return int(entry.fields["i"]) * 2
+
+    backlog(r, 3)
+    source = Stream.from_redis_consumer_group("jobs", "workers", "w", start_id="0")
+    source.scatter().map(double).buffer(4).gather().sink_to_list()
+    with pytest.raises(RuntimeError, match=r"streamz.dask nodes .* and no Dask client exists"):
+        source.start()
+
+    client = Client(dask_cluster)
+    try:
+        with pytest.raises(RuntimeError, match="built before the Dask client was created"):
+            source.start()
+        assert r.xinfo_groups("jobs")[0]["pending"] == 0  # it read nothing
+        # Built after the Client: it runs.
+        source = Stream.from_redis_consumer_group("jobs", "workers", "w", start_id="0")
+        results = source.scatter().map(double).buffer(4).gather().sink_to_list()
+        source.start()
+        wait_for(lambda: results == [0, 2, 4] and pending(r, "jobs", "workers") == 0)
+    finally:
+        stop_sources_and_sinks()
+        client.close()
