@@ -63,6 +63,7 @@ from typing import Any, NamedTuple, Optional
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio
+import redis.asyncio.sentinel
 import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -718,6 +719,35 @@ def _exit_cleanly():
                 log.error("%s: could not finish cleanly at exit (%s)", node, _error_text(exc))
 
 
+def _host_port(kwargs):
+    if kwargs.get("path"):
+        return f"unix://{kwargs['path']}"
+    return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+
+
+def _client_address(client):
+    """How a log line names the server of a ready client, from what the
+    client knows (no round trip): its host, port and database, the nodes a
+    Redis Cluster client started from, or the service a Sentinel client
+    follows with its primary of the moment. Passwords are left out."""
+    if isinstance(client, redis.asyncio.RedisCluster):
+        nodes = [node.name for node in client.nodes_manager.startup_nodes.values()]
+        more = f" and {len(nodes) - 3} more" if len(nodes) > 3 else ""
+        return f"Redis Cluster {', '.join(nodes[:3])}{more}"
+    pool = client.connection_pool
+    if isinstance(pool, redis.asyncio.sentinel.SentinelConnectionPool):
+        sentinels = ", ".join(_host_port(s.connection_pool.connection_kwargs)
+                              for s in pool.sentinel_manager.sentinels)
+        role = "primary" if pool.is_master else "replica"
+        now = f", now {pool.master_address[0]}:{pool.master_address[1]}" if pool.master_address else ""
+        return f"Sentinel service {pool.service_name!r} ({role}{now}) via {sentinels}"
+    kwargs = pool.connection_kwargs
+    scheme = "rediss" if issubclass(pool.connection_class, redis.asyncio.SSLConnection) else "redis"
+    if kwargs.get("path"):
+        return f"unix://{kwargs['path']}?db={kwargs.get('db', 0)}"
+    return f"{scheme}://{_host_port(kwargs)}/{kwargs.get('db', 0)}"
+
+
 class _RedisNode:
     """What every node of this module shares: its connection arguments, how it
     makes its client, and how it names itself (never with a password)."""
@@ -749,11 +779,13 @@ class _RedisNode:
     __repr__ = __str__
 
     def _where(self):
-        if self.client is None:
-            return _safe_url(self.url)
+        """Where this node's Redis is, for its repr and log lines: a URL, a
+        Redis Cluster or a Sentinel service. Never raises, never shows a
+        password."""
         try:
-            kw = self.client.connection_pool.connection_kwargs
-            return f"redis://{kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
+            if self.client is None:
+                return _safe_url(self.url)
+            return _client_address(self.client)
         except Exception:
             return f"a {type(self.client).__name__} client"
 

@@ -2706,3 +2706,31 @@ def test_the_prometheus_exporter_serves_the_figures(server, r):
     finally:
         exporter.kill()
     assert "Traceback" not in exporter.stderr.read()
+
+
+# ==========================================================================
+# Redis Cluster and Sentinel (issue 9): naming, failover, slots
+# ==========================================================================
+
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster  # noqa: E402
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel  # noqa: E402
+
+
+def test_a_node_names_its_cluster_or_sentinel_service_and_never_its_password():
+    # No server is needed: a node names itself from what its client knows.
+    on_cluster = AsyncRedisCluster(host="127.0.0.1", port=7000, password="s3cret-c")
+    sentinel = AsyncSentinel([("127.0.0.1", 26379)], password="s3cret-s",
+                             sentinel_kwargs={"password": "s3cret-t"})
+    on_sentinel = sentinel.master_for("orders-db", password="s3cret-s")
+    nodes = [
+        Stream().to_redis_stream("out", client=on_cluster),
+        Stream().to_redis_pubsub("events", client=on_sentinel),
+        Stream.from_redis_consumer_group("orders", "billing", "worker-1", client=on_cluster),
+        Stream.from_redis_list("jobs", client=on_sentinel),
+    ]
+    shown = [str(node) for node in nodes]
+    assert "Redis Cluster 127.0.0.1:7000" in shown[0] and "Redis Cluster" in shown[2]
+    assert "Sentinel service 'orders-db' (primary) via 127.0.0.1:26379" in shown[1]
+    assert "Sentinel service 'orders-db'" in shown[3]
+    assert not any("s3cret" in text or "?:?" in text for text in shown), shown
+
