@@ -808,6 +808,26 @@ class _RedisNode:
             self._loop_ended()
 
 
+# Replies that mean a connection reached a server that no longer serves its
+# keys as primary: a failover demoted it (READONLY; UNBLOCKED ends the reads it
+# had blocked), or Redis Cluster moved the slot or is moving it (MOVED, ASK,
+# TRYAGAIN, CLUSTERDOWN). Reading reconnects through the pool, as for a lost
+# connection. (redis-py's Sentinel connection already turns READONLY into a
+# ConnectionError: "The previous master is now a slave".)
+WRONG_SERVER_ERRORS = (
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.AskError,  # and MovedError
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+)
+
+
+def _on_wrong_server(exc):
+    return isinstance(exc, WRONG_SERVER_ERRORS) or (
+        isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith("UNBLOCKED")
+    )
+
+
 class _BlockingConnection:
     """The one connection a source's blocking reads run on.
 
@@ -817,20 +837,35 @@ class _BlockingConnection:
     CLIENT UNBLOCK from the pooled client: the read returns as if it had timed
     out, so nothing it was about to pop is lost (a cancelled BLPOP can lose
     the item it popped).
+
+    A connection that was lost, or that reached a server which no longer
+    serves its keys as primary (``_on_wrong_server``), is dropped, and the
+    next read opens a new one from the pool. redis-py would reconnect it to
+    the address it remembers, but after a failover the pool alone knows the
+    new primary: a Sentinel pool asks Sentinel.
     """
 
     def __init__(self, pooled):
         self.pooled = pooled
         self.client = None
         self.id = None
+        self.socket_timeout = None
 
     async def open(self):
-        self.client = self.pooled.client()
+        client = self.pooled.client()
         for command in RAW_REPLY_COMMANDS:
-            self.client.set_response_callback(command, _raw_reply)
-        await self.client.initialize()
-        self.client.connection.register_connect_callback(self._on_connect)
-        self.id = await self.client.client_id()
+            client.set_response_callback(command, _raw_reply)
+        try:
+            await client.initialize()
+            client.connection.register_connect_callback(self._on_connect)
+            self.id = await client.client_id()
+        except BaseException:
+            await self._discard(client)
+            raise
+        # The connection's own value: redis-py 8 applies a default of 5 s that
+        # the pool's connection_kwargs do not show.
+        self.socket_timeout = getattr(client.connection, "socket_timeout", None)
+        self.client = client
 
     async def _on_connect(self, connection):
         await connection.send_command("CLIENT", "ID")
@@ -845,9 +880,7 @@ class _BlockingConnection:
         An idle Redis answers a timed-out read on its next cron tick, up to
         REDIS_TICK after BLOCK ran out.
         """
-        # The connection's own value: redis-py 8 applies a default of 5 s that
-        # the pool's connection_kwargs do not show.
-        socket_timeout = getattr(self.client.connection, "socket_timeout", None)
+        socket_timeout = self.socket_timeout
         if socket_timeout:
             return max(0.01, min(timeout, (socket_timeout - REDIS_TICK) / 2))
         return timeout
@@ -880,8 +913,27 @@ class _BlockingConnection:
                 pass
         return refused
 
-    def execute(self, *args, **options):
-        return self.client.execute_command(*args, **options)
+    async def execute(self, *args, **options):
+        if self.client is None:
+            await self.open()  # dropped after an error: a new one, from the pool
+        try:
+            return await self.client.execute_command(*args, **options)
+        except Exception as exc:
+            if isinstance(exc, CONNECTION_ERRORS) or _on_wrong_server(exc):
+                client, self.client, self.id = self.client, None, None
+                await self._discard(client)
+            raise
+
+    async def _discard(self, client):
+        """Close ``client`` without handing its connection back to the pool
+        as it is: it may be on the old primary."""
+        try:
+            if client.connection is not None:
+                client.connection.deregister_connect_callback(self._on_connect)
+                await client.connection.disconnect()
+            await client.aclose()
+        except Exception:  # pragma: no cover - closing a dead socket
+            pass
 
     async def unblock(self):
         if self.id is None:
@@ -1290,9 +1342,13 @@ class _RedisSource(_RedisNode, Source):
     async def _handle_read_error(self, exc, delay):
         """Log a failed read; True if it was recovered from and can be
         retried at once."""
-        if isinstance(exc, CONNECTION_ERRORS):
-            log.warning("%s: Redis is unreachable (%s); retrying in %.1f s",
-                        self, _error_text(exc), delay)
+        if isinstance(exc, CONNECTION_ERRORS) or _on_wrong_server(exc):
+            if _on_wrong_server(exc) or "previous master" in str(exc):
+                log.warning("%s: the server no longer serves these keys as primary (%s); "
+                            "reconnecting in %.1f s", self, _error_text(exc), delay)
+            else:
+                log.warning("%s: Redis is unreachable (%s); retrying in %.1f s",
+                            self, _error_text(exc), delay)
             self._reconnects += 1
             self._forget_last_emitted()
             self._on_disconnect()

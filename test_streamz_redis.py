@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import redis
 import redis.asyncio
+import redis.sentinel
 from streamz import Stream
 from streamz.core import sync
 from tornado.ioloop import IOLoop
@@ -2734,3 +2735,73 @@ def test_a_node_names_its_cluster_or_sentinel_service_and_never_its_password():
     assert "Sentinel service 'orders-db'" in shown[3]
     assert not any("s3cret" in text or "?:?" in text for text in shown), shown
 
+
+
+class ConfirmedProducer(threading.Thread):
+    """Adds entries ``n=0, 1, ...`` to a stream through Sentinel, each
+    confirmed by ``WAIT 1`` (it reached the replica, so a failover keeps it);
+    an entry that is not confirmed is added again, on a connection made
+    afresh through Sentinel. ``confirmed`` holds the numbers that were."""
+
+    def __init__(self, redis_sentinel, stream):
+        super().__init__(daemon=True)
+        sentinel = redis.sentinel.Sentinel([redis_sentinel.address], socket_timeout=2)
+        self.client = sentinel.master_for(redis_sentinel.service, socket_timeout=2)
+        self.stream = stream
+        self.confirmed = []
+        self.done = threading.Event()
+
+    def run(self):
+        n = 0
+        while not self.done.is_set():
+            try:
+                self.client.xadd(self.stream, {"n": n})
+                if self.client.execute_command("WAIT", 1, 200) >= 1:
+                    self.confirmed.append(n)
+                    n += 1
+                    self.done.wait(0.005)  # pace: about 100 entries a second
+                    continue
+            except redis.exceptions.RedisError:
+                pass
+            self.client.connection_pool.disconnect()  # ask Sentinel again
+
+    def stop(self):
+        self.done.set()
+        self.join(10)
+
+
+def test_a_consumer_group_follows_a_sentinel_failover_and_loses_no_confirmed_entry(
+    redis_sentinel, caplog
+):
+
+    caplog.set_level(logging.INFO, logger="streamz_redis")
+    client = AsyncSentinel([redis_sentinel.address], socket_timeout=2).master_for(
+        redis_sentinel.service, socket_timeout=2)
+    source = Stream.from_redis_consumer_group("orders", "billing", "worker-1", start_id="0",
+                                              client=client)
+    seen = []
+    source.sink(lambda entry: seen.append(int(entry.fields["n"])))
+    source.start()
+    task = source._task
+    producer = ConfirmedProducer(redis_sentinel, "orders")
+    producer.start()
+    try:
+        wait_for(lambda: len(producer.confirmed) >= 50 and set(producer.confirmed) <= set(seen),
+                 timeout=20)
+        redis_sentinel.failover()
+        after = len(producer.confirmed)
+        wait_for(lambda: len(producer.confirmed) >= after + 50, timeout=30)
+    finally:
+        producer.stop()
+    confirmed = set(producer.confirmed)
+    wait_for(lambda: confirmed <= set(seen), timeout=20,
+             message=f"lost: {sorted(confirmed - set(seen))[:20]}")
+    primary = redis.Redis(port=redis_sentinel.primary_port())
+    wait_for(lambda: pending(primary, "orders", "billing") == 0, timeout=10)
+    duplicates = len(seen) - len(set(seen))
+    print(f"confirmed {len(confirmed)}, lost 0, emitted {len(seen)}, duplicates {duplicates}, "
+          f"reconnects {source.metrics()['reconnects']}")
+    assert source._task is task and not task.done()  # no restart
+    assert source.metrics()["reconnects"] >= 1
+    assert f"Sentinel service {redis_sentinel.service!r}" in str(source)
+    assert not [r for r in caplog.records if "previous master" in r.getMessage()][3:]
