@@ -2805,3 +2805,94 @@ def test_a_consumer_group_follows_a_sentinel_failover_and_loses_no_confirmed_ent
     assert source.metrics()["reconnects"] >= 1
     assert f"Sentinel service {redis_sentinel.service!r}" in str(source)
     assert not [r for r in caplog.records if "previous master" in r.getMessage()][3:]
+
+
+def test_two_consumers_share_three_streams_in_three_slots_and_one_takes_over_the_others_work(
+    cluster
+):
+    streams = ["a", "b", "c"]  # slots 15495, 3300 and 7365: one on each master
+    writer = cluster.client()
+    assert len({writer.get_node_from_key(name).port for name in streams}) == 3
+    # worker-2 fails every entry it gets, then stops for good: its entries
+    # stay pending until worker-1, with claim_idle, takes them over.
+    dying = Stream.from_redis_consumer_group(
+        streams, "billing", "worker-2", start_id="0", url=cluster.url, cluster=True)
+    dying.map(lambda entry: 1 / 0).sink(lambda _: None)
+    worker = Stream.from_redis_consumer_group(
+        streams, "billing", "worker-1", start_id="0", claim_idle=0.5,
+        client=AsyncRedisCluster.from_url(cluster.url))
+    seen = []
+    worker.sink(lambda entry: seen.append((entry.stream, entry.id)))
+    dying.start()
+    worker.start()
+    added = {(name, writer.xadd(name, {"n": n}).decode()) for n in range(30) for name in streams}
+    wait_for(lambda: len(set(seen)) + dying.metrics()["failed"] >= len(added), timeout=20)
+    failed = dying.metrics()["failed"]
+    dying.stop()
+    wait_for(lambda: set(seen) == added, timeout=20, message=f"lost {len(added - set(seen))}")
+    wait_for(lambda: all(pending(writer, name, "billing") == 0 for name in streams), timeout=10)
+    print(f"added {len(added)}, failed in worker-2 {failed}, lost 0, "
+          f"duplicates {len(seen) - len(set(seen))}")
+    assert failed > 0 and len(worker._readers) == 3
+    stopping = time.monotonic()
+    worker.stop()  # three blocked reads, on three nodes, all woken at once
+    assert time.monotonic() - stopping < 0.5
+    assert len(seen) == len(set(seen))  # nothing was taken over twice
+    assert "Redis Cluster" in str(dying) and "Redis Cluster" in str(worker)
+    writer.close()
+
+
+def test_poison_entries_reach_the_dead_letter_stream_of_their_slot_on_a_cluster(cluster):
+    writer = cluster.client()
+    source = Stream.from_redis_consumer_group(
+        "{orders}", "billing", "worker-1", start_id="0", claim_idle=0.2, max_deliveries=1,
+        url=cluster.url, cluster=True)
+    done = []
+    source.map(lambda e: 1 / 0 if e.fields["kind"] == "poison" else e.id).sink(done.append)
+    source.start()
+    poison = writer.xadd("{orders}", {"kind": "poison"}).decode()
+    good = writer.xadd("{orders}", {"kind": "good"}).decode()
+    wait_for(lambda: writer.xlen("{orders}:dead-letter") == 1, timeout=10)
+    [(_, fields)] = writer.xrange("{orders}:dead-letter")
+    assert fields[b"source_id"].decode() == poison and done == [good]
+    wait_for(lambda: pending(writer, "{orders}", "billing") == 0)
+    # A stream without a hash tag: its default dead-letter stream is in
+    # another slot; start() says what to rename, before reading anything.
+    untagged = Stream.from_redis_consumer_group(
+        "orders", "billing", "worker-1", max_deliveries=1, url=cluster.url, cluster=True)
+    with pytest.raises(ValueError) as error:
+        untagged.start()
+    message = str(error.value)
+    assert "CROSSSLOT" in message and f"'orders' (slot {writer.keyslot('orders')})" in message
+    assert f"'orders:dead-letter' (slot {writer.keyslot('orders:dead-letter')})" in message
+    assert "dead_letter_stream='{orders}:dead-letter'" in message
+    reliable = Stream.from_redis_list("jobs", processing_list="jobs:processing",
+                                      url=cluster.url, cluster=True)
+    with pytest.raises(ValueError, match="processing_list='{jobs}:processing'"):
+        reliable.start()
+    writer.close()
+
+
+def test_a_reliable_list_and_a_pubsub_sink_work_on_a_cluster(cluster):
+    writer = cluster.client()
+    source = Stream.from_redis_list("{jobs}", processing_list="{jobs}:processing",
+                                    url=cluster.url, cluster=True)
+    source.to_redis_pubsub("done", client=AsyncRedisCluster.from_url(cluster.url))
+    subscriber = cluster.owner("{jobs}").client().pubsub(ignore_subscribe_messages=True)
+    subscriber.subscribe("done")
+    wait_for(lambda: subscriber.get_message(timeout=0.01) is None)  # subscribed
+    source.start()
+    writer.rpush("{jobs}", *[f"job-{n}" for n in range(20)])
+    received = []
+
+    def all_received():
+        message = subscriber.get_message(timeout=0.05)
+        if message:
+            received.append(message["data"].decode())
+        return len(received) == 20
+
+    wait_for(all_received, timeout=10)
+    assert received == [f"job-{n}" for n in range(20)]
+    wait_for(lambda: writer.llen("{jobs}:processing") == 0)
+    subscriber.close()
+    writer.close()
