@@ -960,7 +960,6 @@ class _BlockingConnection:
                     node, self.node = self.node, self.pooled
                     await node.aclose()
                     # Which node owns the slot now: the cluster is asked again.
-                    self.pooled.nodes_manager.reinitialize_counter = 0
                     try:
                         await self.pooled.nodes_manager.initialize()
                     except Exception:

@@ -2896,3 +2896,36 @@ def test_a_reliable_list_and_a_pubsub_sink_work_on_a_cluster(cluster):
     wait_for(lambda: writer.llen("{jobs}:processing") == 0)
     subscriber.close()
     writer.close()
+
+
+def test_a_consumer_group_follows_its_stream_to_another_node_when_the_slot_migrates(cluster):
+    writer = cluster.client()
+    slot = writer.keyslot("a")
+    source_node = cluster.owner("a")
+    target_node = next(node for node in cluster.nodes if node is not source_node)
+    source = Stream.from_redis_consumer_group("a", "billing", "worker-1", start_id="0",
+                                              url=cluster.url, cluster=True)
+    seen = []
+    source.sink(lambda entry: seen.append(entry.id))
+    source.start()
+    added = [writer.xadd("a", {"n": n}).decode() for n in range(20)]
+    wait_for(lambda: set(seen) == set(added))
+    with source_node.client() as old, target_node.client() as new:
+        old_id, new_id = old.execute_command("CLUSTER MYID"), new.execute_command("CLUSTER MYID")
+        new.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", old_id)
+        old.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", new_id)
+        added += [writer.xadd("a", {"n": n}).decode() for n in range(20, 30)]  # while migrating
+        old.execute_command("MIGRATE", "127.0.0.1", target_node.port, "", 0, 5000, "KEYS", "a")
+        added += [writer.xadd("a", {"n": n}).decode() for n in range(30, 40)]  # ASK, to the target
+        for node in cluster.nodes:
+            with node.client() as client:
+                client.execute_command("CLUSTER SETSLOT", slot, "NODE", new_id)
+    added += [writer.xadd("a", {"n": n}).decode() for n in range(40, 60)]  # MOVED
+    wait_for(lambda: set(added) <= set(seen), timeout=20,
+             message=f"lost {sorted(set(added) - set(seen))}")
+    with target_node.client() as new:
+        wait_for(lambda: pending(new, "a", "billing") == 0, timeout=10)
+    print(f"added {len(added)}, lost 0, duplicates {len(seen) - len(set(seen))}, "
+          f"reconnects {source.metrics()['reconnects']}")
+    assert source._reader.node.connection_pool.connection_kwargs["port"] == target_node.port
+    writer.close()
