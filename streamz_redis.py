@@ -1650,7 +1650,15 @@ class from_redis_list(_RedisSource):
         Extra keyword arguments for ``redis.asyncio.Redis`` (username,
         password, ssl options, timeouts).
     client : redis.asyncio.Redis, optional
-        A ready client; wins over ``url`` and ``client_kwargs``.
+        A ready client; wins over ``url`` and ``client_kwargs``. A
+        ``redis.asyncio.cluster.RedisCluster``, or a client from
+        ``redis.asyncio.sentinel.Sentinel(...).master_for(name)``, works too:
+        the blocking reads follow a failover or a moved slot.
+    cluster : bool
+        ``True`` when ``url`` names a node of a Redis Cluster. On a cluster,
+        keys read together by one command or script must share a slot (a
+        reliable list's key, processing list and dead-letter list; a
+        stream and its dead-letter stream): ``start()`` says which to rename.
     **kwargs
         For ``streamz.Source``: ``start``, ``asynchronous``, ``loop``,
         ``stream_name``.
@@ -2995,7 +3003,9 @@ class to_redis_stream(_RedisSink):
         Extra keyword arguments for ``redis.asyncio.Redis``.
     client : redis.asyncio.Redis, optional
         A ready client; wins over ``url`` and ``client_kwargs``, and is not
-        closed by ``close()``.
+        closed by ``close()``. A Redis Cluster or Sentinel client works too.
+    cluster : bool
+        ``True`` when ``url`` names a node of a Redis Cluster.
     **kwargs
         For ``streamz.Stream``: ``stream_name``.
 
