@@ -575,8 +575,8 @@ def test_blocking_reads_never_trip_a_short_socket_timeout(server, r, kind, caplo
     idle_reads = []
     read = source._read
 
-    async def counting_read():
-        batch = await read()
+    async def counting_read(reader):
+        batch = await read(reader)
         if not batch:
             idle_reads.append(batch)
         return batch
