@@ -167,3 +167,146 @@ def stop_sources_and_sinks():
             sink.close(timeout=1)
         except Exception:
             pass
+
+
+# --------------------------------------------------------------------------
+# Redis Cluster and Sentinel, for the tests of issue 9
+# --------------------------------------------------------------------------
+
+
+class RedisCluster:
+    """Three masters of a Redis Cluster of the tests' own, on free ports, all
+    16384 slots assigned (``redis-cli --cluster create``)."""
+
+    def __init__(self, masters=3):
+        self.nodes = [
+            # The bus port is given: port + 10000 can exceed 65535.
+            RedisServer("--cluster-enabled", "yes", "--cluster-port", str(free_port()),
+                        "--cluster-node-timeout", "2000", "--cluster-config-file", "nodes.conf")
+            for _ in range(masters)
+        ]
+        subprocess.run(
+            [shutil.which("redis-cli") or "redis-cli", "--cluster", "create",
+             *[f"127.0.0.1:{node.port}" for node in self.nodes], "--cluster-yes"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60,
+        )
+        wait_for(self._ready, timeout=30, message="the cluster did not become ready")
+
+    def _ready(self):
+        for node in self.nodes:
+            with node.client(socket_timeout=1) as client:
+                info = client.execute_command("CLUSTER INFO")
+                if info.get("cluster_state") != "ok" or int(info.get("cluster_slots_ok", 0)) != 16384:
+                    return False
+        return True
+
+    @property
+    def url(self):
+        return self.nodes[0].url
+
+    def client(self):
+        return redis.RedisCluster(host="127.0.0.1", port=self.nodes[0].port)
+
+    def owner(self, key):
+        """The node that owns ``key``'s slot."""
+        with self.client() as client:
+            node = client.get_node_from_key(key)
+        return next(n for n in self.nodes if n.port == node.port)
+
+    def close(self):
+        for node in self.nodes:
+            node.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    cluster = RedisCluster()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def cluster(redis_cluster):
+    """The session's cluster, flushed."""
+    for node in redis_cluster.nodes:
+        with node.client() as client:
+            client.flushall()
+    return redis_cluster
+
+
+class SentinelServer(RedisServer):
+    """``redis-server sentinel.conf --sentinel`` (its config file first, and
+    writable: Sentinel rewrites it)."""
+
+    def __init__(self, config):
+        self.config = config
+        super().__init__()
+
+    def start(self):
+        path = os.path.join(self.dir, "sentinel.conf")
+        with open(path, "w") as f:
+            f.write(f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n{self.config}")
+        self.process = subprocess.Popen(
+            [redis_server_binary(), path, "--sentinel"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for(self._answers, timeout=10, message="redis-server --sentinel did not start")
+
+
+class RedisSentinel:
+    """A primary, its replica and one Sentinel watching them as ``service``."""
+
+    service = "streamz-redis-test"
+
+    def __init__(self):
+        self.primary = RedisServer()
+        self.replica = RedisServer("--replicaof", "127.0.0.1", str(self.primary.port))
+        wait_for(self._replicating, timeout=20, message="the replica did not sync")
+        self.sentinel = SentinelServer(
+            f"sentinel monitor {self.service} 127.0.0.1 {self.primary.port} 1\n"
+            f"sentinel down-after-milliseconds {self.service} 1000\n"
+            f"sentinel failover-timeout {self.service} 10000\n"
+        )
+        wait_for(lambda: self.primary_port() == self.primary.port, timeout=20)
+        wait_for(self._sees_replica, timeout=20, message="Sentinel did not see the replica")
+
+    def _replicating(self):
+        with self.replica.client() as client:
+            return client.info("replication").get("master_link_status") == "up"
+
+    def _sees_replica(self):
+        with self.sentinel.client() as client:
+            replicas = client.sentinel_slaves(self.service)
+        return any(not r.get("is_sdown") and not r.get("is_disconnected") for r in replicas)
+
+    @property
+    def address(self):
+        return ("127.0.0.1", self.sentinel.port)
+
+    def primary_port(self):
+        with self.sentinel.client() as client:
+            host, port = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+        return int(port)
+
+    def failover(self):
+        """SENTINEL FAILOVER, and wait until the old primary has become a
+        replica of the new one."""
+        old = self.primary_port()
+        with self.sentinel.client() as client:
+            client.execute_command("SENTINEL", "FAILOVER", self.service)
+        wait_for(lambda: self.primary_port() != old, timeout=30, message="no failover")
+        old_server = self.primary if self.primary.port == old else self.replica
+        wait_for(lambda: old_server.client().info("replication")["role"] == "slave", timeout=30,
+                 interval=0.05, message="the old primary did not become a replica")
+
+    def close(self):
+        for server in (self.sentinel, self.replica, self.primary):
+            server.close()
+
+
+@pytest.fixture
+def redis_sentinel():
+    sentinel = RedisSentinel()
+    yield sentinel
+    stop_sources_and_sinks()
+    sentinel.close()

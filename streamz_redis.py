@@ -63,6 +63,7 @@ from typing import Any, Callable, List, NamedTuple, Optional, Union
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio
+import redis.asyncio.sentinel
 import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -742,12 +743,61 @@ def _exit_cleanly():
                 log.error("%s: could not finish cleanly at exit (%s)", node, _error_text(exc))
 
 
+def _host_port(kwargs):
+    if kwargs.get("path"):
+        return f"unix://{kwargs['path']}"
+    return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+
+
+def _client_address(client):
+    """How a log line names the server of a ready client, from what the
+    client knows (no round trip): its host, port and database, the nodes a
+    Redis Cluster client started from, or the service a Sentinel client
+    follows with its primary of the moment. Passwords are left out."""
+    if isinstance(client, redis.asyncio.RedisCluster):
+        nodes = [node.name for node in client.nodes_manager.startup_nodes.values()]
+        more = f" and {len(nodes) - 3} more" if len(nodes) > 3 else ""
+        return f"Redis Cluster {', '.join(nodes[:3])}{more}"
+    pool = client.connection_pool
+    if isinstance(pool, redis.asyncio.sentinel.SentinelConnectionPool):
+        sentinels = ", ".join(_host_port(s.connection_pool.connection_kwargs)
+                              for s in pool.sentinel_manager.sentinels)
+        role = "primary" if pool.is_master else "replica"
+        now = f", now {pool.master_address[0]}:{pool.master_address[1]}" if pool.master_address else ""
+        return f"Sentinel service {pool.service_name!r} ({role}{now}) via {sentinels}"
+    kwargs = pool.connection_kwargs
+    scheme = "rediss" if issubclass(pool.connection_class, redis.asyncio.SSLConnection) else "redis"
+    if kwargs.get("path"):
+        return f"unix://{kwargs['path']}?db={kwargs.get('db', 0)}"
+    return f"{scheme}://{_host_port(kwargs)}/{kwargs.get('db', 0)}"
+
+
+def _hash_tag(key):
+    """The part of ``key`` Redis Cluster hashes: what is inside its first
+    ``{...}`` if that is not empty, else the whole key."""
+    start = key.find("{")
+    end = key.find("}", start + 1)
+    return key[start + 1:end] if start != -1 and end > start + 1 else key
+
+
+def _check_same_slot(client, keys, why, advice):
+    """On a Redis Cluster, raise a clear error unless ``keys`` (name ->
+    which parameter it is) all hash to one slot: commands and scripts on
+    several keys need that, not just one node."""
+    slots = {key: client.keyslot(key) for key in keys}
+    if len(set(slots.values())) > 1:
+        named = ", ".join(f"{keys[key]} {key!r} (slot {slot})" for key, slot in slots.items())
+        raise ValueError(f"CROSSSLOT on Redis Cluster: {named} must hash to one slot, as {why}; "
+                         f"{advice}")
+
+
 class _RedisNode:
     """What every node of this module shares: its connection arguments, how it
     makes its client, and how it names itself (never with a password)."""
 
-    def _connection_args(self, url, client_kwargs, client):
+    def _connection_args(self, url, client_kwargs, client, cluster=False):
         self.url = url or os.environ.get("REDIS_URL") or DEFAULT_URL
+        self.cluster = bool(cluster)
         _check_client(client)
         if client is None:
             _check_url(self.url)
@@ -765,7 +815,12 @@ class _RedisNode:
         # would delay a clear error from start(), or send a pipeline twice.
         kwargs.setdefault("retry", Retry(NoBackoff(), 0))
         kwargs["decode_responses"] = False  # values are decoded at our boundary
+        if self.cluster:
+            return redis.asyncio.RedisCluster.from_url(self.url, **kwargs)
         return redis.asyncio.from_url(self.url, **kwargs)
+
+    def _on_cluster(self):
+        return self.cluster or isinstance(self.client, redis.asyncio.RedisCluster)
 
     def __str__(self):
         return f"<{type(self).__name__} {self._describe()} at {self._where()}>"
@@ -773,11 +828,13 @@ class _RedisNode:
     __repr__ = __str__
 
     def _where(self):
-        if self.client is None:
-            return _safe_url(self.url)
+        """Where this node's Redis is, for its repr and log lines: a URL, a
+        Redis Cluster or a Sentinel service. Never raises, never shows a
+        password."""
         try:
-            kw = self.client.connection_pool.connection_kwargs
-            return f"redis://{kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
+            if self.client is None:
+                return ("Redis Cluster " if self.cluster else "") + _safe_url(self.url)
+            return _client_address(self.client)
         except Exception:
             return f"a {type(self.client).__name__} client"
 
@@ -800,6 +857,26 @@ class _RedisNode:
             self._loop_ended()
 
 
+# Replies that mean a connection reached a server that no longer serves its
+# keys as primary: a failover demoted it (READONLY; UNBLOCKED ends the reads it
+# had blocked), or Redis Cluster moved the slot or is moving it (MOVED, ASK,
+# TRYAGAIN, CLUSTERDOWN). Reading reconnects through the pool, as for a lost
+# connection. (redis-py's Sentinel connection already turns READONLY into a
+# ConnectionError: "The previous master is now a slave".)
+WRONG_SERVER_ERRORS = (
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.AskError,  # and MovedError
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+)
+
+
+def _on_wrong_server(exc):
+    return isinstance(exc, WRONG_SERVER_ERRORS) or (
+        isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith("UNBLOCKED")
+    )
+
+
 class _BlockingConnection:
     """The one connection a source's blocking reads run on.
 
@@ -809,20 +886,44 @@ class _BlockingConnection:
     CLIENT UNBLOCK from the pooled client: the read returns as if it had timed
     out, so nothing it was about to pop is lost (a cancelled BLPOP can lose
     the item it popped).
+
+    A connection that was lost, or that reached a server which no longer
+    serves its keys as primary (``_on_wrong_server``), is dropped, and the
+    next read opens a new one from the pool. redis-py would reconnect it to
+    the address it remembers, but after a failover the pool alone knows the
+    new primary: a Sentinel pool asks Sentinel.
     """
 
-    def __init__(self, pooled):
+    def __init__(self, pooled, keys):
         self.pooled = pooled
+        self.keys = keys  # what it reads: on a Redis Cluster, keys of one slot
+        self.node = self.pooled  # where CLIENT UNBLOCK goes
+        self.read = None  # the read under way, where a source has several connections
         self.client = None
         self.id = None
+        self.socket_timeout = None
 
     async def open(self):
-        self.client = self.pooled.client()
+        if isinstance(self.pooled, redis.asyncio.RedisCluster):
+            # RedisCluster has no single-connection client: one of the node
+            # that owns the slot now, made from its connection arguments.
+            node = self.pooled.get_node_from_key(self.keys[0])
+            self.node = redis.asyncio.Redis(connection_pool=redis.asyncio.ConnectionPool(
+                connection_class=node.connection_class, **node.connection_kwargs))
+        client = self.node.client()
         for command in RAW_REPLY_COMMANDS:
-            self.client.set_response_callback(command, _raw_reply)
-        await self.client.initialize()
-        self.client.connection.register_connect_callback(self._on_connect)
-        self.id = await self.client.client_id()
+            client.set_response_callback(command, _raw_reply)
+        try:
+            await client.initialize()
+            client.connection.register_connect_callback(self._on_connect)
+            self.id = await client.client_id()
+        except BaseException:
+            await self._discard(client)
+            raise
+        # The connection's own value: redis-py 8 applies a default of 5 s that
+        # the pool's connection_kwargs do not show.
+        self.socket_timeout = getattr(client.connection, "socket_timeout", None)
+        self.client = client
 
     async def _on_connect(self, connection):
         await connection.send_command("CLIENT", "ID")
@@ -837,9 +938,7 @@ class _BlockingConnection:
         An idle Redis answers a timed-out read on its next cron tick, up to
         REDIS_TICK after BLOCK ran out.
         """
-        # The connection's own value: redis-py 8 applies a default of 5 s that
-        # the pool's connection_kwargs do not show.
-        socket_timeout = getattr(self.client.connection, "socket_timeout", None)
+        socket_timeout = self.socket_timeout
         if socket_timeout:
             return max(0.01, min(timeout, (socket_timeout - REDIS_TICK) / 2))
         return timeout
@@ -872,27 +971,59 @@ class _BlockingConnection:
                 pass
         return refused
 
-    def execute(self, *args, **options):
-        return self.client.execute_command(*args, **options)
+    async def execute(self, *args, **options):
+        if self.client is None:
+            await self.open()  # dropped after an error: a new one, from the pool
+        try:
+            return await self.client.execute_command(*args, **options)
+        except Exception as exc:
+            if isinstance(exc, CONNECTION_ERRORS) or _on_wrong_server(exc):
+                client, self.client, self.id = self.client, None, None
+                await self._discard(client)
+                if self.node is not self.pooled:
+                    node, self.node = self.node, self.pooled
+                    await node.aclose()
+                    # Which node owns the slot now: the cluster is asked again.
+                    try:
+                        await self.pooled.nodes_manager.initialize()
+                    except Exception:
+                        pass  # the next read tries again
+            raise
+
+    async def _discard(self, client):
+        """Close ``client`` without handing its connection back to the pool
+        as it is: it may be on the old primary."""
+        try:
+            if client.connection is not None:
+                client.connection.deregister_connect_callback(self._on_connect)
+                await client.connection.disconnect()
+            await client.aclose()
+        except Exception:  # pragma: no cover - closing a dead socket
+            pass
 
     async def unblock(self):
         if self.id is None:
             return
         try:
             await asyncio.wait_for(
-                self.pooled.execute_command("CLIENT UNBLOCK", self.id), READ_STOP_DEADLINE
+                self.node.execute_command("CLIENT UNBLOCK", self.id), READ_STOP_DEADLINE
             )
         except Exception:
             pass  # stop() cancels the read after READ_STOP_DEADLINE instead
 
     async def close(self):
         client, self.client, self.id = self.client, None, None
-        if client is None:
-            return
-        if client.connection is not None:
-            # With client=, the connection goes back to the user's pool.
-            client.connection.deregister_connect_callback(self._on_connect)
-        await client.aclose()
+        node, self.node = self.node, self.pooled
+        if self.read is not None:
+            self.read.cancel()
+            self.read = None
+        if client is not None:
+            if client.connection is not None:
+                # With client=, the connection goes back to the user's pool.
+                client.connection.deregister_connect_callback(self._on_connect)
+            await client.aclose()
+        if node is not self.pooled:
+            await node.aclose()
 
 
 class _RedisSource(_RedisNode, Source):
@@ -915,6 +1046,7 @@ class _RedisSource(_RedisNode, Source):
         url: Optional[str] = None,
         client_kwargs: Optional[Mapping] = None,
         client=None,
+        cluster: bool = False,
         decode=True,
         timeout: float = 1.0,
         count: int = 100,
@@ -922,14 +1054,15 @@ class _RedisSource(_RedisNode, Source):
         start: bool = False,
         **kwargs,
     ):
-        self._connection_args(url, client_kwargs, client)
+        self._connection_args(url, client_kwargs, client, cluster)
         self.timeout = _seconds(timeout, "timeout")
         self.count = _positive_int(count, "count")
         self.decode = decode
         self._encoding = _encoding_of(decode)
         self.batch = bool(batch)
         self._redis = None  # pooled connections: non-blocking commands, acks
-        self._reader = None  # a _BlockingConnection
+        self._reader = None  # a _BlockingConnection: the first of _readers
+        self._readers = []  # one per slot on a Redis Cluster, else just one
         self._task = None  # the read loop
         self._lock = None  # see _lifecycle()
         self._stopping = None  # an asyncio.Event, set by stop()
@@ -1118,6 +1251,7 @@ class _RedisSource(_RedisNode, Source):
         self.stopped = True
         self._stopping.set()
         await self._end(task, left)
+        await self._give_back_reads()
         self._task = None
         _running_sources.discard(self)
         stopped = "stopped"
@@ -1149,7 +1283,7 @@ class _RedisSource(_RedisNode, Source):
         for _ in range(2):  # twice: the first can reach Redis before the read it must wake
             if task.done() or not self._reading or self._reader is None:
                 break
-            unblocks.append(asyncio.ensure_future(self._reader.unblock()))
+            unblocks += [asyncio.ensure_future(reader.unblock()) for reader in self._readers]
             await asyncio.wait([task], timeout=left(READ_STOP_DEADLINE) / 2)
         for unblock in unblocks:
             unblock.cancel()
@@ -1248,8 +1382,26 @@ class _RedisSource(_RedisNode, Source):
         self._redis = self._new_client()
         await self._redis.ping()
         if self.uses_blocking_reads:
-            self._reader = _BlockingConnection(self._redis)
-            await self._reader.open()
+            self._readers = [_BlockingConnection(self._redis, keys) for keys in self._key_groups()]
+            self._reader = self._readers[0]
+            for reader in self._readers:
+                await reader.open()
+
+    def _key_groups(self):
+        """The keys a source reads, as the groups one blocking read can wait
+        on together: on a Redis Cluster, the keys of each slot (a command on
+        several keys needs them all in one slot); elsewhere, all of them."""
+        keys = self._read_keys()
+        if not self._on_cluster():
+            return [keys]
+        slots = defaultdict(list)
+        for key in keys:
+            slots[self._redis.keyslot(key)].append(key)
+        return list(slots.values())
+
+    def _read_keys(self):
+        """The keys this source's blocking reads wait on."""
+        return []
 
     async def _check_permissions(self):
         """Raise at start() if the user may not run a command reading needs,
@@ -1266,15 +1418,46 @@ class _RedisSource(_RedisNode, Source):
         return self._reader.block_seconds(self.timeout)
 
     async def _close(self):
-        reader, self._reader = self._reader, None
+        readers, self._readers, self._reader = self._readers, [], None
         own, self._redis = self._redis, None
-        for closing in (reader, None if own is self.client else own):
+        for closing in [*(reader.close() for reader in readers),
+                        own.aclose() if own is not None and own is not self.client else None]:
             if closing is not None:
                 try:
-                    await asyncio.wait_for(closing.close() if closing is reader else closing.aclose(),
-                                           READ_STOP_DEADLINE)
+                    await asyncio.wait_for(closing, READ_STOP_DEADLINE)
                 except Exception:  # pragma: no cover - closing a dead socket
                     pass
+
+    async def _read_any(self):
+        """One batch, from whichever blocking connection answers first. With
+        several (keys in several slots of a Redis Cluster), each has one read
+        under way; the others keep theirs for the next call, so that every
+        slot's entries come through the one emit path."""
+        if len(self._readers) <= 1:
+            return await self._read(self._reader)
+        for reader in self._readers:
+            if reader.read is None:
+                reader.read = asyncio.ensure_future(self._read(reader))
+        await asyncio.wait([reader.read for reader in self._readers],
+                           return_when=asyncio.FIRST_COMPLETED)
+        reader = next(reader for reader in self._readers if reader.read.done())
+        read, reader.read = reader.read, None
+        return read.result()
+
+    async def _give_back_reads(self):
+        """On stop(), with several blocking connections: what the reads not
+        yet emitted had read goes back (they were woken with the others)."""
+        reads = [reader.read for reader in self._readers if reader.read is not None]
+        if reads:
+            await asyncio.wait(reads, timeout=READ_STOP_DEADLINE)
+        for reader in self._readers:
+            read, reader.read = reader.read, None
+            if read is None:
+                continue
+            if not read.done():
+                read.cancel()
+            elif not read.cancelled() and read.exception() is None and read.result():
+                await self._give_back(read.result())
 
     # ---- the read loop --------------------------------------------------
 
@@ -1299,7 +1482,7 @@ class _RedisSource(_RedisNode, Source):
                 raise asyncio.CancelledError
             self._reading = True
             try:
-                batch = await self._read()
+                batch = await self._read_any()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -1321,9 +1504,13 @@ class _RedisSource(_RedisNode, Source):
     async def _handle_read_error(self, exc, delay):
         """Log a failed read; True if it was recovered from and can be
         retried at once."""
-        if isinstance(exc, CONNECTION_ERRORS):
-            log.warning("%s: Redis is unreachable (%s); retrying in %.1f s",
-                        self, _error_text(exc), delay)
+        if isinstance(exc, CONNECTION_ERRORS) or _on_wrong_server(exc):
+            if _on_wrong_server(exc) or "previous master" in str(exc):
+                log.warning("%s: the server no longer serves these keys as primary (%s); "
+                            "reconnecting in %.1f s", self, _error_text(exc), delay)
+            else:
+                log.warning("%s: Redis is unreachable (%s); retrying in %.1f s",
+                            self, _error_text(exc), delay)
             self._reconnects += 1
             self._forget_last_emitted()
             self._on_disconnect()
@@ -1404,9 +1591,11 @@ class _RedisSource(_RedisNode, Source):
     async def _prepare(self):
         """Called by start() once connected: check keys, resolve ids."""
 
-    async def _read(self):  # pragma: no cover - abstract
-        """Read one batch: a list of ``(value, origin)``, where origin is an
-        ``_Ack`` for a tracked value, else whatever ``_give_back`` needs."""
+    async def _read(self, reader):  # pragma: no cover - abstract
+        """Read one batch of ``reader.keys`` with ``reader`` (a
+        ``_BlockingConnection``): a list of ``(value, origin)``, where origin
+        is an ``_Ack`` for a tracked value, else whatever ``_give_back``
+        needs."""
         raise NotImplementedError
 
     async def _give_back(self, rest):
@@ -1524,7 +1713,15 @@ class from_redis_list(_RedisSource):
         Extra keyword arguments for ``redis.asyncio.Redis`` (username,
         password, ssl options, timeouts).
     client : redis.asyncio.Redis, optional
-        A ready client; wins over ``url`` and ``client_kwargs``.
+        A ready client; wins over ``url`` and ``client_kwargs``. A
+        ``redis.asyncio.cluster.RedisCluster``, or a client from
+        ``redis.asyncio.sentinel.Sentinel(...).master_for(name)``, works too:
+        the blocking reads follow a failover or a moved slot.
+    cluster : bool
+        ``True`` when ``url`` names a node of a Redis Cluster. On a cluster,
+        keys read together by one command or script must share a slot (a
+        reliable list's key, processing list and dead-letter list; a
+        stream and its dead-letter stream): ``start()`` says which to rename.
     **kwargs
         For ``streamz.Source``: ``start``, ``asynchronous``, ``loop``,
         ``stream_name``.
@@ -1591,6 +1788,16 @@ class from_redis_list(_RedisSource):
         ]
 
     async def _prepare(self):
+        if self.processing_list and self._on_cluster():
+            key, tag = self.keys[0], _hash_tag(self.keys[0])
+            keys = {key: "key", self.processing_list: "processing_list"}
+            if self._encoding is not None:  # undecodable items are moved by a script
+                keys.setdefault(self.dead_letter_list or f"{key}:dead-letter", "dead_letter_list")
+            _check_same_slot(
+                self._redis, keys, "BLMOVE and the scripts of a reliable list need",
+                f"give them the key's hash tag, e.g. processing_list='{{{tag}}}:processing' and "
+                f"dead_letter_list='{{{tag}}}:dead-letter' (a key named '{{{tag}}}' keeps the "
+                "default dead-letter list in its slot)")
         for key in self.keys + ([self.processing_list] if self.processing_list else []):
             kind = _text(await self._redis.type(key))
             if kind not in ("list", "none"):
@@ -1605,33 +1812,37 @@ class from_redis_list(_RedisSource):
         if self.processing_list:
             self._replay_processing = True
 
-    async def _read(self):
+    def _read_keys(self):
+        return self.keys
+
+    async def _read(self, reader):
         if self.processing_list:
-            return await self._read_reliably()
+            return await self._read_reliably(reader)
         # A backlog: up to `count` items from each key in one round trip.
         pop = "LPOP" if self.side == "left" else "RPOP"
-        if len(self.keys) == 1:
-            replies = [await self._redis.execute_command(pop, self.keys[0], self.count)]
+        keys = reader.keys
+        if len(keys) == 1:
+            replies = [await self._redis.execute_command(pop, keys[0], self.count)]
         else:
             async with self._redis.pipeline(transaction=False) as pipe:
-                for key in self.keys:
+                for key in keys:
                     pipe.execute_command(pop, key, self.count)
                 replies = await pipe.execute()
         popped = [
             (key, item)
-            for key, items in zip(self.keys, replies)
+            for key, items in zip(keys, replies)
             if items
             for item in items
         ]
         if not popped:
             # Nothing waiting: block until an item arrives (or time runs out).
-            reply = await self._reader.execute("B" + pop, *self.keys, self._block_seconds())
+            reply = await reader.execute("B" + pop, *keys, self._block_seconds())
             if reply is None:
                 return []
             popped = [(_text(reply[0]), reply[1])]
         return await self._decode_items(popped)
 
-    async def _read_reliably(self):
+    async def _read_reliably(self, reader):
         key, processing = self.keys[0], self.processing_list
         if self._replay_processing:
             # Items a crash, a stop() or a lost connection left in the
@@ -1647,7 +1858,7 @@ class from_redis_list(_RedisSource):
                 return await self._decode_items([(processing, item) for item in items])
         items = await self._move_batch(keys=[key, processing], args=[self.count, self.side.upper()])
         if not items:
-            item = await self._reader.execute(
+            item = await reader.execute(
                 "BLMOVE", key, processing, self.side.upper(), "RIGHT", self._block_seconds()
             )
             if item is None:
@@ -1807,10 +2018,14 @@ class from_redis_streams(_RedisSource):
                 start_id = _text(last[0][0]) if last else "0-0"
             self.last_ids[name] = start_id
 
-    async def _read(self):
-        reply = _stream_entries(await self._reader.execute(
+    def _read_keys(self):
+        return list(self.start_ids)
+
+    async def _read(self, reader):
+        names = reader.keys
+        reply = _stream_entries(await reader.execute(
             "XREAD", "COUNT", self.count, "BLOCK", int(self._block_seconds() * 1000),
-            "STREAMS", *self.last_ids, *self.last_ids.values(), **NEVER_DECODE,
+            "STREAMS", *names, *[self.last_ids[name] for name in names], **NEVER_DECODE,
         ))
         batch = []
         for name, entries in reply:
@@ -2031,7 +2246,21 @@ class from_redis_consumer_group(_RedisSource):
                          for name in names]]
         return probes
 
+    def _read_keys(self):
+        return list(self.start_ids)
+
     async def _prepare(self):
+        if self.max_deliveries is not None and self._on_cluster():
+            for name in self.start_ids:
+                tag = _hash_tag(name)
+                _check_same_slot(
+                    self._redis,
+                    {name: "stream", self.dead_letter_stream or f"{name}:dead-letter":
+                     "dead_letter_stream"},
+                    "the script that moves a dead letter and acknowledges it needs",
+                    f"name the stream with a hash tag ('{{{tag}}}', whose dead letters go to "
+                    f"'{{{tag}}}:dead-letter' by default) or give "
+                    f"dead_letter_stream='{{{tag}}}:dead-letter'")
         for name, start_id in self.start_ids.items():
             kind = _text(await self._redis.type(name))
             if kind not in ("stream", "none"):
@@ -2048,34 +2277,42 @@ class from_redis_consumer_group(_RedisSource):
             if not str(exc).startswith("BUSYGROUP"):
                 raise
 
-    async def _read(self):
+    async def _read(self, reader):
         if self._replay_from:
-            batch = await self._read_pending()
+            batch = await self._read_pending(reader)
             if batch is not None:
                 return batch
         if self.claim_idle is not None and self._claim_due():
-            batch = await self._claim_idle_entries()
+            batch = await self._claim_idle_entries(reader)
             if batch:
                 return batch
-        reply = _stream_entries(await self._reader.execute(
+        reply = _stream_entries(await reader.execute(
             "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", self.count,
             "BLOCK", int(self._block_seconds() * 1000),
-            "STREAMS", *self.start_ids, *[">"] * len(self.start_ids), **NEVER_DECODE,
+            "STREAMS", *reader.keys, *[">"] * len(reader.keys), **NEVER_DECODE,
         ))
         self._recreated = False
         for name, entries in reply:
             self._last_read[name] = entries[-1][0]
         return await self._batch_of(reply)
 
-    async def _read_pending(self):
-        """One batch of this consumer's own pending entries, or None once
-        they are all replayed."""
-        reply = _stream_entries(await self._reader.execute(
+    async def _read_pending(self, reader):
+        """One batch of this consumer's own pending entries in ``reader``'s
+        streams, or None once they are all replayed."""
+        replay = {name: self._replay_from[name] for name in reader.keys if name in self._replay_from}
+        if not replay:
+            return None  # replayed; other slots' streams may not be yet
+        reply = _stream_entries(await reader.execute(
             "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", self.count,
-            "STREAMS", *self._replay_from, *self._replay_from.values(), **NEVER_DECODE,
+            "STREAMS", *replay, *replay.values(), **NEVER_DECODE,
         ))
+        if self._replay_from is None:
+            return None  # pragma: no cover - replayed meanwhile by another connection
         if not reply:
-            self._replay_from = None
+            for name in replay:
+                self._replay_from.pop(name, None)
+            if not self._replay_from:
+                self._replay_from = None
             return None
         for name, entries in reply:
             self._replay_from[name] = entries[-1][0]
@@ -2086,7 +2323,7 @@ class from_redis_consumer_group(_RedisSource):
             asyncio.get_running_loop().time() >= self._next_claim
         )
 
-    async def _claim_idle_entries(self):
+    async def _claim_idle_entries(self, reader):
         """One step of a sweep over the group's entries idle for longer than
         ``claim_idle``. XAUTOCLAIM is atomic: once one consumer has claimed an
         entry its idle time restarts, so no other consumer takes it too."""
@@ -2094,7 +2331,9 @@ class from_redis_consumer_group(_RedisSource):
             self._claim_from = {name: "0-0" for name in self.start_ids}
         reply = []
         for name, cursor in list(self._claim_from.items()):
-            next_cursor, entries, deleted = _autoclaimed(await self._reader.execute(
+            if name not in reader.keys:
+                continue  # another slot's: its own connection claims them
+            next_cursor, entries, deleted = _autoclaimed(await reader.execute(
                 "XAUTOCLAIM", name, self.group, self.consumer, int(self.claim_idle * 1000),
                 cursor, "COUNT", self.count, **NEVER_DECODE,
             ))
@@ -2355,7 +2594,7 @@ class from_redis_pubsub(_RedisSource):
             else:
                 self._early.append(reply)
 
-    async def _read(self):
+    async def _read(self, reader):
         replies, self._early = self._early, []
         # Wait for the first message; then take whatever else has arrived.
         wait = min(self.timeout, PUBSUB_POLL)
@@ -2565,10 +2804,11 @@ class _RedisSink(_RedisNode, Sink):
         url: Optional[str] = None,
         client_kwargs: Optional[Mapping] = None,
         client=None,
+        cluster: bool = False,
         exactly_once: bool = False,
         **kwargs,
     ):
-        self._connection_args(url, client_kwargs, client)
+        self._connection_args(url, client_kwargs, client, cluster)
         self.max_in_flight = _positive_int(max_in_flight, "max_in_flight")
         self.exactly_once = bool(exactly_once)
         self._sources_checked = {}  # exactly_once: source -> None, or why it cannot hold
@@ -2702,6 +2942,9 @@ class _RedisSink(_RedisNode, Sink):
     def _queue_on(self, pipe, write):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _pipeline(self):
+        return self._redis.pipeline(transaction=False)
+
     def _target(self, element, what):
         """The key or channel for ``element``: fixed, or given by a function."""
         if not callable(self.target):
@@ -2765,7 +3008,7 @@ class _RedisSink(_RedisNode, Sink):
                     for i, refused in zip(todo, await self._same_server([writes[i] for i in todo])):
                         replies[i] = refused
                     todo = [i for i in todo if replies[i] is None]
-                async with self._redis.pipeline(transaction=False) as pipe:
+                async with self._pipeline() as pipe:
                     if self.exactly_once:
                         # First, in the same round trip, so that no EVALSHA
                         # meets a Redis that lost its scripts (restarted).
@@ -2921,7 +3164,9 @@ class to_redis_stream(_RedisSink):
         Extra keyword arguments for ``redis.asyncio.Redis``.
     client : redis.asyncio.Redis, optional
         A ready client; wins over ``url`` and ``client_kwargs``, and is not
-        closed by ``close()``.
+        closed by ``close()``. A Redis Cluster or Sentinel client works too.
+    cluster : bool
+        ``True`` when ``url`` names a node of a Redis Cluster.
     **kwargs
         For ``streamz.Stream``: ``stream_name``.
 
@@ -3060,6 +3305,45 @@ class to_redis_pubsub(_RedisSink):
 
     def _queue_on(self, pipe, write):
         pipe.publish(write.key, write.value)
+
+    def _pipeline(self):
+        if self._on_cluster():
+            # redis-py refuses a pipelined PUBLISH on a cluster.
+            return _OneByOne(self._redis)
+        return super()._pipeline()
+
+
+class _OneByOne:
+    """What a round trip of ``to_redis_pubsub`` needs of a pipeline, sending
+    each command on its own: for Redis Cluster, where redis-py refuses a
+    pipelined PUBLISH. A lost connection raises, as a pipeline's would."""
+
+    def __init__(self, client):
+        self.client = client
+        self.commands = []
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc_info):
+        self.commands = []
+
+    def publish(self, channel, message):
+        self.commands.append((channel, message))
+
+    def execute_command(self, *args):
+        raise TypeError("only PUBLISH is sent one by one")  # pragma: no cover
+
+    async def execute(self, raise_on_error=True):
+        replies = []
+        for channel, message in self.commands:
+            try:
+                replies.append(await self.client.publish(channel, message))
+            except redis.exceptions.RedisError as exc:
+                if isinstance(exc, CONNECTION_ERRORS) or raise_on_error:
+                    raise
+                replies.append(exc)
+        return replies
 
 
 # --------------------------------------------------------------------------

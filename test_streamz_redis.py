@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import redis
 import redis.asyncio
+import redis.sentinel
 from streamz import Stream
 from streamz.core import sync
 from tornado.ioloop import IOLoop
@@ -576,8 +577,8 @@ def test_blocking_reads_never_trip_a_short_socket_timeout(server, r, kind, caplo
     idle_reads = []
     read = source._read
 
-    async def counting_read():
-        batch = await read()
+    async def counting_read(reader):
+        batch = await read(reader)
         if not batch:
             idle_reads.append(batch)
         return batch
@@ -2286,7 +2287,9 @@ def test_a_script_that_ends_while_redis_hangs_exits_within_3_s_and_says_what_it_
     stderr = worker.stderr.read().decode()
     print(f"\n{ending.decode().strip()}; exited {took:.2f} s after the script ended\n{stderr}")
     assert took < 3.5
-    assert re.search(r"\d+ element\(s\) not written", stderr), stderr
+    # What was lost: writes still waiting, or (when Redis had answered them
+    # before it stopped, and the replies were still on their way) the acks.
+    assert re.search(r"\d+ (element\(s\) not written|acknowledgement\(s\) not sent)", stderr), stderr
 
 
 # ---- Dead letters under a restricted ACL ----------------------------------
@@ -3517,3 +3520,229 @@ def test_a_dask_pipeline_without_its_client_fails_loudly_at_start(server, r, das
     finally:
         stop_sources_and_sinks()
         client.close()
+
+
+# ==========================================================================
+# Redis Cluster and Sentinel (issue 9): naming, failover, slots
+# ==========================================================================
+
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster  # noqa: E402
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel  # noqa: E402
+
+
+def test_a_node_names_its_cluster_or_sentinel_service_and_never_its_password():
+    # No server is needed: a node names itself from what its client knows.
+    on_cluster = AsyncRedisCluster(host="127.0.0.1", port=7000, password="s3cret-c")
+    sentinel = AsyncSentinel([("127.0.0.1", 26379)], password="s3cret-s",
+                             sentinel_kwargs={"password": "s3cret-t"})
+    on_sentinel = sentinel.master_for("orders-db", password="s3cret-s")
+    nodes = [
+        Stream().to_redis_stream("out", client=on_cluster),
+        Stream().to_redis_pubsub("events", client=on_sentinel),
+        Stream.from_redis_consumer_group("orders", "billing", "worker-1", client=on_cluster),
+        Stream.from_redis_list("jobs", client=on_sentinel),
+    ]
+    shown = [str(node) for node in nodes]
+    assert "Redis Cluster 127.0.0.1:7000" in shown[0] and "Redis Cluster" in shown[2]
+    assert "Sentinel service 'orders-db' (primary) via 127.0.0.1:26379" in shown[1]
+    assert "Sentinel service 'orders-db'" in shown[3]
+    assert not any("s3cret" in text or "?:?" in text for text in shown), shown
+
+
+
+class ConfirmedProducer(threading.Thread):
+    """Adds entries ``n=0, 1, ...`` to a stream through Sentinel, each
+    confirmed by ``WAIT 1`` (it reached the replica, so a failover keeps it);
+    an entry that is not confirmed is added again, on a connection made
+    afresh through Sentinel. ``confirmed`` holds the numbers that were."""
+
+    def __init__(self, redis_sentinel, stream):
+        super().__init__(daemon=True)
+        sentinel = redis.sentinel.Sentinel([redis_sentinel.address], socket_timeout=2)
+        self.client = sentinel.master_for(redis_sentinel.service, socket_timeout=2)
+        self.stream = stream
+        self.confirmed = []
+        self.done = threading.Event()
+
+    def run(self):
+        n = 0
+        while not self.done.is_set():
+            try:
+                self.client.xadd(self.stream, {"n": n})
+                if self.client.execute_command("WAIT", 1, 200) >= 1:
+                    self.confirmed.append(n)
+                    n += 1
+                    self.done.wait(0.005)  # pace: about 100 entries a second
+                    continue
+            except redis.exceptions.RedisError:
+                pass
+            self.client.connection_pool.disconnect()  # ask Sentinel again
+
+    def stop(self):
+        self.done.set()
+        self.join(10)
+
+
+def test_a_consumer_group_follows_a_sentinel_failover_and_loses_no_confirmed_entry(
+    redis_sentinel, caplog
+):
+
+    caplog.set_level(logging.INFO, logger="streamz_redis")
+    client = AsyncSentinel([redis_sentinel.address], socket_timeout=2).master_for(
+        redis_sentinel.service, socket_timeout=2)
+    source = Stream.from_redis_consumer_group("orders", "billing", "worker-1", start_id="0",
+                                              client=client)
+    seen = []
+    source.sink(lambda entry: seen.append(int(entry.fields["n"])))
+    source.start()
+    task = source._task
+    producer = ConfirmedProducer(redis_sentinel, "orders")
+    producer.start()
+    try:
+        wait_for(lambda: len(producer.confirmed) >= 50 and set(producer.confirmed) <= set(seen),
+                 timeout=20)
+        redis_sentinel.failover()
+        after = len(producer.confirmed)
+        wait_for(lambda: len(producer.confirmed) >= after + 50, timeout=30)
+    finally:
+        producer.stop()
+    confirmed = set(producer.confirmed)
+    wait_for(lambda: confirmed <= set(seen), timeout=20,
+             message=f"lost: {sorted(confirmed - set(seen))[:20]}")
+    primary = redis.Redis(port=redis_sentinel.primary_port())
+    wait_for(lambda: pending(primary, "orders", "billing") == 0, timeout=10)
+    duplicates = len(seen) - len(set(seen))
+    print(f"confirmed {len(confirmed)}, lost 0, emitted {len(seen)}, duplicates {duplicates}, "
+          f"reconnects {source.metrics()['reconnects']}")
+    assert source._task is task and not task.done()  # no restart
+    assert source.metrics()["reconnects"] >= 1
+    assert f"Sentinel service {redis_sentinel.service!r}" in str(source)
+    assert not [r for r in caplog.records if "previous master" in r.getMessage()][3:]
+
+
+def test_two_consumers_share_three_streams_in_three_slots_and_one_takes_over_the_others_work(
+    cluster
+):
+    streams = ["a", "b", "c"]  # slots 15495, 3300 and 7365: one on each master
+    writer = cluster.client()
+    assert len({writer.get_node_from_key(name).port for name in streams}) == 3
+    # worker-2 fails every entry it gets, then stops for good: its entries
+    # stay pending until worker-1, with claim_idle, takes them over.
+    dying = Stream.from_redis_consumer_group(
+        streams, "billing", "worker-2", start_id="0", url=cluster.url, cluster=True)
+    dying.map(lambda entry: 1 / 0).sink(lambda _: None)
+    worker = Stream.from_redis_consumer_group(
+        streams, "billing", "worker-1", start_id="0", claim_idle=0.5,
+        client=AsyncRedisCluster.from_url(cluster.url))
+    seen = []
+    worker.sink(lambda entry: seen.append((entry.stream, entry.id)))
+    dying.start()
+    worker.start()
+    added = {(name, writer.xadd(name, {"n": n}).decode()) for n in range(30) for name in streams}
+    wait_for(lambda: len(set(seen)) + dying.metrics()["failed"] >= len(added), timeout=20)
+    failed = dying.metrics()["failed"]
+    dying.stop()
+    wait_for(lambda: set(seen) == added, timeout=20, message=f"lost {len(added - set(seen))}")
+    wait_for(lambda: all(pending(writer, name, "billing") == 0 for name in streams), timeout=10)
+    print(f"added {len(added)}, failed in worker-2 {failed}, lost 0, "
+          f"duplicates {len(seen) - len(set(seen))}")
+    assert failed > 0 and len(worker._readers) == 3
+    stopping = time.monotonic()
+    worker.stop()  # three blocked reads, on three nodes, all woken at once
+    # Each read blocks for 2.45 s (BLOCK below the 5 s socket timeout); a
+    # read not woken would hold stop() for READ_STOP_DEADLINE before it is
+    # cancelled. The margin is for a loaded machine.
+    elapsed = time.monotonic() - stopping
+    assert elapsed < 2 * streamz_redis.READ_STOP_DEADLINE, elapsed
+    assert len(seen) == len(set(seen))  # nothing was taken over twice
+    assert "Redis Cluster" in str(dying) and "Redis Cluster" in str(worker)
+    writer.close()
+
+
+def test_poison_entries_reach_the_dead_letter_stream_of_their_slot_on_a_cluster(cluster):
+    writer = cluster.client()
+    source = Stream.from_redis_consumer_group(
+        "{orders}", "billing", "worker-1", start_id="0", claim_idle=0.2, max_deliveries=1,
+        url=cluster.url, cluster=True)
+    done = []
+    source.map(lambda e: 1 / 0 if e.fields["kind"] == "poison" else e.id).sink(done.append)
+    source.start()
+    poison = writer.xadd("{orders}", {"kind": "poison"}).decode()
+    good = writer.xadd("{orders}", {"kind": "good"}).decode()
+    wait_for(lambda: writer.xlen("{orders}:dead-letter") == 1, timeout=10)
+    [(_, fields)] = writer.xrange("{orders}:dead-letter")
+    assert fields[b"source_id"].decode() == poison and done == [good]
+    wait_for(lambda: pending(writer, "{orders}", "billing") == 0)
+    # A stream without a hash tag: its default dead-letter stream is in
+    # another slot; start() says what to rename, before reading anything.
+    untagged = Stream.from_redis_consumer_group(
+        "orders", "billing", "worker-1", max_deliveries=1, url=cluster.url, cluster=True)
+    with pytest.raises(ValueError) as error:
+        untagged.start()
+    message = str(error.value)
+    assert "CROSSSLOT" in message and f"'orders' (slot {writer.keyslot('orders')})" in message
+    assert f"'orders:dead-letter' (slot {writer.keyslot('orders:dead-letter')})" in message
+    assert "dead_letter_stream='{orders}:dead-letter'" in message
+    reliable = Stream.from_redis_list("jobs", processing_list="jobs:processing",
+                                      url=cluster.url, cluster=True)
+    with pytest.raises(ValueError, match="processing_list='{jobs}:processing'"):
+        reliable.start()
+    writer.close()
+
+
+def test_a_reliable_list_and_a_pubsub_sink_work_on_a_cluster(cluster):
+    writer = cluster.client()
+    source = Stream.from_redis_list("{jobs}", processing_list="{jobs}:processing",
+                                    url=cluster.url, cluster=True)
+    source.to_redis_pubsub("done", client=AsyncRedisCluster.from_url(cluster.url))
+    subscriber = cluster.owner("{jobs}").client().pubsub(ignore_subscribe_messages=True)
+    subscriber.subscribe("done")
+    wait_for(lambda: subscriber.get_message(timeout=0.01) is None)  # subscribed
+    source.start()
+    writer.rpush("{jobs}", *[f"job-{n}" for n in range(20)])
+    received = []
+
+    def all_received():
+        message = subscriber.get_message(timeout=0.05)
+        if message:
+            received.append(message["data"].decode())
+        return len(received) == 20
+
+    wait_for(all_received, timeout=10)
+    assert received == [f"job-{n}" for n in range(20)]
+    wait_for(lambda: writer.llen("{jobs}:processing") == 0)
+    subscriber.close()
+    writer.close()
+
+
+def test_a_consumer_group_follows_its_stream_to_another_node_when_the_slot_migrates(cluster):
+    writer = cluster.client()
+    slot = writer.keyslot("a")
+    source_node = cluster.owner("a")
+    target_node = next(node for node in cluster.nodes if node is not source_node)
+    source = Stream.from_redis_consumer_group("a", "billing", "worker-1", start_id="0",
+                                              url=cluster.url, cluster=True)
+    seen = []
+    source.sink(lambda entry: seen.append(entry.id))
+    source.start()
+    added = [writer.xadd("a", {"n": n}).decode() for n in range(20)]
+    wait_for(lambda: set(seen) == set(added))
+    with source_node.client() as old, target_node.client() as new:
+        old_id, new_id = old.execute_command("CLUSTER MYID"), new.execute_command("CLUSTER MYID")
+        new.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", old_id)
+        old.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", new_id)
+        added += [writer.xadd("a", {"n": n}).decode() for n in range(20, 30)]  # while migrating
+        old.execute_command("MIGRATE", "127.0.0.1", target_node.port, "", 0, 5000, "KEYS", "a")
+        added += [writer.xadd("a", {"n": n}).decode() for n in range(30, 40)]  # ASK, to the target
+        for node in cluster.nodes:
+            with node.client() as client:
+                client.execute_command("CLUSTER SETSLOT", slot, "NODE", new_id)
+    added += [writer.xadd("a", {"n": n}).decode() for n in range(40, 60)]  # MOVED
+    wait_for(lambda: set(added) <= set(seen), timeout=20,
+             message=f"lost {sorted(set(added) - set(seen))}")
+    with target_node.client() as new:
+        wait_for(lambda: pending(new, "a", "billing") == 0, timeout=10)
+    print(f"added {len(added)}, lost 0, duplicates {len(seen) - len(set(seen))}, "
+          f"reconnects {source.metrics()['reconnects']}")
+    assert source._reader.node.connection_pool.connection_kwargs["port"] == target_node.port
+    writer.close()
