@@ -67,6 +67,7 @@ import redis.asyncio.sentinel
 import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 from redis.utils import HIREDIS_AVAILABLE
 from streamz import RefCounter, Stream
 import streamz.core
@@ -2864,11 +2865,6 @@ class _RedisSink(_RedisNode, Sink):
         self._connection_args(url, client_kwargs, client, cluster)
         self.max_in_flight = _positive_int(max_in_flight, "max_in_flight")
         self.exactly_once = bool(exactly_once)
-        if self.exactly_once and self._on_cluster():
-            raise ValueError(
-                "exactly_once is not supported on Redis Cluster yet: its script needs the "
-                "output and every input key in one slot, which it does not check yet"
-            )
         self._sources_checked = {}  # exactly_once: source -> None, or why it cannot hold
         self._warned_held = False
         self._redis = None  # connected lazily, on the loop, by the first write
@@ -2954,7 +2950,10 @@ class _RedisSink(_RedisNode, Sink):
             name, key, first, second = ack.command()
             keys.append(key)
             args += [name, first, second]
-        pipe.execute_command("EVALSHA", WRITE_AND_ACKNOWLEDGE_SHA, len(keys), *keys, *args)
+        if self._on_cluster():  # each script runs on its slot's node: no SCRIPT LOAD there first
+            pipe.execute_command("EVAL", WRITE_AND_ACKNOWLEDGE, len(keys), *keys, *args)
+        else:
+            pipe.execute_command("EVALSHA", WRITE_AND_ACKNOWLEDGE_SHA, len(keys), *keys, *args)
 
     def _acks_to_settle(self, write):
         """The entries the script may acknowledge with ``write``: those that
@@ -2980,9 +2979,24 @@ class _RedisSink(_RedisNode, Sink):
                 )
         return acks
 
+    def _other_slots(self, write):
+        """On a cluster, a script runs in one slot: an error naming the keys
+        of ``write`` and their slots where they do not share one."""
+        keys = [write.key, *{ack.key for ack in write.acks}]
+        slots = {key: key_slot(key.encode() if isinstance(key, str) else key) for key in keys}
+        if len(set(slots.values())) <= 1:
+            return None
+        return ValueError(
+            f"{self}: exactly_once: CROSSSLOT, the output and its entries' keys are in different "
+            f"slots ({', '.join(f'{k!r} in slot {n}' for k, n in slots.items())}); give them one "
+            "hash tag, such as '{orders}' and '{orders}:out'"
+        )
+
     async def _same_server(self, writes):
         """Refuse the exactly-once writes whose sources read another Redis
         server (or database) than this sink writes to: no script spans two."""
+        if self._on_cluster():
+            return [self._other_slots(write) for write in writes]
         checked = self._sources_checked
         for source in {ack.ledger.source for write in writes for ack in write.acks}:
             if checked.get(source) is None and source._redis is not None:
@@ -3067,14 +3081,14 @@ class _RedisSink(_RedisNode, Sink):
                         replies[i] = refused
                     todo = [i for i in todo if replies[i] is None]
                 async with self._pipeline() as pipe:
-                    if self.exactly_once:
+                    if self.exactly_once and not self._on_cluster():
                         # First, in the same round trip, so that no EVALSHA
                         # meets a Redis that lost its scripts (restarted).
                         pipe.execute_command("SCRIPT LOAD", WRITE_AND_ACKNOWLEDGE)
                     for i in todo:
                         self._queue_write(pipe, writes[i])
                     answers = await pipe.execute(raise_on_error=False) if todo else []
-                for i, answer in zip(todo, answers[self.exactly_once:]):
+                for i, answer in zip(todo, answers[self.exactly_once and not self._on_cluster():]):
                     replies[i] = answer
                 return replies
             except CONNECTION_ERRORS as exc:
