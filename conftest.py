@@ -310,3 +310,27 @@ def redis_sentinel():
     yield sentinel
     stop_sources_and_sinks()
     sentinel.close()
+
+
+# The long failure scenarios (processes killed, failovers, thousands of
+# entries). The README's test command runs them; CI's runs on other Pythons,
+# Redis versions and the lowest dependency versions leave them out with
+# -m "not slow", so that the whole CI run stays under 20 minutes.
+SLOW = (
+    "test_sigkill_at_random_moments_loses_nothing",
+    "test_a_worker_killed_mid_way_leaves_no_entry_without_a_result",
+    "test_three_sigkills_leave_each_input_exactly_once_in_the_output",
+    "test_a_reliable_list_loses_nothing_while_its_connections_are_killed_every_50_ms",
+    "test_a_sink_refused_for_want_of_memory_logs_little_and_its_entries_wait",
+    "test_an_example_worker_killed_mid_way_and_restarted_loses_nothing",
+    "test_three_consumer_processes_share_one_backlog_none_lost_none_twice",
+    "test_consumers_with_generated_names_come_and_go_and_the_dead_ones_are_removed",
+    "test_a_consumer_group_follows_a_sentinel_failover_and_loses_no_confirmed_entry",
+    "test_a_consumer_group_follows_its_stream_to_another_node_when_the_slot_migrates",
+)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.originalname in SLOW:
+            item.add_marker(pytest.mark.slow)
