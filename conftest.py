@@ -7,6 +7,7 @@ REDIS_SERVER environment variable, else from PATH, else from the server extra
 """
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -218,8 +219,24 @@ class RedisCluster:
             node.close()
 
 
+def redis_server_version():
+    """The (major, minor) version of the redis-server binary the tests run."""
+    out = subprocess.run([redis_server_binary(), "--version"], capture_output=True, text=True).stdout
+    match = re.search(r"v=(\d+)\.(\d+)", out)
+    return (int(match[1]), int(match[2])) if match else (0, 0)
+
+
+# Redis 7 (and Valkey): scripts can check permissions (redis.acl_check_cmd),
+# and a cluster node's bus port can be set (--cluster-port).
+requires_redis_7 = pytest.mark.skipif(
+    redis_server_version() < (7, 0), reason="needs Redis 7 or Valkey (this binary is older)"
+)
+
+
 @pytest.fixture(scope="session")
 def redis_cluster():
+    if redis_server_version() < (7, 0):
+        pytest.skip("the cluster fixture needs Redis 7's --cluster-port")
     cluster = RedisCluster()
     yield cluster
     cluster.close()

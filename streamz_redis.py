@@ -3057,12 +3057,12 @@ class _RedisSink(_RedisNode, Sink):
                     write.settle(exc)
             self._confirmed(len(self._writing))
             self._writing = []
-            self._refused_count += len(refused)
             self._refusing = bool(refused)
             if refused:
                 self._refused(refused, backoff.delay if self._queue else None)
             else:
                 backoff.reset()
+            self._refused_count += len(refused)  # after the log line: metrics() never runs ahead of it
 
     async def _round_trip(self, writes, backoff):
         """Send ``writes`` in one pipeline; the replies, an exception in place
