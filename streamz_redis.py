@@ -271,6 +271,9 @@ def _error_text(exc):
     """An exception as a log line shows it: its type and its message.
     (redis-py 8's ``repr()`` of an error is only a tag.)"""
     message = str(exc)
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, OSError) and str(cause) and str(cause) not in message:
+        message = f"{message} ({cause})"  # older redis-py hide an SSL error's words there
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
@@ -3410,7 +3413,8 @@ class _OneByOne:
         replies = []
         for channel, message in self.commands:
             try:
-                replies.append(await self.client.publish(channel, message))
+                # execute_command: redis-py 5.0's RedisCluster has no publish().
+                replies.append(await self.client.execute_command("PUBLISH", channel, message))
             except redis.exceptions.RedisError as exc:
                 if isinstance(exc, CONNECTION_ERRORS) or raise_on_error:
                     raise
