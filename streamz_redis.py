@@ -1604,11 +1604,13 @@ class _RedisSource(_RedisNode, Source):
                     futures = self._emit(value)
                 if futures:
                     self._awaiting = origin  # the source's own hold waits on these
-                    if len(futures) == 1:
-                        await futures[0]
-                    else:
-                        await asyncio.gather(*futures)
-                    self._awaiting = None
+                    try:
+                        if len(futures) == 1:
+                            await futures[0]
+                        else:
+                            await asyncio.gather(*futures)
+                    finally:
+                        self._awaiting = None  # never stale: an exactly-once sink reads it
             except Exception as exc:
                 if tracked:
                     origin.fail()
