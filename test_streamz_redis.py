@@ -2993,7 +2993,9 @@ def test_original_a_newcomer_claims_what_ten_failed_consumers_left(server, r, mo
             "events", "group", name, count=1, timeout=0.1, start_id="0"
         )
         buffer = source.buffer(10)
-        buffer.rate_limit(0.1).pluck(1).to_redis_list("target")
+        let_go = []  # what the buffer's loop let go, counted before rate_limit holds it
+        sink = buffer.map(lambda x: let_go.append(x) or x).rate_limit(0.1).pluck(1).to_redis_list("target")
+        old_pipelines.append((let_go, sink))
 
         def lose_the_buffer():
             if buffer.queue.qsize() == 10:
@@ -3007,12 +3009,20 @@ def test_original_a_newcomer_claims_what_ten_failed_consumers_left(server, r, mo
         mine = [c for c in r.xinfo_consumers("events", "group") if c["name"].decode() == name]
         assert mine[0]["pending"] >= 10
 
+    old_pipelines = []
     for _ in range(10):
         run_and_fail()
     assert pending(r, "events", "group") >= 100
     # A buffer's loop outlives its stopped source: an entry it let go after
     # stop() was written, but its acknowledgement came too late. Those are the
-    # only ones the newcomer may write a second time (at-least-once).
+    # only ones the newcomer may write a second time (at-least-once). Wait
+    # until every old sink has written what reached it, or a write landing
+    # after the snapshot below would look like a duplicate.
+    def settled(let_go, sink):
+        figures = sink.metrics()
+        return figures["in_flight"] == 0 and figures["written"] + figures["failed"] == len(let_go)
+
+    wait_for(lambda: all(settled(*pipeline) for pipeline in old_pipelines))
     written_late = set(r.lrange("target", 0, -1)) & {
         row["message_id"] for row in r.xpending_range("events", "group", "-", "+", 1000)
     }
