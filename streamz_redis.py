@@ -906,10 +906,14 @@ async def _execute_pipelined(client, commands):
     redis.asyncio packs a command argument by argument in Python, about 2 us
     each: more than reading the entry an XACK id acknowledges, or most of an
     XADD (redis-py's sync client packs with hiredis). Only for commands whose
-    replies need no parsing; where there is no hiredis or no connection pool
-    (a cluster client), it is an ordinary pipeline."""
+    replies need no parsing; where there is no hiredis, no connection pool
+    (a cluster client) or another encoding than UTF-8, it is an ordinary
+    pipeline."""
     pool = getattr(client, "connection_pool", None)
-    if _pack_command is None or pool is None or getattr(client, "single_connection_client", False):
+    if (
+        _pack_command is None or pool is None or getattr(client, "single_connection_client", False)
+        or pool.connection_kwargs.get("encoding", "utf-8").lower() not in ("utf-8", "utf8")
+    ):  # hiredis encodes str as UTF-8
         async with client.pipeline(transaction=False) as pipe:
             for args in commands:
                 pipe.execute_command(*args)
@@ -919,7 +923,7 @@ async def _execute_pipelined(client, commands):
     except TypeError:  # redis-py < 5.3 wants a command's name
         connection = await pool.get_connection(commands[0][0])
     try:
-        await connection.send_packed_command(b"".join(map(_pack_command, commands)))
+        await connection.send_packed_command(b"".join([_pack_command(tuple(args)) for args in commands]))
         replies = []
         for _ in commands:
             try:
@@ -2851,8 +2855,9 @@ class _RedisSink(_RedisNode, Sink):
     holding references until Redis confirms, flush() and close().
 
     A subclass turns an element into a ``_Write`` (``_prepare_write``, which
-    raises on an element it cannot write) and queues it on a pipeline
-    (``_queue_on``).
+    raises on an element it cannot write) and a ``_Write`` into its command
+    (``_command``); a round trip sends the commands of every write queued,
+    packed by hiredis, in one pipeline.
     """
 
     def __init__(
@@ -2945,10 +2950,19 @@ class _RedisSink(_RedisNode, Sink):
             )
         self._sources_checked[source] = None
 
-    def _queue_write(self, pipe, write):
-        if not write.acks:
-            self._queue_on(pipe, write)
-            return
+    def _commands(self, writes):
+        """The commands of one round trip, in order, each with how many of
+        ``writes`` it carries (an exactly-once round trip leads with SCRIPT
+        LOAD, so that no EVALSHA meets a Redis that lost its scripts)."""
+        commands = []
+        if self.exactly_once and not self._on_cluster():
+            commands.append((("SCRIPT", "LOAD", WRITE_AND_ACKNOWLEDGE), 0))
+        for write in writes:
+            commands.append((self._command(write) if not write.acks else self._script(write), 1))
+        return commands
+
+    def _script(self, write):
+        """The command that writes ``write`` and acknowledges its entries."""
         command = self._command(write)
         keys, args = [command[1]], [command[0], len(command) - 2, *command[2:]]
         for ack in write.acks:
@@ -2956,9 +2970,11 @@ class _RedisSink(_RedisNode, Sink):
             keys.append(key)
             args += [name, first, second]
         if self._on_cluster():  # each script runs on its slot's node: no SCRIPT LOAD there first
-            pipe.execute_command("EVAL", WRITE_AND_ACKNOWLEDGE, len(keys), *keys, *args)
-        else:
-            pipe.execute_command("EVALSHA", WRITE_AND_ACKNOWLEDGE_SHA, len(keys), *keys, *args)
+            return ("EVAL", WRITE_AND_ACKNOWLEDGE, len(keys), *keys, *args)
+        return ("EVALSHA", WRITE_AND_ACKNOWLEDGE_SHA, len(keys), *keys, *args)
+
+    async def _send(self, commands):
+        return await _execute_pipelined(self._redis, commands)
 
     def _acks_to_settle(self, write):
         """The entries the script may acknowledge with ``write``: those that
@@ -3016,11 +3032,8 @@ class _RedisSink(_RedisNode, Sink):
             refused.append(ValueError(f"{self}: {reasons[0]}") if reasons else None)
         return refused
 
-    def _queue_on(self, pipe, write):  # pragma: no cover - abstract
+    def _command(self, write):  # pragma: no cover - abstract
         raise NotImplementedError
-
-    def _pipeline(self):
-        return self._redis.pipeline(transaction=False)
 
     def _target(self, element, what):
         """The key or channel for ``element``: fixed, or given by a function."""
@@ -3085,16 +3098,11 @@ class _RedisSink(_RedisNode, Sink):
                     for i, refused in zip(todo, await self._same_server([writes[i] for i in todo])):
                         replies[i] = refused
                     todo = [i for i in todo if replies[i] is None]
-                async with self._pipeline() as pipe:
-                    if self.exactly_once and not self._on_cluster():
-                        # First, in the same round trip, so that no EVALSHA
-                        # meets a Redis that lost its scripts (restarted).
-                        pipe.execute_command("SCRIPT LOAD", WRITE_AND_ACKNOWLEDGE)
-                    for i in todo:
-                        self._queue_write(pipe, writes[i])
-                    answers = await pipe.execute(raise_on_error=False) if todo else []
-                for i, answer in zip(todo, answers[self.exactly_once and not self._on_cluster():]):
-                    replies[i] = answer
+                commands = self._commands([writes[i] for i in todo]) if todo else []
+                answers = iter(todo)
+                for (_, carried), answer in zip(commands, await self._send([c for c, _ in commands])):
+                    for _ in range(carried):
+                        replies[next(answers)] = answer
                 return replies
             except CONNECTION_ERRORS as exc:
                 if _cannot_be_retried(exc):
@@ -3289,9 +3297,6 @@ class to_redis_stream(_RedisSink):
             )
         return _Write(element, self._target(element, "stream"), fields, metadata)
 
-    def _queue_on(self, pipe, write):
-        pipe.xadd(write.key, write.value, maxlen=self.maxlen, approximate=self.approximate)
-
     def _command(self, write):
         trim = [] if self.maxlen is None else ["MAXLEN", "~" if self.approximate else "=", self.maxlen]
         return ["XADD", write.key, *trim, "*", *[part for pair in write.value.items() for part in pair]]
@@ -3336,14 +3341,21 @@ class to_redis_list(_RedisSink):
         value = _redis_value(element, "the element")
         return _Write(element, self._target(element, "key"), value, metadata)
 
-    def _queue_on(self, pipe, write):
-        if self.side == "right":
-            pipe.rpush(write.key, write.value)
-        else:
-            pipe.lpush(write.key, write.value)
-
     def _command(self, write):
         return ["RPUSH" if self.side == "right" else "LPUSH", write.key, write.value]
+
+    def _commands(self, writes):
+        if self.exactly_once:
+            return super()._commands(writes)
+        commands = []  # consecutive pushes to one key merged into one command
+        for write in writes:
+            if commands and commands[-1][0][1] == write.key:
+                command, carried = commands[-1]
+                command.append(write.value)
+                commands[-1] = (command, carried + 1)
+            else:
+                commands.append((self._command(write), 1))
+        return commands
 
 
 @Stream.register_api()
@@ -3380,45 +3392,20 @@ class to_redis_pubsub(_RedisSink):
         value = _redis_value(element, "the element")
         return _Write(element, self._target(element, "channel"), value, metadata)
 
-    def _queue_on(self, pipe, write):
-        pipe.publish(write.key, write.value)
+    def _command(self, write):
+        return ["PUBLISH", write.key, write.value]
 
-    def _pipeline(self):
-        if self._on_cluster():
-            # redis-py refuses a pipelined PUBLISH on a cluster.
-            return _OneByOne(self._redis)
-        return super()._pipeline()
-
-
-class _OneByOne:
-    """What a round trip of ``to_redis_pubsub`` needs of a pipeline, sending
-    each command on its own: for Redis Cluster, where redis-py refuses a
-    pipelined PUBLISH. A lost connection raises, as a pipeline's would."""
-
-    def __init__(self, client):
-        self.client = client
-        self.commands = []
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc_info):
-        self.commands = []
-
-    def publish(self, channel, message):
-        self.commands.append((channel, message))
-
-    def execute_command(self, *args):
-        raise TypeError("only PUBLISH is sent one by one")  # pragma: no cover
-
-    async def execute(self, raise_on_error=True):
+    async def _send(self, commands):
+        if not self._on_cluster():
+            return await super()._send(commands)
+        # redis-py refuses a pipelined PUBLISH on a cluster: one by one, and
+        # through execute_command (redis-py 5.0's RedisCluster has no publish()).
         replies = []
-        for channel, message in self.commands:
+        for command in commands:
             try:
-                # execute_command: redis-py 5.0's RedisCluster has no publish().
-                replies.append(await self.client.execute_command("PUBLISH", channel, message))
+                replies.append(await self._redis.execute_command(*command))
             except redis.exceptions.RedisError as exc:
-                if isinstance(exc, CONNECTION_ERRORS) or raise_on_error:
+                if isinstance(exc, CONNECTION_ERRORS):
                     raise
                 replies.append(exc)
         return replies
