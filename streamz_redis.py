@@ -43,6 +43,7 @@ the source keeps running. Every node has ``metrics()``.
 import argparse
 import asyncio
 import atexit
+import codecs
 import hashlib
 import inspect
 import json
@@ -314,8 +315,7 @@ def _encoding_of(decode):
     encoding = "utf-8" if decode is True else decode
     if not isinstance(encoding, str):
         raise TypeError(f"decode must be True, False or an encoding name, not {decode!r}")
-    "".encode(encoding)  # an unknown encoding fails here, in __init__
-    return encoding
+    return codecs.lookup(encoding).name  # "UTF8" is "utf-8"; an unknown encoding fails here
 
 
 def _seconds(value, parameter, optional=False):
@@ -546,9 +546,6 @@ class _Ack(_Reference):
             self.state = _FAILED
             self.ledger.forget(self)
 
-    def track(self):
-        self.ledger.in_flight[self.key, self.item] = weakref.ref(self)
-
     def settle(self):
         """An exactly-once sink acknowledged the entry in the same script
         that stored its result: the ledger must not acknowledge it again."""
@@ -570,7 +567,9 @@ class _Ack(_Reference):
 
 class _AckAll(_Reference):
     """A batch emitted as one list (``batch=True``): acknowledged, or failed,
-    as a whole."""
+    as a whole. The ledger tracks it as one object; its ``_Ack``s are never
+    tracked, referenced or called one by one (only an exactly-once sink
+    settles them)."""
 
     __slots__ = ("acks",)
 
@@ -584,18 +583,14 @@ class _AckAll(_Reference):
     def __call__(self):
         if self.state == _PENDING:
             self.state = _DONE
-            for ack in self.acks:
-                ack()
+            self.ledger.done_all(self)
 
     def fail(self):
         if self.state == _PENDING:
             self.state = _FAILED
+            self.ledger.batches.discard(self)
             for ack in self.acks:
-                ack.fail()
-
-    def track(self):
-        for ack in self.acks:
-            ack.track()
+                ack.state = _FAILED
 
     def __str__(self):
         return f"a batch of {len(self.acks)} from {self.acks[0]} to {self.acks[-1]}"
@@ -611,10 +606,11 @@ class _AckLedger:
     during the last one, with back-off while Redis refuses. A failed ack is
     never sent: its entry stays pending in Redis.
 
-    ``in_flight`` remembers, weakly, the entries somewhere in the pipeline, so
-    that a replay does not emit one twice; an entry whose references a node
-    dropped without releasing them is forgotten, and a replay delivers it
-    again. ``holds()`` also counts acks queued or being sent.
+    ``in_flight`` remembers, weakly, the entries somewhere in the pipeline
+    (``batches``, the ``batch=True`` reads), so that a replay does not emit
+    one twice; an entry whose references a node dropped without releasing
+    them is forgotten, and a replay delivers it again. ``held()`` also counts
+    acks queued or being sent.
     """
 
     def __init__(self, source, send, command):
@@ -623,6 +619,7 @@ class _AckLedger:
         self.loop = self.loop_thread = None  # the source's event loop and its thread, by open()
         self.send = send
         self.in_flight = {}  # (key, item) -> weakref to its _Ack
+        self.batches = weakref.WeakSet()  # the _AckAll of each batch=True read in flight
         self.queued = defaultdict(list)  # key -> items, in order (a list item may repeat)
         self.sending = {}
         self.flusher = None
@@ -633,18 +630,38 @@ class _AckLedger:
     def ack(self, key, item):
         return _Ack(self, key, item)
 
-    def holds(self, key, item):
-        """Whether the entry is in the pipeline, or its ack not yet sent."""
-        ref = self.in_flight.get((key, item))
-        if ref is not None:
-            if ref() is not None:
-                return True
-            del self.in_flight[key, item]  # dropped without a release
-        return item in self.queued.get(key, ()) or item in self.sending.get(key, ())
+    def track(self, acks):
+        """Remember ``acks`` (of entries about to be emitted) as in flight."""
+        self.in_flight.update(((ack.key, ack.item), weakref.ref(ack)) for ack in acks)
+
+    def held(self):
+        """``(key, item)`` of each entry in the pipeline, or whose ack is not
+        yet sent. Forgets entries dropped without a release."""
+        in_flight = self.in_flight
+        for key in [key for key, ref in in_flight.items() if ref() is None]:
+            del in_flight[key]
+        held = set(in_flight)
+        held.update((a.key, a.item) for b in list(self.batches) if b.state == _PENDING for a in b.acks)
+        for acks in (self.queued, self.sending):
+            held.update((key, item) for key, items in acks.items() for item in items)
+        return held
 
     def done(self, ack):
         self.forget(ack)
         self.queued[ack.key].append(ack.item)
+        self._flush_soon()
+
+    def done_all(self, batch):
+        """A ``batch=True`` read left the pipeline: queue its acks at once."""
+        self.batches.discard(batch)
+        queued = self.queued
+        for ack in batch.acks:
+            if ack.state == _PENDING:  # not settled by an exactly-once sink
+                ack.state = _DONE
+                queued[ack.key].append(ack.item)
+        self._flush_soon()
+
+    def _flush_soon(self):
         if self.is_open and (self.flusher is None or self.flusher.done()):
             self.flusher = asyncio.ensure_future(self._flush())
 
@@ -654,7 +671,8 @@ class _AckLedger:
             del self.in_flight[ack.key, ack.item]
 
     def in_flight_count(self):
-        return sum(1 for ref in list(self.in_flight.values()) if ref() is not None)
+        return sum(1 for ref in list(self.in_flight.values()) if ref() is not None) + sum(
+            len(b.acks) for b in list(self.batches) if b.state == _PENDING)
 
     def unsent(self):
         return sum(map(len, self.queued.values())) + sum(map(len, self.sending.values()))
@@ -1132,7 +1150,7 @@ class _RedisSource(_RedisNode, Source):
         self._awaiting = None  # the reference whose emit's futures the loop awaits
         self._read_count = self._emitted = self._failed = self._reconnects = 0
         self._dead_lettered = 0
-        self._read_batches = deque()  # (monotonic time, keys of the tracked entries) per read
+        self._read_batches = deque()  # (monotonic time, weakrefs to what it emits) per read
         self._read_batches_compacted_at = 64
         super().__init__(**kwargs)
         if start:
@@ -1168,39 +1186,46 @@ class _RedisSource(_RedisNode, Source):
     def _oldest_in_flight_seconds(self):
         """Age of the oldest read that still has an entry in the pipeline.
         Reads are timed, not entries: the per-entry path stays as it was."""
-        for read_at, keys in list(self._read_batches):
-            if self._any_in_flight(keys):
+        for read_at, refs in list(self._read_batches):
+            if _any_pending(refs):
                 return time.monotonic() - read_at
         return 0.0
 
-    def _any_in_flight(self, keys):
-        in_flight = self._ledger.in_flight
-        for key in keys:
-            ref = in_flight.get(key)
-            if ref is not None and ref() is not None:
-                return True
-        return False
-
     def _after_read(self, batch):
-        """Called on the loop after each read, before its batch is emitted:
-        time the read for ``oldest_in_flight_seconds`` and forget reads that
-        have left the pipeline."""
+        """Called on the loop after each read, before its batch is emitted."""
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s: read %d", self, len(batch))
-        if self._ledger is None:
-            return
+
+    def _track(self, batch):
+        """What a read emits, as ``(value, origin)`` pairs: with
+        ``batch=True`` one list, tracked as one ``_AckAll``. What is tracked
+        is recorded, weakly, in the ledger and, with the read's time, for
+        ``oldest_in_flight_seconds`` (reads that left the pipeline are
+        forgotten here)."""
+        ledger = self._ledger
+        acks = [origin for _, origin in batch if isinstance(origin, _Ack)] if ledger else ()
+        if self.batch and batch:
+            whole = _AckAll(ledger, acks) if acks else None
+            batch = [([value for value, _ in batch], whole)]
+            if whole is not None:
+                ledger.batches.add(whole)
+                refs = [weakref.ref(whole)]
+        elif acks:
+            ledger.track(acks)
+            refs = [ledger.in_flight[ack.key, ack.item] for ack in acks]
+        if not acks:
+            return batch
         reads = self._read_batches
-        while reads and not self._any_in_flight(reads[0][1]):
+        while reads and not _any_pending(reads[0][1]):
             reads.popleft()
         if len(reads) > self._read_batches_compacted_at:
             # A read held up front (a window, a slow branch) keeps the ones
             # behind it listed: drop those that are done, each time their
             # number doubles.
-            self._read_batches = reads = deque(r for r in reads if self._any_in_flight(r[1]))
+            self._read_batches = reads = deque(r for r in reads if _any_pending(r[1]))
             self._read_batches_compacted_at = max(64, 2 * len(reads))
-        keys = [(origin.key, origin.item) for _, origin in batch if isinstance(origin, _Ack)]
-        if keys:
-            reads.append((time.monotonic(), keys))
+        reads.append((time.monotonic(), refs))
+        return batch
 
     def _report_failed_start(self, starting):
         if not starting.cancelled() and starting.exception() is not None:
@@ -1366,7 +1391,7 @@ class _RedisSource(_RedisNode, Source):
         to write what they hold (through their public ``flush()``): an entry
         whose result they store now is acknowledged now, rather than
         delivered again after a restart."""
-        if not self._ledger.in_flight or not timeout:
+        if not (self._ledger.in_flight or self._ledger.batches) or not timeout:
             return
         flushes = [asyncio.ensure_future(sink.flush()) for sink in self._downstream_sinks()]
         if flushes:
@@ -1590,10 +1615,7 @@ class _RedisSource(_RedisNode, Source):
         tracked until it leaves the pipeline. On stop(), what is left is given
         back. With ``batch=True`` the values go out as one list, tracked as one.
         """
-        read = batch
-        if self.batch and batch:
-            acks = [origin for _, origin in batch if isinstance(origin, _Ack)]
-            batch = [([value for value, _ in batch], _AckAll(self._ledger, acks) if acks else None)]
+        read, batch = batch, self._track(batch)
         for position, (value, origin) in enumerate(batch):
             if self.stopped:
                 await self._give_back(read if self.batch else batch[position:])
@@ -1602,7 +1624,6 @@ class _RedisSource(_RedisNode, Source):
             tracked = isinstance(origin, _Reference)
             try:
                 if tracked:
-                    origin.track()
                     futures = self._emit(value, metadata=[{"ref": origin}])
                 else:
                     futures = self._emit(value)
@@ -1698,6 +1719,15 @@ def _logged_by_streamz(exc):
         ):
             return True
         tb = tb.tb_next
+    return False
+
+
+def _any_pending(refs):
+    """Whether any of these weakly held references is still in the pipeline."""
+    for ref in refs:
+        origin = ref()
+        if origin is not None and origin.state == _PENDING:
+            return True
     return False
 
 
@@ -1915,7 +1945,8 @@ class from_redis_list(_RedisSource):
             self._replay_processing = False
             # Items still on their way through the pipeline are in the
             # processing list too; not twice.
-            items = [item for item in items if not self._ledger.holds(processing, item)]
+            held = self._ledger.held()
+            items = [item for item in items if (processing, item) not in held]
             if items:
                 log.info("%s: emitting %d items left in %r", self, len(items), processing)
                 return await self._decode_items([(processing, item) for item in items])
@@ -2463,11 +2494,17 @@ class from_redis_consumer_group(_RedisSource):
 
         ``counts`` has the delivery counts of replayed and claimed entries;
         entries read with ``>`` are on their first delivery."""
-        batch, settled, dead = [], [], []
         ledger = self._ledger
+        if counts is None and self._encoding == "utf-8":
+            try:
+                return self._first_deliveries(reply)
+            except UnicodeDecodeError:
+                pass  # the slow path below says which entry, and leaves it pending
+        batch, settled, dead = [], [], []
+        held = ledger.held() if counts is not None else ()
         for name, entries in reply:
             for entry_id, flat in entries:
-                if counts is not None and ledger.holds(name, entry_id):
+                if (name, entry_id) in held:
                     continue  # replayed while still on its way through the pipeline
                 if not flat:
                     # Deleted or trimmed from the stream since it was delivered.
@@ -2499,6 +2536,19 @@ class from_redis_consumer_group(_RedisSource):
             await self._dead_letter(dead)
         for settle in settled:
             settle()
+        return batch
+
+    def _first_deliveries(self, reply):
+        """``_batch_of`` for entries read with ``>`` and decoded as UTF-8, the
+        common case: inline, as it runs once per entry. Raises
+        ``UnicodeDecodeError`` for an entry that cannot be decoded."""
+        batch, ledger, decode = [], self._ledger, bytes.decode
+        append = batch.append
+        for name, entries in reply:
+            for entry_id, flat in entries:
+                pairs = map(decode, flat)
+                entry = _new_tuple(_FirstDelivery, (name, entry_id, dict(zip(pairs, pairs))))
+                append((entry, _Ack(ledger, name, entry_id)))
         return batch
 
     async def _dead_letter(self, dead):
