@@ -2121,6 +2121,19 @@ class from_redis_streams(_RedisSource):
             "XREAD", "COUNT", self.count, "BLOCK", int(self._block_seconds() * 1000),
             "STREAMS", *names, *[self.last_ids[name] for name in names], **NEVER_DECODE,
         ))
+        for name, entries in reply:
+            self.last_ids[name] = entries[-1][0]
+        if self._encoding == "utf-8":
+            try:  # the common case, inline: it runs once per entry
+                decode = bytes.decode
+                return [
+                    (_new_tuple(Entry, (name, entry_id, dict(zip(pairs, pairs)))), None)
+                    for name, entries in reply
+                    for entry_id, flat in entries
+                    for pairs in (map(decode, flat),)
+                ]
+            except UnicodeDecodeError:
+                pass  # the loop below says which entry
         batch = []
         for name, entries in reply:
             for entry_id, flat in entries:
@@ -2133,7 +2146,6 @@ class from_redis_streams(_RedisSource):
                     )
                     continue
                 batch.append((_new_tuple(Entry, (name, entry_id, fields)), None))
-            self.last_ids[name] = entries[-1][0]
         return batch
 
     async def _give_back(self, rest):
