@@ -1029,14 +1029,17 @@ class _BlockingConnection:
         return refused
 
     async def execute(self, *args, **options):
-        if self.client is None:
-            await self.open()  # dropped after an error: a new one, from the pool
         try:
+            if self.client is None:
+                await self.open()  # dropped after an error: a new one, from the pool
             return await self.client.execute_command(*args, **options)
         except Exception as exc:
+            # Opening fails too when a cluster's master was killed: the node
+            # it names is asked again until the cluster names its replica.
             if isinstance(exc, CONNECTION_ERRORS) or _on_wrong_server(exc):
                 client, self.client, self.id = self.client, None, None
-                await self._discard(client)
+                if client is not None:
+                    await self._discard(client)
                 if self.node is not self.pooled:
                     node, self.node = self.node, self.pooled
                     await node.aclose()

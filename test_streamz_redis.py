@@ -3796,3 +3796,124 @@ def test_exactly_once_on_a_cluster_where_the_keys_share_a_slot(cluster, caplog):
     assert writer.exists("receipts") == 0 and pending(writer, "payments", "g") == 20
     assert any("CROSSSLOT" in m and "hash tag" in m for m in caplog.messages)
     writer.close()
+
+
+class ConfirmedClusterProducer(threading.Thread):
+    """Adds entries ``n=0, 1, ...`` to a stream of a Redis Cluster, in
+    batches of ``batch``, each batch confirmed by ``WAIT 1`` on the
+    connection that wrote it (it reached the master's replica, so a failover
+    keeps it). A batch that is not confirmed (the master died, the cluster is
+    down, the slot moved) is added again, to the master the cluster names
+    then, asked afresh through a node still alive. ``confirmed`` holds the
+    numbers that were; ``retried`` counts the batches written again.
+
+    Once the test sets ``wait_replicas = False`` (after the master is killed:
+    the promoted replica has no replica of its own), a batch is confirmed by
+    its XADD replies alone; the flag is read before a batch is sent, so no
+    batch confirmed that way can have reached the killed master."""
+
+    def __init__(self, cluster, stream, batch=10):
+        super().__init__(daemon=True)
+        self.cluster, self.stream, self.batch = cluster, stream, batch
+        self.confirmed = []
+        self.retried = 0
+        self.wait_replicas = True
+        self.done = threading.Event()
+
+    def _master(self):
+        """A client of the master that owns the stream's slot, as a node
+        still alive sees it now."""
+        node = next(iter(self.cluster.alive()))
+        with redis.RedisCluster(host="127.0.0.1", port=node.port, socket_timeout=2) as client:
+            owner = client.get_node_from_key(self.stream)
+        return redis.Redis(host="127.0.0.1", port=owner.port, socket_timeout=2)
+
+    def run(self):
+        n, master = 0, None
+        while not self.done.is_set():
+            numbers = range(n, n + self.batch)
+            try:
+                wait_replicas = self.wait_replicas
+                master = master or self._master()
+                with master.pipeline(transaction=False) as pipe:
+                    for number in numbers:
+                        pipe.xadd(self.stream, {"n": number})
+                    if wait_replicas:
+                        pipe.execute_command("WAIT", 1, 500)
+                    replies = pipe.execute(raise_on_error=False)
+                if not any(isinstance(reply, Exception) for reply in replies) and (
+                        not wait_replicas or replies[-1] >= 1):
+                    self.confirmed.extend(numbers)
+                    n += self.batch
+                    self.done.wait(0.01)  # pace: about 1000 entries a second
+                    continue
+            except redis.exceptions.RedisError:
+                pass
+            self.retried += 1
+            if master is not None:
+                master.close()
+                master = None  # ask the cluster again where the slot lives
+            self.done.wait(0.05)
+        if master is not None:
+            master.close()
+
+    def stop(self):
+        self.done.set()
+        self.join(10)
+
+
+def test_a_consumer_group_on_a_cluster_follows_a_master_killed_to_its_replica(
+    cluster_with_replicas, caplog
+):
+    # The master that owns the stream is SIGKILLed; the cluster promotes its
+    # replica, to which every confirmed entry had been copied (WAIT 1).
+    cluster = cluster_with_replicas
+    seed = int(os.environ.get("STREAMZ_REDIS_TEST_SEED", time.time_ns() % 10**6))
+    print(f"seed {seed} (STREAMZ_REDIS_TEST_SEED={seed} replays it)")
+    kill_after = random.Random(seed).randrange(100, 1000, 10)  # confirmed entries before the kill
+    caplog.set_level(logging.INFO, logger="streamz_redis")
+    master = cluster.owner("orders")
+    replica = cluster.replica_of(master)
+    entry_node = next(node for node in cluster.nodes if node is not master)
+    source = Stream.from_redis_consumer_group("orders", "billing", "worker-1", start_id="0",
+                                              url=entry_node.url, cluster=True)
+    seen = []  # (id, n) of every entry emitted
+    source.sink(lambda entry: seen.append((entry.id, int(entry.fields["n"]))))
+    source.start()
+    task = source._task
+    producer = ConfirmedClusterProducer(cluster, "orders")
+    producer.start()
+    try:
+        wait_for(lambda: len(producer.confirmed) >= kill_after, timeout=20)
+        print(f"SIGKILL master 127.0.0.1:{master.port} after {len(producer.confirmed)} confirmed "
+              f"entries ({len({n for _, n in seen})} emitted); replica 127.0.0.1:{replica.port}")
+        killed = time.monotonic()
+        master.kill()
+        producer.wait_replicas = False  # the replica, once promoted, has none
+        wait_for(lambda: cluster.role(replica) == "master", timeout=30, interval=0.05,
+                 message="the replica was not promoted")
+        promoted = time.monotonic() - killed
+        after = len(producer.confirmed)
+        wait_for(lambda: len(producer.confirmed) >= after + 200, timeout=30,
+                 message="no entry confirmed after the failover")
+        resumed = time.monotonic() - killed
+    finally:
+        producer.stop()
+    confirmed = set(producer.confirmed)
+    wait_for(lambda: confirmed <= {n for _, n in seen}, timeout=30,
+             message=f"lost: {sorted(confirmed - {n for _, n in seen})[:20]}")
+    with replica.client() as new_master:
+        wait_for(lambda: pending(new_master, "orders", "billing") == 0, timeout=10,
+                 message="entries left pending")
+        in_stream = new_master.xlen("orders")
+    ids = [entry_id for entry_id, _ in seen]
+    lost = confirmed - {n for _, n in seen}
+    duplicates = len(ids) - len(set(ids))  # the same entry emitted again
+    print(f"replica promoted {promoted:.1f} s after the kill, writes confirmed again after "
+          f"{resumed:.1f} s; confirmed {len(confirmed)}, in the stream {in_stream} "
+          f"({producer.retried} batches written again), emitted {len(seen)}, lost {len(lost)}, "
+          f"duplicates {duplicates}, reconnects {source.metrics()['reconnects']}")
+    assert not lost
+    assert source._task is task and not task.done()  # the source was not restarted
+    assert source.metrics()["reconnects"] >= 1
+    assert source._reader.node.connection_pool.connection_kwargs["port"] == replica.port
