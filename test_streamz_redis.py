@@ -3645,33 +3645,67 @@ def test_a_consumer_group_follows_a_sentinel_failover_and_loses_no_confirmed_ent
     assert not [r for r in caplog.records if "previous master" in r.getMessage()][3:]
 
 
+# The consumer that dies: it reads the three streams as worker-2, fails every
+# entry it gets (so it acknowledges none: they stay pending under its name),
+# and is SIGKILLed by the test.
+DYING_CLUSTER_CONSUMER = textwrap.dedent(
+    """
+    import sys, threading
+    from streamz import Stream
+    import streamz_redis  # noqa: F401
+
+    source = Stream.from_redis_consumer_group(
+        ["a", "b", "c"], "billing", "worker-2", start_id="0", url=sys.argv[1], cluster=True)
+    source.map(lambda entry: 1 / 0).sink(lambda _: None)
+    source.start()
+    print("started", str(source), flush=True)
+    threading.Event().wait()
+    """
+)
+
+
 def test_two_consumers_share_three_streams_in_three_slots_and_one_takes_over_the_others_work(
-    cluster
+    cluster, tmp_path
 ):
     streams = ["a", "b", "c"]  # slots 15495, 3300 and 7365: one on each master
     writer = cluster.client()
     assert len({writer.get_node_from_key(name).port for name in streams}) == 3
-    # worker-2 fails every entry it gets, then stops for good: its entries
-    # stay pending until worker-1, with claim_idle, takes them over.
-    dying = Stream.from_redis_consumer_group(
-        streams, "billing", "worker-2", start_id="0", url=cluster.url, cluster=True)
-    dying.map(lambda entry: 1 / 0).sink(lambda _: None)
-    worker = Stream.from_redis_consumer_group(
-        streams, "billing", "worker-1", start_id="0", claim_idle=0.5,
-        client=AsyncRedisCluster.from_url(cluster.url))
-    seen = []
-    worker.sink(lambda entry: seen.append((entry.stream, entry.id)))
-    dying.start()
-    worker.start()
-    added = {(name, writer.xadd(name, {"n": n}).decode()) for n in range(30) for name in streams}
-    wait_for(lambda: len(set(seen)) + dying.metrics()["failed"] >= len(added), timeout=20)
-    failed = dying.metrics()["failed"]
-    dying.stop()
+    # worker-2, in a process of its own, fails every entry it gets and is
+    # then SIGKILLed: its entries stay pending until worker-1, with
+    # claim_idle, takes them over.
+    script = tmp_path / "dying.py"
+    script.write_text(DYING_CLUSTER_CONSUMER)
+    dying = subprocess.Popen([sys.executable, str(script), cluster.url], cwd=HERE,
+                             stdout=subprocess.PIPE, stderr=open(tmp_path / "dying.log", "wb"))
+    try:
+        started = dying.stdout.readline().decode()
+        assert started.startswith("started"), (tmp_path / "dying.log").read_text()[-2000:]
+        worker = Stream.from_redis_consumer_group(
+            streams, "billing", "worker-1", start_id="0", claim_idle=0.5,
+            client=AsyncRedisCluster.from_url(cluster.url))
+        seen = []
+        worker.sink(lambda entry: seen.append((entry.stream, entry.id)))
+        worker.start()
+        added = {(name, writer.xadd(name, {"n": n}).decode()) for n in range(30) for name in streams}
+
+        def held_by_dying():
+            return {(name, row["message_id"].decode()) for name in streams
+                    for row in writer.xpending_range(name, "billing", "-", "+", 1000, "worker-2")}
+
+        # Every entry was delivered: to worker-1 (seen) or to worker-2 (held).
+        wait_for(lambda: set(seen) | held_by_dying() >= added, timeout=20)
+        held = len(held_by_dying())
+        dying.send_signal(signal.SIGKILL)
+        dying.wait()
+    finally:
+        if dying.poll() is None:
+            dying.kill()
+            dying.wait()
     wait_for(lambda: set(seen) == added, timeout=20, message=f"lost {len(added - set(seen))}")
     wait_for(lambda: all(pending(writer, name, "billing") == 0 for name in streams), timeout=10)
-    print(f"added {len(added)}, failed in worker-2 {failed}, lost 0, "
+    print(f"added {len(added)}, held by worker-2 when SIGKILLed {held}, lost 0, "
           f"duplicates {len(seen) - len(set(seen))}")
-    assert failed > 0 and len(worker._readers) == 3
+    assert held > 0 and len(worker._readers) == 3
     stopping = time.monotonic()
     worker.stop()  # three blocked reads, on three nodes, all woken at once
     # Each read blocks for 2.45 s (BLOCK below the 5 s socket timeout); a
@@ -3680,7 +3714,7 @@ def test_two_consumers_share_three_streams_in_three_slots_and_one_takes_over_the
     elapsed = time.monotonic() - stopping
     assert elapsed < 2 * streamz_redis.READ_STOP_DEADLINE, elapsed
     assert len(seen) == len(set(seen))  # nothing was taken over twice
-    assert "Redis Cluster" in str(dying) and "Redis Cluster" in str(worker)
+    assert "Redis Cluster" in started and "Redis Cluster" in str(worker)
     writer.close()
 
 
