@@ -2636,6 +2636,11 @@ class from_redis_pubsub(_RedisSource):
         )
 
     async def _prepare(self):
+        if not hasattr(self._redis, "pubsub"):
+            raise RuntimeError(
+                f"{self}: Pub/Sub on a Redis Cluster needs redis-py 8 or newer (redis-py "
+                f"{redis.__version__}'s asyncio RedisCluster has no pubsub()); upgrade it, or "
+                f"give the url of one node without cluster=True: a PUBLISH reaches every node")
         self._pubsub = self._redis.pubsub()
         if self.channels:
             await self._pubsub.subscribe(*self.channels)
@@ -3709,6 +3714,9 @@ def _parser():
     )
     parser.add_argument("--url", default=None, help="Redis URL (default: REDIS_URL, else "
                         f"{DEFAULT_URL}); the password is never printed")
+    parser.add_argument("--cluster", action="store_true",
+                        help="--url names a node (any) of a Redis Cluster: each command goes "
+                        "to the node that owns its key's slot")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
     info = commands.add_parser("info", help="length, first and last id, groups and consumers")
     info.add_argument("stream")
@@ -3743,17 +3751,24 @@ async def _cli(args):
         _check_url(url)
     except ValueError as exc:
         raise _CommandError(str(exc)) from None
-    client = redis.asyncio.from_url(
-        url, socket_connect_timeout=5, socket_timeout=10, retry=Retry(NoBackoff(), 0),
-    )
+    make = redis.asyncio.RedisCluster.from_url if args.cluster else redis.asyncio.from_url
+    where = ("Redis Cluster " if args.cluster else "Redis ") + f"at {_safe_url(url)}"
+    try:
+        client = make(url, socket_connect_timeout=5, socket_timeout=10, retry=Retry(NoBackoff(), 0))
+    except redis.exceptions.RedisError as exc:  # a RedisCluster refuses a db number
+        raise _CommandError(f"{where}: {_error_text(exc)}") from None
     for command in ("XRANGE", "XREAD"):
         client.set_response_callback(command, _raw_reply)  # flat fields, as Redis keeps them
     try:
         await args.run(client, args)
     except CONNECTION_ERRORS as exc:
-        raise _CommandError(f"cannot reach Redis at {_safe_url(url)} ({_error_text(exc)})") from None
+        raise _CommandError(f"cannot reach {where} ({_error_text(exc)})") from None
     except redis.exceptions.RedisError as exc:
-        raise _CommandError(f"Redis at {_safe_url(url)} says: {_error_text(exc)}") from None
+        hint = ("; it is a node of a Redis Cluster: add --cluster"
+                if not args.cluster and (isinstance(exc, redis.exceptions.AskError)  # and MOVED
+                                         or str(exc).startswith(("MOVED ", "ASK ")))  # redis-py 5
+                else "")
+        raise _CommandError(f"{where} says: {_error_text(exc)}{hint}") from None
     except (_CommandError, asyncio.CancelledError):
         raise
     except Exception as exc:  # a surprise is still one line, not a traceback

@@ -3951,3 +3951,96 @@ def test_a_consumer_group_on_a_cluster_follows_a_master_killed_to_its_replica(
     assert source._task is task and not task.done()  # the source was not restarted
     assert source.metrics()["reconnects"] >= 1
     assert source._reader.node.connection_pool.connection_kwargs["port"] == replica.port
+
+
+REDIS_PY_MAJOR = int(redis.__version__.split(".")[0])
+
+
+@pytest.mark.parametrize("how", [
+    pytest.param(how, marks=pytest.mark.skipif(
+        REDIS_PY_MAJOR < 8, reason="redis-py 8 gave its asyncio RedisCluster pubsub()"))
+    for how in ("url", "client")] + ["one node"])
+def test_a_pubsub_source_on_a_cluster_receives_what_every_node_publishes(cluster, how):
+    # Redis Cluster sends a PUBLISH to every node over the cluster bus: a
+    # subscriber on any one node receives what is published on each.
+    if how == "url":
+        source = Stream.from_redis_pubsub("events", patterns="alerts.*",
+                                          url=cluster.url, cluster=True)
+    elif how == "client":
+        source = Stream.from_redis_pubsub("events", patterns="alerts.*",
+                                          client=AsyncRedisCluster.from_url(cluster.url))
+    else:  # what redis-py before 8 allows: one node, without cluster=True
+        source = Stream.from_redis_pubsub("events", patterns="alerts.*", url=cluster.url)
+    seen = source.sink_to_list()
+    source.start()  # returns once Redis has confirmed both subscriptions
+    sent = []
+    for round_ in range(10):
+        for number, node in enumerate(cluster.nodes):
+            with node.client() as client:
+                for channel in ("events", f"alerts.{number}"):
+                    data = f"{channel}/{round_}/{node.port}"
+                    assert client.publish(channel, data) >= 0
+                    sent.append((channel, data))
+    wait_for(lambda: len(seen) >= len(sent), timeout=10,
+             message=f"received {len(seen)} of {len(sent)}")
+    received = [(m.channel, m.data) for m in seen]
+    print(f"published {len(sent)} on {len(cluster.nodes)} nodes, received {len(received)}, "
+          f"lost {len(set(sent) - set(received))}, duplicates {len(received) - len(set(received))}")
+    assert sorted(received) == sorted(sent)
+    assert {m.pattern for m in seen if m.channel.startswith("alerts.")} == {"alerts.*"}
+    assert ("Redis Cluster" in str(source)) == (how != "one node")
+    stopping = time.monotonic()
+    source.stop()
+    assert time.monotonic() - stopping < 2 * streamz_redis.READ_STOP_DEADLINE
+
+
+@pytest.mark.skipif(REDIS_PY_MAJOR >= 8, reason="redis-py 8's asyncio RedisCluster has pubsub()")
+def test_a_pubsub_source_on_a_cluster_says_what_redis_py_before_8_lacks(cluster):
+    source = Stream.from_redis_pubsub("events", url=cluster.url, cluster=True)
+    with pytest.raises(RuntimeError, match="needs redis-py 8 .* without cluster=True"):
+        source.start()
+
+
+def test_the_command_line_reads_a_cluster_with_cluster_and_says_so_without_it(cluster):
+    writer = cluster.client()
+    stream = "{orders}"
+    # The URL of a node that does not own the stream: --cluster follows the slot.
+    elsewhere = next(node for node in cluster.nodes if node is not cluster.owner(stream))
+    ids = [writer.xadd(stream, {"n": n}).decode() for n in range(10)]
+    writer.xgroup_create(stream, "billing", "0")
+    writer.xgroup_create(stream, "shipping", "0")
+    writer.xreadgroup("billing", "biller-1", {stream: ">"}, count=4)
+    writer.xack(stream, "billing", ids[0], ids[1])
+    # Two entries dead-lettered by a source on the cluster (same slot: {orders}).
+    source = Stream.from_redis_consumer_group(
+        stream, "shipping", "shipper-1", start_id="0", claim_idle=0.05, max_deliveries=1,
+        url=cluster.url, cluster=True)
+    source.map(lambda e: 1 / 0 if e.fields["n"] in ("3", "5") else None).sink(lambda _: None)
+    source.start()
+    wait_for(lambda: writer.exists(f"{stream}:dead-letter") and writer.xlen(f"{stream}:dead-letter") == 2
+             and pending(writer, stream, "shipping") == 0)
+    source.stop()
+
+    figures = json.loads(cli("--cluster", "info", stream, "--json", url=elsewhere.url).stdout)
+    assert (figures["stream"], figures["length"], figures["first_id"], figures["last_id"]) == (
+        stream, 10, ids[0], ids[-1])
+    groups = {group["name"]: group for group in figures["groups"]}
+    assert (groups["billing"]["lag"], groups["billing"]["pending"]) == (6, 2)
+    assert [c["name"] for c in groups["billing"]["consumers"]] == ["biller-1"]
+    assert (groups["shipping"]["lag"], groups["shipping"]["pending"]) == (0, 0)
+
+    out = cli("--url", elsewhere.url, "--cluster", "pending", stream, "billing").stdout.splitlines()
+    assert re.fullmatch(rf"{ids[2]}  consumer biller-1  idle \d+ ms  deliveries 1", out[0])
+    assert out[-1] == f"2 pending in group billing of stream {stream}"
+
+    shown = cli("--cluster", "dead-letters", stream, url=elsewhere.url).stdout.splitlines()
+    assert [line.split("  ")[1] for line in shown[:2]] == [
+        f"source {stream} {ids[3]}", f"source {stream} {ids[5]}"]
+    assert shown[-1] == f"2 entries in {stream}:dead-letter"
+
+    # Without --cluster, a node that does not own the slot: one line that says what to add.
+    refused = cli("info", stream, url=elsewhere.url, check=False)
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert "MOVED" in refused.stderr.upper() and "add --cluster" in refused.stderr
+    assert len(refused.stderr.splitlines()) == 1, refused.stderr
+    writer.close()
