@@ -177,29 +177,43 @@ def stop_sources_and_sinks():
 
 class RedisCluster:
     """Three masters of a Redis Cluster of the tests' own, on free ports, all
-    16384 slots assigned (``redis-cli --cluster create``)."""
+    16384 slots assigned (``redis-cli --cluster create``); with ``replicas=1``,
+    one replica for each master as well (six nodes)."""
 
-    def __init__(self, masters=3):
+    def __init__(self, masters=3, replicas=0):
+        self.replicas = replicas
         self.nodes = [
             # The bus port is given: port + 10000 can exceed 65535.
             RedisServer("--cluster-enabled", "yes", "--cluster-port", str(free_port()),
                         "--cluster-node-timeout", "2000", "--cluster-config-file", "nodes.conf")
-            for _ in range(masters)
+            for _ in range(masters * (1 + replicas))
         ]
         subprocess.run(
             [shutil.which("redis-cli") or "redis-cli", "--cluster", "create",
-             *[f"127.0.0.1:{node.port}" for node in self.nodes], "--cluster-yes"],
+             *[f"127.0.0.1:{node.port}" for node in self.nodes],
+             *(["--cluster-replicas", str(replicas)] if replicas else []), "--cluster-yes"],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60,
         )
         wait_for(self._ready, timeout=30, message="the cluster did not become ready")
 
     def _ready(self):
-        for node in self.nodes:
+        for node in self.alive():
             with node.client(socket_timeout=1) as client:
                 info = client.execute_command("CLUSTER INFO")
                 if info.get("cluster_state") != "ok" or int(info.get("cluster_slots_ok", 0)) != 16384:
                     return False
+                if int(info.get("cluster_known_nodes", 0)) != len(self.nodes):
+                    return False
+                if self.replicas:  # every replica attached and in sync
+                    replication = client.info("replication")
+                    if replication["role"] == "slave" and replication.get("master_link_status") != "up":
+                        return False
+                    if replication["role"] == "master" and replication["connected_slaves"] < self.replicas:
+                        return False
         return True
+
+    def alive(self):
+        return [node for node in self.nodes if node.process.poll() is None]
 
     @property
     def url(self):
@@ -209,10 +223,20 @@ class RedisCluster:
         return redis.RedisCluster(host="127.0.0.1", port=self.nodes[0].port)
 
     def owner(self, key):
-        """The node that owns ``key``'s slot."""
+        """The node that owns ``key``'s slot (its master)."""
         with self.client() as client:
             node = client.get_node_from_key(key)
         return next(n for n in self.nodes if n.port == node.port)
+
+    def replica_of(self, master):
+        """The replica node of ``master`` (a node of this cluster)."""
+        with master.client() as client:
+            replica = client.info("replication")["slave0"]
+        return next(n for n in self.nodes if n.port == int(replica["port"]))
+
+    def role(self, node):
+        with node.client(socket_timeout=1) as client:
+            return client.info("replication")["role"]
 
     def close(self):
         for node in self.nodes:
@@ -239,6 +263,18 @@ def redis_cluster():
         pytest.skip("the cluster fixture needs Redis 7's --cluster-port")
     cluster = RedisCluster()
     yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def cluster_with_replicas():
+    """A cluster of this test alone: three masters, one replica each, which
+    it may kill and fail over (the shared cluster is left undisturbed)."""
+    if redis_server_version() < (7, 0):
+        pytest.skip("the cluster fixture needs Redis 7's --cluster-port")
+    cluster = RedisCluster(replicas=1)
+    yield cluster
+    stop_sources_and_sinks()  # before their nodes go, or they wait out their deadlines
     cluster.close()
 
 
@@ -344,6 +380,7 @@ SLOW = (
     "test_consumers_with_generated_names_come_and_go_and_the_dead_ones_are_removed",
     "test_a_consumer_group_follows_a_sentinel_failover_and_loses_no_confirmed_entry",
     "test_a_consumer_group_follows_its_stream_to_another_node_when_the_slot_migrates",
+    "test_a_consumer_group_on_a_cluster_follows_a_master_killed_to_its_replica",
 )
 
 

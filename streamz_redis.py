@@ -1051,14 +1051,17 @@ class _BlockingConnection:
         return refused
 
     async def execute(self, *args, **options):
-        if self.client is None:
-            await self.open()  # dropped after an error: a new one, from the pool
         try:
+            if self.client is None:
+                await self.open()  # dropped after an error: a new one, from the pool
             return await self.client.execute_command(*args, **options)
         except Exception as exc:
+            # Opening fails too when a cluster's master was killed: the node
+            # it names is asked again until the cluster names its replica.
             if isinstance(exc, CONNECTION_ERRORS) or _on_wrong_server(exc):
                 client, self.client, self.id = self.client, None, None
-                await self._discard(client)
+                if client is not None:
+                    await self._discard(client)
                 if self.node is not self.pooled:
                     node, self.node = self.node, self.pooled
                     await node.aclose()
@@ -2699,6 +2702,11 @@ class from_redis_pubsub(_RedisSource):
         )
 
     async def _prepare(self):
+        if not hasattr(self._redis, "pubsub"):
+            raise RuntimeError(
+                f"{self}: Pub/Sub on a Redis Cluster needs redis-py 8 or newer (redis-py "
+                f"{redis.__version__}'s asyncio RedisCluster has no pubsub()); upgrade it, or "
+                f"give the url of one node without cluster=True: a PUBLISH reaches every node")
         self._pubsub = self._redis.pubsub()
         if self.channels:
             await self._pubsub.subscribe(*self.channels)
@@ -3755,6 +3763,9 @@ def _parser():
     )
     parser.add_argument("--url", default=None, help="Redis URL (default: REDIS_URL, else "
                         f"{DEFAULT_URL}); the password is never printed")
+    parser.add_argument("--cluster", action="store_true",
+                        help="--url names a node (any) of a Redis Cluster: each command goes "
+                        "to the node that owns its key's slot")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
     info = commands.add_parser("info", help="length, first and last id, groups and consumers")
     info.add_argument("stream")
@@ -3789,17 +3800,24 @@ async def _cli(args):
         _check_url(url)
     except ValueError as exc:
         raise _CommandError(str(exc)) from None
-    client = redis.asyncio.from_url(
-        url, socket_connect_timeout=5, socket_timeout=10, retry=Retry(NoBackoff(), 0),
-    )
+    make = redis.asyncio.RedisCluster.from_url if args.cluster else redis.asyncio.from_url
+    where = ("Redis Cluster " if args.cluster else "Redis ") + f"at {_safe_url(url)}"
+    try:
+        client = make(url, socket_connect_timeout=5, socket_timeout=10, retry=Retry(NoBackoff(), 0))
+    except redis.exceptions.RedisError as exc:  # a RedisCluster refuses a db number
+        raise _CommandError(f"{where}: {_error_text(exc)}") from None
     for command in ("XRANGE", "XREAD"):
         client.set_response_callback(command, _raw_reply)  # flat fields, as Redis keeps them
     try:
         await args.run(client, args)
     except CONNECTION_ERRORS as exc:
-        raise _CommandError(f"cannot reach Redis at {_safe_url(url)} ({_error_text(exc)})") from None
+        raise _CommandError(f"cannot reach {where} ({_error_text(exc)})") from None
     except redis.exceptions.RedisError as exc:
-        raise _CommandError(f"Redis at {_safe_url(url)} says: {_error_text(exc)}") from None
+        hint = ("; it is a node of a Redis Cluster: add --cluster"
+                if not args.cluster and (isinstance(exc, redis.exceptions.AskError)  # and MOVED
+                                         or str(exc).startswith(("MOVED ", "ASK ")))  # redis-py 5
+                else "")
+        raise _CommandError(f"{where} says: {_error_text(exc)}{hint}") from None
     except (_CommandError, asyncio.CancelledError):
         raise
     except Exception as exc:  # a surprise is still one line, not a traceback

@@ -79,9 +79,18 @@ do), two "lean" streamz ceilings skip the gather when ``_emit`` returned no
 futures, as the Redis sources do; "Detail" also gives the best CPU time per
 message (``time.process_time``), steadier than msg/s on a shared machine.
 
+The cluster row: ``from_redis_consumer_group`` reading three streams whose
+hash tags put them in three slots, one on each master of a private
+three-master Redis Cluster (``redis-cli --cluster create``, no replicas), so
+one blocking connection per master feeds the one pipeline; ``--n`` entries in
+all, a third in each stream, acks on, timed as the single-server group row
+(until XPENDING says nothing is pending in any of the three). Its Detail gives
+the paired ratio to that row. It is skipped, with a note, where there is no
+``redis-cli`` or the redis-server is older than Redis 7 (no ``--cluster-port``).
+
 Only for Linux (``/proc``). The redis-server binary comes from REDIS_SERVER,
 else from PATH; it is started with ``--save "" --appendonly no`` on a free port
-and killed at the end.
+and killed at the end (the cluster's three as well).
 """
 
 import argparse
@@ -143,6 +152,7 @@ class PrivateRedis:
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="streamz-redis-bench-")
         self.process = None
+        self.extra = []  # more redis-server arguments (a cluster node's)
 
     @property
     def url(self):
@@ -154,7 +164,7 @@ class PrivateRedis:
         command = [
             self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
             "--save", "", "--appendonly", "no", "--dir", self.dir,
-            "--daemonize", "no", "--loglevel", "warning",
+            "--daemonize", "no", "--loglevel", "warning", *self.extra,
         ]
         self.process = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -179,6 +189,79 @@ class PrivateRedis:
             self.process.kill()
             self.process.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PrivateCluster:
+    """Three masters of a Redis Cluster (no replicas) on free ports, all
+    16384 slots assigned by ``redis-cli --cluster create``, for the cluster
+    row. ``start()`` returns None, with ``why`` set, where it cannot run: no
+    redis-cli, or a redis-server without ``--cluster-port`` (before Redis 7)."""
+
+    def __init__(self, binary=None):
+        self.binary = binary or os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
+        self.cli = shutil.which("redis-cli")
+        self.nodes = []
+        self.why = None
+
+    @property
+    def url(self):
+        return self.nodes[0].url
+
+    def start(self):
+        import redis
+
+        if not self.cli:
+            self.why = "no redis-cli on PATH"
+            return None
+        for _ in range(3):
+            node = PrivateRedis(self.binary)
+            node.extra = ["--cluster-enabled", "yes", "--cluster-port", str(free_port()),
+                          "--cluster-config-file", "nodes.conf"]
+            self.nodes.append(node)
+            try:
+                node.start()
+            except SystemExit as exc:  # before Redis 7: no --cluster-port
+                self.why = f"the cluster's redis-server did not start ({exc})"
+                self.close()
+                return None
+        created = subprocess.run(
+            [self.cli, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in self.nodes],
+             "--cluster-yes"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
+        if created.returncode:
+            self.why = f"redis-cli --cluster create failed: {created.stderr.decode()[-200:]}"
+            self.close()
+            return None
+        deadline = time.monotonic() + 30
+        while not self._ready():
+            if time.monotonic() > deadline:
+                self.why = "the cluster did not become ready within 30 s"
+                self.close()
+                return None
+            time.sleep(0.05)
+        with redis.Redis(port=self.nodes[0].port) as r:
+            self.version = r.info("server")["redis_version"]
+        return self
+
+    def _ready(self):
+        import redis
+
+        for node in self.nodes:
+            with redis.Redis(port=node.port, socket_timeout=1) as r:
+                info = r.execute_command("CLUSTER INFO")
+                if info.get("cluster_state") != "ok" or int(info.get("cluster_slots_ok", 0)) != 16384:
+                    return False
+        return True
+
+    def owners(self, keys):
+        """The URL of the master that owns each key's slot."""
+        import redis
+
+        with redis.RedisCluster(host="127.0.0.1", port=self.nodes[0].port) as r:
+            return {key: f"redis://127.0.0.1:{r.get_node_from_key(key).port}/0" for key in keys}
+
+    def close(self):
+        for node in self.nodes:
+            node.close()
 
 
 # --------------------------------------------------------------------------
@@ -662,6 +745,47 @@ async def ours_group(ctx, n, count, batch=False):
     return await run_source(source, n, after=nothing_pending, batch=batch)
 
 
+# The cluster row's three streams: hash tags {a}, {b} and {c} fall in slots
+# 15495, 3300 and 7365, one on each master of a three-master cluster.
+CLUSTER_STREAMS = ("{a}:bench", "{b}:bench", "{c}:bench")
+
+
+async def fill_cluster(cluster, n):
+    """n entries over the three streams (a third each), each written on the
+    master that owns its slot."""
+    owners = cluster.owners(CLUSTER_STREAMS)
+    if len(set(owners.values())) != len(CLUSTER_STREAMS):
+        raise RuntimeError(f"the cluster row's streams share a master: {owners}")
+    for i, stream in enumerate(CLUSTER_STREAMS):
+        await fill_stream(owners[stream], stream, n // 3 + (i < n % 3))
+
+
+async def ours_group_cluster(ctx, n, count):
+    """The consumer-group source reading three streams in three slots (one
+    blocking connection to each master), acks on, as ``ours_group``."""
+    import redis.asyncio
+    import streamz_redis
+    from tornado.ioloop import IOLoop
+
+    group = ctx.fresh("group")
+    source = streamz_redis.from_redis_consumer_group(
+        list(CLUSTER_STREAMS), group, "c", start_id="0", url=ctx.cluster.url, cluster=True,
+        count=count, asynchronous=True, loop=IOLoop.current(),
+    )
+
+    async def nothing_pending():
+        r = redis.asyncio.RedisCluster.from_url(ctx.cluster.url)
+        try:
+            for stream in CLUSTER_STREAMS:
+                while (await r.xpending(stream, group))["pending"]:
+                    await asyncio.sleep(0.0005)
+            return stamp()
+        finally:
+            await r.aclose()
+
+    return await run_source(source, n, after=nothing_pending)
+
+
 async def ours_sink(ctx, n, kind):
     """A bare streamz Source emits n dicts into ``to_redis_stream``, or n
     strings into ``to_redis_list``; the time runs from the first emit until
@@ -763,6 +887,8 @@ THROUGHPUT_ROWS = [
      "streamz-plain-lean", "raw-xread", VS_STREAMZ),
     ('from_redis_consumer_group ("0", acks)', "ours-group", "streamz-ref",
      "streamz-ref-lean", "raw-xreadgroup", VS_STREAMZ),
+    ("from_redis_consumer_group, 3 streams in 3 slots, 3-master cluster (acks)",
+     "ours-group-cluster", "streamz-ref", "streamz-ref-lean", None, None),
     ('from_redis_streams ("0", batch=True)', "ours-streams-batch", None, None,
      "peer-asyncio-xread", VS_REDIS_PY),
     ('from_redis_consumer_group ("0", batch=True, acks)', "ours-group-batch", None, None,
@@ -786,6 +912,9 @@ PEER_REFERENCE = ("peer-asyncio-group", "peer-asyncio-xread")  # paired ratios a
 PEER_TARGETS = [("walrus", "peer-walrus-group", "peer-walrus-xread", 1.0),
                 ("the sync redis-py loop", "peer-sync-group", "peer-sync-xread", 1.0)]
 WALRUS_ROWS = {"peer-walrus-group", "peer-walrus-xread"}
+CLUSTER_ROWS = {"ours-group-cluster"}  # on a private cluster of their own
+# Rows whose Detail also gives a paired ratio to another row: (row, name).
+COMPARED_TO = {"ours-group-cluster": ("ours-group", "single server")}
 
 FUNCTIONS = {
     "streamz-plain": lambda ctx, n, count: streamz_ceiling(ctx, n, acks=False),
@@ -809,6 +938,7 @@ FUNCTIONS = {
     "ours-list": ours_list,
     "ours-streams": ours_streams,
     "ours-group": ours_group,
+    "ours-group-cluster": ours_group_cluster,
     "ours-streams-batch": lambda ctx, n, count: ours_streams(ctx, n, count, batch=True),
     "ours-group-batch": lambda ctx, n, count: ours_group(ctx, n, count, batch=True),
     "ours-sink-stream": lambda ctx, n, count: ours_sink(ctx, n, "stream"),
@@ -817,8 +947,9 @@ FUNCTIONS = {
 
 
 class Context:
-    def __init__(self, url, pipeline=1000):
+    def __init__(self, url, pipeline=1000, cluster=None):
         self.url = url
+        self.cluster = cluster  # a PrivateCluster, for the cluster row
         self.pipeline = pipeline  # commands per round trip of the redis-py sink loops
         self.stream = "bench:stream"
         self._serial = 0
@@ -828,12 +959,16 @@ class Context:
         return f"bench:{prefix}:{self._serial}"
 
 
-async def throughput(args, url, only=None):
-    ctx = Context(url, args.pipeline)
+async def throughput(args, url, only=None, cluster=None):
+    ctx = Context(url, args.pipeline, cluster)
     await fill_stream(url, ctx.stream, args.n)
     rows = [row for row in THROUGHPUT_ROWS if only is None or row[1] in only]
     if not have_walrus():
         rows = [row for row in rows if row[1] not in WALRUS_ROWS]
+    if cluster is None:
+        rows = [row for row in rows if row[1] not in CLUSTER_ROWS]
+    else:
+        await fill_cluster(cluster, args.n)
     rates = {row[1]: [] for row in rows}
     cpu = {row[1]: [] for row in rows}
     for _ in range(args.repeat):
@@ -1073,6 +1208,9 @@ def table(args, rates, cpu, latencies, mem):
         values = rates[key]
         detail = (f"median {statistics.median(values):,.0f} of {len(values)}; "
                   f"CPU {min(cpu[key]):.1f} us/msg")
+        if key in COMPARED_TO and COMPARED_TO[key][0] in rates:
+            other, what = COMPARED_TO[key]
+            detail += f"; {paired(rates, key, other):.2f} of the {what} row (paired)"
         target = ""
         if goal is not None:
             column, least = goal
@@ -1234,6 +1372,12 @@ def main(argv=None):
                             float(pause), float(max_seconds))
 
     server = PrivateRedis().start()
+    cluster = cluster_note = None
+    if not args.skip_throughput and (args.only is None or CLUSTER_ROWS & set(args.only)):
+        cluster = PrivateCluster()
+        if cluster.start() is None:
+            cluster_note = f"the cluster row was skipped: {cluster.why}"
+            cluster = None
     started = time.perf_counter()
     load_at_start = os.getloadavg()
     rates, cpu, latencies, mem = {}, {}, {}, None
@@ -1243,7 +1387,7 @@ def main(argv=None):
             if not args.skip_throughput:
                 print(f"throughput: {args.n:,} entries per row, {args.repeat} runs ...",
                       file=sys.stderr, flush=True)
-                rates, cpu = await throughput(args, server.url, args.only)
+                rates, cpu = await throughput(args, server.url, args.only, cluster)
             if not args.skip_latency:
                 for which in ("streams", "group"):
                     print(f"latency {which}: {args.latency_seconds:g} s at "
@@ -1256,8 +1400,12 @@ def main(argv=None):
 
         asyncio.run(run())
         env = environment(server)
+        if cluster is not None:
+            env += f"; the cluster row: 3 masters, redis-server {cluster.version}"
     finally:
         server.close()
+        if cluster is not None:
+            cluster.close()
     print()
     load_at_end = os.getloadavg()
     load = (f"load average {' '.join(f'{x:.2f}' for x in load_at_start)} at the start, "
@@ -1265,6 +1413,8 @@ def main(argv=None):
     print(env + f"; {time.perf_counter() - started:.0f} s in all; {load}")
     print()
     print(table(args, rates, cpu, latencies, mem))
+    if cluster_note:
+        print(cluster_note)
     if rates:
         print()
         print(peer_table(rates, cpu))
