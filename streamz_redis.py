@@ -1495,7 +1495,9 @@ class _RedisSource(_RedisNode, Source):
     async def _check_permissions(self):
         """Raise at start() if the user may not run a command reading needs,
         naming it; otherwise reading would only log the refusal, forever."""
-        refused = await self._reader.refused(self._probes()) if self._reader else []
+        refused = []
+        for reader in self._readers:  # on a cluster, each slot's keys on their node
+            refused += await reader.refused(self._probes(reader.keys))
         if refused:
             command, exc = refused[0]
             raise redis.exceptions.NoPermissionError(
@@ -1671,8 +1673,9 @@ class _RedisSource(_RedisNode, Source):
 
     # ---- hooks for subclasses ------------------------------------------
 
-    def _probes(self):
-        """Commands reading needs, as argument lists, checked by start()."""
+    def _probes(self, keys):
+        """Commands reading ``keys`` needs, as argument lists, checked by
+        start()."""
         return []
 
     async def _prepare(self):
@@ -1867,11 +1870,11 @@ class from_redis_list(_RedisSource):
             return f"{keys} processing_list={self.processing_list!r}"
         return keys
 
-    def _probes(self):
+    def _probes(self, keys):
         timeout = self._block_seconds()
         if not self.processing_list:
             pop = "LPOP" if self.side == "left" else "RPOP"
-            return [[pop, self.keys[0], 1], ["B" + pop, *self.keys, timeout]]
+            return [*[[pop, key, 1] for key in keys], ["B" + pop, *keys, timeout]]
         key, processing = self.keys[0], self.processing_list
         return [
             ["LRANGE", processing, 0, -1],
@@ -2095,10 +2098,10 @@ class from_redis_streams(_RedisSource):
         after = ", ".join(f"{name!r} after {last_id}" for name, last_id in self.last_ids.items())
         return f"reading {after}"
 
-    def _probes(self):
-        probes = [["XREAD", "COUNT", 1, "STREAMS", *self.start_ids, *["0"] * len(self.start_ids)]]
-        if "$" in self.start_ids.values():
-            probes += [["XREVRANGE", name, "+", "-", "COUNT", 1] for name in self.start_ids]
+    def _probes(self, keys):
+        probes = [["XREAD", "COUNT", 1, "STREAMS", *keys, *["0"] * len(keys)]]
+        probes += [["XREVRANGE", name, "+", "-", "COUNT", 1] for name in keys
+                   if self.start_ids[name] == "$"]
         return probes
 
     async def _prepare(self):
@@ -2337,8 +2340,8 @@ class from_redis_consumer_group(_RedisSource):
         names = ", ".join(map(repr, self.start_ids))
         return f"{names} group={self.group!r} consumer={self.consumer!r}"
 
-    def _probes(self):
-        names = list(self.start_ids)
+    def _probes(self, keys):
+        names = list(keys)
         probes = [
             ["XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", 1,
              "STREAMS", *names, *["0"] * len(names)],

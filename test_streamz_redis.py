@@ -4044,3 +4044,21 @@ def test_the_command_line_reads_a_cluster_with_cluster_and_says_so_without_it(cl
     assert "MOVED" in refused.stderr.upper() and "add --cluster" in refused.stderr
     assert len(refused.stderr.splitlines()) == 1, refused.stderr
     writer.close()
+
+
+def test_start_checks_permissions_on_every_node_a_cluster_source_reads_from(cluster):
+    # ACL users are set node by node: here the node that owns "c" lacks XREAD.
+    # start() probes each slot's keys on their own node, so it names the
+    # command rather than logging the refusal forever.
+    streams = ["a", "b", "c"]  # three slots, one on each master
+    for node in cluster.nodes:
+        with node.client() as client:
+            acl_user(client, "reader", *(["-xread"] if node is cluster.owner("c") else []))
+    url = f"redis://reader:pw@127.0.0.1:{cluster.nodes[0].port}/0"
+    source = Stream.from_redis_streams(streams, start_id="0", url=url, cluster=True)
+    with pytest.raises(redis.exceptions.NoPermissionError, match="XREAD"):
+        source.start()
+    assert not source.started
+    for node in cluster.nodes:
+        with node.client() as client:
+            client.acl_deluser("reader")
