@@ -315,7 +315,8 @@ def _encoding_of(decode):
     encoding = "utf-8" if decode is True else decode
     if not isinstance(encoding, str):
         raise TypeError(f"decode must be True, False or an encoding name, not {decode!r}")
-    return codecs.lookup(encoding).name  # "UTF8" is "utf-8"; an unknown encoding fails here
+    "".encode(encoding)  # an unknown encoding, or one that is not for text ("hex"), fails here
+    return codecs.lookup(encoding).name  # "UTF8" is "utf-8"
 
 
 def _seconds(value, parameter, optional=False):
@@ -546,6 +547,9 @@ class _Ack(_Reference):
             self.state = _FAILED
             self.ledger.forget(self)
 
+    def track(self):
+        self.ledger.in_flight[self.key, self.item] = weakref.ref(self)
+
     def settle(self):
         """An exactly-once sink acknowledged the entry in the same script
         that stored its result: the ledger must not acknowledge it again."""
@@ -592,6 +596,9 @@ class _AckAll(_Reference):
             for ack in self.acks:
                 ack.state = _FAILED
 
+    def track(self):
+        self.ledger.batches.add(self)
+
     def __str__(self):
         return f"a batch of {len(self.acks)} from {self.acks[0]} to {self.acks[-1]}"
 
@@ -629,10 +636,6 @@ class _AckLedger:
 
     def ack(self, key, item):
         return _Ack(self, key, item)
-
-    def track(self, acks):
-        """Remember ``acks`` (of entries about to be emitted) as in flight."""
-        self.in_flight.update(((ack.key, ack.item), weakref.ref(ack)) for ack in acks)
 
     def held(self):
         """``(key, item)`` of each entry in the pipeline, or whose ack is not
@@ -905,6 +908,11 @@ else:  # pragma: no cover - the benchmark's CI job runs without hiredis
     _pack_command = None
 
 
+_GET_CONNECTION_WANTS_A_NAME = inspect.signature(redis.asyncio.ConnectionPool.get_connection).parameters.get(
+    "command_name", inspect.Parameter("_", inspect.Parameter.KEYWORD_ONLY, default=None)
+).default is inspect.Parameter.empty
+
+
 async def _execute_packed(client, *args):
     """``await client.execute_command(*args)`` for a command with many
     arguments (XACK with a batch of ids), packed by hiredis; see
@@ -931,15 +939,16 @@ async def _execute_pipelined(client, commands):
     if (
         _pack_command is None or pool is None or getattr(client, "single_connection_client", False)
         or pool.connection_kwargs.get("encoding", "utf-8").lower() not in ("utf-8", "utf8")
-    ):  # hiredis encodes str as UTF-8
+        or pool.connection_kwargs.get("encoding_errors", "strict") != "strict"
+    ):  # hiredis encodes str as strict UTF-8
         async with client.pipeline(transaction=False) as pipe:
             for args in commands:
                 pipe.execute_command(*args)
             return await pipe.execute(raise_on_error=False)
-    try:
-        connection = await pool.get_connection()
-    except TypeError:  # redis-py < 5.3 wants a command's name
+    if _GET_CONNECTION_WANTS_A_NAME:  # redis-py < 5.3
         connection = await pool.get_connection(commands[0][0])
+    else:
+        connection = await pool.get_connection()
     try:
         await connection.send_packed_command(b"".join([_pack_command(tuple(args)) for args in commands]))
         replies = []
@@ -1201,8 +1210,8 @@ class _RedisSource(_RedisNode, Source):
 
     def _track(self, batch):
         """What a read emits, as ``(value, origin)`` pairs: with
-        ``batch=True`` one list, tracked as one ``_AckAll``. What is tracked
-        is recorded, weakly, in the ledger and, with the read's time, for
+        ``batch=True`` one list, tracked as one ``_AckAll``. What it will
+        track is recorded, weakly, with the read's time, for
         ``oldest_in_flight_seconds`` (reads that left the pipeline are
         forgotten here)."""
         ledger = self._ledger
@@ -1210,12 +1219,9 @@ class _RedisSource(_RedisNode, Source):
         if self.batch and batch:
             whole = _AckAll(ledger, acks) if acks else None
             batch = [([value for value, _ in batch], whole)]
-            if whole is not None:
-                ledger.batches.add(whole)
-                refs = [weakref.ref(whole)]
-        elif acks:
-            ledger.track(acks)
-            refs = [ledger.in_flight[ack.key, ack.item] for ack in acks]
+            refs = [weakref.ref(whole)] if whole is not None else []
+        else:
+            refs = [weakref.ref(ack) for ack in acks]
         if not acks:
             return batch
         reads = self._read_batches
@@ -1623,12 +1629,14 @@ class _RedisSource(_RedisNode, Source):
         read, batch = batch, self._track(batch)
         for position, (value, origin) in enumerate(batch):
             if self.stopped:
+                _never_emitted(batch[position:])
                 await self._give_back(read if self.batch else batch[position:])
                 return
             # This is the per-entry path: inline, no coroutine per entry.
             tracked = isinstance(origin, _Reference)
             try:
                 if tracked:
+                    origin.track()
                     futures = self._emit(value, metadata=[{"ref": origin}])
                 else:
                     futures = self._emit(value)
@@ -1651,6 +1659,7 @@ class _RedisSource(_RedisNode, Source):
                     origin.fail()
                 if self._giving_up or _being_cancelled():
                     # stop() abandoned this emit: what follows is given back.
+                    _never_emitted(batch[position + 1:])
                     await asyncio.shield(self._give_back(batch[position + 1:]))
                     raise
                 # A future downstream was cancelled, not this source.
@@ -1726,6 +1735,14 @@ def _logged_by_streamz(exc):
             return True
         tb = tb.tb_next
     return False
+
+
+def _never_emitted(rest):
+    """What a source gives back unemitted is never acknowledged by it, nor
+    counted in flight (the frames of a cancelled emit may keep it alive)."""
+    for _, origin in rest:
+        if isinstance(origin, _Reference):
+            origin.fail()
 
 
 def _any_pending(refs):
@@ -2782,6 +2799,9 @@ def _is_redis_value(value):
     return type(value) in (str, bytes, int, float)
 
 
+_PLAIN = {str: str.__str__, bytes: bytes, int: int, float: float}
+
+
 def _redis_value(value, what):
     """``value`` as redis-py sends it, or a ``TypeError`` naming ``what``.
 
@@ -2790,7 +2810,10 @@ def _redis_value(value, what):
     pipeline (``json.dumps``, ``str``, ...); nothing is pickled implicitly.
     """
     if isinstance(value, (str, bytes, int, float)) and not isinstance(value, bool):
-        return value
+        if type(value) in _PLAIN:
+            return value
+        # A subclass (an IntEnum, say): its plain value, which hiredis packs.
+        return next(plain(value) for kind, plain in _PLAIN.items() if isinstance(value, kind))
     if isinstance(value, (bytearray, memoryview)):
         return bytes(value)
     text, kind = repr(value), "Entry" if isinstance(value, Entry) else type(value).__name__
@@ -3171,7 +3194,9 @@ class _RedisSink(_RedisNode, Sink):
                     for i, refused in zip(todo, await self._same_server([writes[i] for i in todo])):
                         replies[i] = refused
                     todo = [i for i in todo if replies[i] is None]
-                commands = self._commands([writes[i] for i in todo]) if todo else []
+                if not todo:
+                    return replies
+                commands = self._commands([writes[i] for i in todo])
                 answers = iter(todo)
                 for (_, carried), answer in zip(commands, await self._send([c for c, _ in commands])):
                     for _ in range(carried):
@@ -3345,7 +3370,7 @@ class to_redis_stream(_RedisSink):
         if maxlen is not None and (not isinstance(maxlen, int) or maxlen < 0):
             raise ValueError(f"maxlen must be a non-negative integer, not {maxlen!r}")
         self.target = stream
-        self.maxlen = maxlen
+        self.maxlen = None if maxlen is None else int(maxlen)
         self.approximate = approximate
         self.field = field
         super().__init__(upstream, **kwargs)
