@@ -710,11 +710,13 @@ async def ours_list(ctx, n, count):
     return await run_source(source, n)
 
 
-async def ours_streams(ctx, n, count, batch=False):
+async def ours_streams(ctx, n, count, batch=False, decode=True):
     import streamz_redis
     from tornado.ioloop import IOLoop
 
     kwargs = {"batch": True} if batch else {}
+    if not decode:
+        kwargs["decode"] = False
     source = streamz_redis.from_redis_streams(
         ctx.stream, start_id="0", url=ctx.url, count=count,
         asynchronous=True, loop=IOLoop.current(), **kwargs,
@@ -722,12 +724,14 @@ async def ours_streams(ctx, n, count, batch=False):
     return await run_source(source, n, batch=batch)
 
 
-async def ours_group(ctx, n, count, batch=False):
+async def ours_group(ctx, n, count, batch=False, decode=True):
     import streamz_redis
     from tornado.ioloop import IOLoop
 
     group = ctx.fresh("group")
     kwargs = {"batch": True} if batch else {}
+    if not decode:
+        kwargs["decode"] = False
     source = streamz_redis.from_redis_consumer_group(
         ctx.stream, group, "c", start_id="0", url=ctx.url, count=count,
         asynchronous=True, loop=IOLoop.current(), **kwargs,
@@ -893,6 +897,10 @@ THROUGHPUT_ROWS = [
      "peer-asyncio-xread", VS_REDIS_PY),
     ('from_redis_consumer_group ("0", batch=True, acks)', "ours-group-batch", None, None,
      "peer-asyncio-group", VS_REDIS_PY),
+    ('from_redis_streams ("0", batch=True, decode=False)', "ours-streams-batch-bytes", None,
+     None, "peer-asyncio-xread", None),
+    ('from_redis_consumer_group ("0", batch=True, decode=False, acks)', "ours-group-batch-bytes",
+     None, None, "peer-asyncio-group", None),
     ("to_redis_stream (XADD)", "ours-sink-stream", None, None, "raw-xadd", SINKS_VS_REDIS_PY),
     ("to_redis_list (RPUSH)", "ours-sink-list", None, None, "raw-rpush",
      SINKS_VS_REDIS_PY),
@@ -906,6 +914,8 @@ PEER_TABLE = [
     ("ceiling: the source's own work, no streamz", "same-work-group", "same-work-xread"),
     ("streamz_redis per entry", "ours-group", "ours-streams"),
     ("streamz_redis batch=True", "ours-group-batch", "ours-streams-batch"),
+    # The peers keep redis-py's dict of bytes: the same work, without decoding.
+    ("streamz_redis batch=True, decode=False", "ours-group-batch-bytes", "ours-streams-batch-bytes"),
 ]
 PEER_REFERENCE = ("peer-asyncio-group", "peer-asyncio-xread")  # paired ratios are to these
 # batch=True must reach these, in throughput and in CPU per entry (paired medians)
@@ -941,6 +951,10 @@ FUNCTIONS = {
     "ours-group-cluster": ours_group_cluster,
     "ours-streams-batch": lambda ctx, n, count: ours_streams(ctx, n, count, batch=True),
     "ours-group-batch": lambda ctx, n, count: ours_group(ctx, n, count, batch=True),
+    "ours-streams-batch-bytes":
+        lambda ctx, n, count: ours_streams(ctx, n, count, batch=True, decode=False),
+    "ours-group-batch-bytes":
+        lambda ctx, n, count: ours_group(ctx, n, count, batch=True, decode=False),
     "ours-sink-stream": lambda ctx, n, count: ours_sink(ctx, n, "stream"),
     "ours-sink-list": lambda ctx, n, count: ours_sink(ctx, n, "list"),
 }
@@ -1264,18 +1278,18 @@ def peer_table(rates, cpu):
                     f"{statistics.median(cpu[key]):.2f}"]
         rows.append(row)
     out = [grid(header, rows), ""]
-    ours = ("ours-group-batch", "ours-streams-batch")
-    for peer, *keys, least in PEER_TARGETS:
-        for what, key, mine in zip(("group + ack", "XREAD"), keys, ours):
-            if key not in rates or mine not in rates:
-                out.append(f"target: batch=True {what} vs {peer}: not run")
-                continue
-            speed = paired(rates, mine, key)
-            thrift = paired(cpu, key, mine)  # their CPU per entry over ours
-            out.append(
-                f"target: batch=True {what} >= {least:.1f} of {peer}: throughput "
-                f"{speed:.2f} ({verdict(speed >= least)}), CPU per entry {thrift:.2f} "
-                f"({verdict(thrift >= least)})")
+    for how, ours in (("", ("ours-group-batch", "ours-streams-batch")),
+                      (", decode=False", ("ours-group-batch-bytes", "ours-streams-batch-bytes"))):
+        for peer, *keys, least in PEER_TARGETS:
+            for what, key, mine in zip(("group + ack", "XREAD"), keys, ours):
+                if key not in rates or mine not in rates:
+                    continue
+                speed = paired(rates, mine, key)
+                thrift = paired(cpu, key, mine)  # their CPU per entry over ours
+                out.append(
+                    f"target: batch=True{how} {what} >= {least:.1f} of {peer}: throughput "
+                    f"{speed:.2f} ({verdict(speed >= least)}), CPU per entry {thrift:.2f} "
+                    f"({verdict(thrift >= least)})")
     if not have_walrus():
         out.append("walrus is not installed (pip install walrus, or the bench extra): "
                    "its rows were skipped")
