@@ -4150,3 +4150,22 @@ def test_a_client_that_encodes_with_surrogateescape_still_does(server, r):
 def test_decode_refuses_a_codec_that_is_not_for_text(server):
     with pytest.raises(LookupError, match="hex"):
         Stream.from_redis_list("k", decode="hex")
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_merged_pushes_keep_their_order_and_are_refused_together(server, r, side):
+    # Consecutive pushes to one key go out as one RPUSH (LPUSH): the list ends
+    # as one push at a time would leave it, and a key of another type refuses
+    # all of them, their entries staying pending.
+    r.set("wrong", "a string")
+    for n in range(20):
+        r.xadd("tasks", {"n": n})
+    source = Stream.from_redis_consumer_group("tasks", "g", "c", start_id="0")
+    sink = source.map(lambda e: int(e.fields["n"])).to_redis_list(
+        lambda n: "wrong" if n >= 15 else "out", side=side)
+    source.start()
+    wait_for(lambda: sink.metrics()["written"] + sink.metrics()["failed"] == 20)
+    written = [int(x) for x in r.lrange("out", 0, -1)]
+    assert written == (list(range(15)) if side == "right" else list(range(14, -1, -1)))
+    assert sink.metrics()["failed"] == 5
+    wait_for(lambda: pending(r, "tasks", "g") == 5)
