@@ -1946,13 +1946,13 @@ class from_redis_list(_RedisSource):
         # A backlog: up to `count` items from each key in one round trip.
         pop = "LPOP" if self.side == "left" else "RPOP"
         keys = reader.keys
-        if len(keys) == 1:
-            replies = [await self._redis.execute_command(pop, keys[0], self.count)]
+        if len(keys) == 1:  # on the reader's own connection, packed by hiredis
+            replies = [await reader.execute(pop, keys[0], self.count)]
         else:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.execute_command(pop, key, self.count)
-                replies = await pipe.execute()
+            replies = await _execute_pipelined(self._redis, [(pop, key, self.count) for key in keys])
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
         popped = [
             (key, item)
             for key, items in zip(keys, replies)
