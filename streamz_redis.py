@@ -1565,6 +1565,25 @@ class _RedisSource(_RedisNode, Source):
             elif not read.cancelled() and read.exception() is None and read.result():
                 await self._give_back(read.result())
 
+    async def _close_idle_readers(self):
+        """The read loop was cancelled from outside (``asyncio.run`` ending
+        with the source still running, say): close the blocking connections
+        now, while their event loop runs. Their read was cut mid-way, so they
+        are never read from again, and a stop() after the loop has ended
+        could not close them: garbage-collected later, redis-py would close
+        them on a closed loop ("Event loop is closed"). A connection whose
+        own read (several on a Redis Cluster) may hold entries is left for
+        stop() to give them back."""
+        for reader in self._readers:
+            if reader.read is None or reader.read.cancelled():
+                client = reader.client
+                try:
+                    if client is not None and client.connection is not None:
+                        await client.connection.disconnect()  # a reply may be half read
+                    await asyncio.wait_for(reader.close(), READ_STOP_DEADLINE)
+                except Exception:  # pragma: no cover - closing a dead socket
+                    pass
+
     # ---- the read loop --------------------------------------------------
 
     async def _run(self):
@@ -1573,6 +1592,7 @@ class _RedisSource(_RedisNode, Source):
         except asyncio.CancelledError:
             if not self._giving_up:
                 log.error("%s: the read loop was cancelled from outside; the source stopped", self)
+                await self._close_idle_readers()
             raise
         except BaseException:
             log.exception("%s: the read loop failed; the source stopped", self)

@@ -1644,6 +1644,22 @@ def test_stop_after_the_event_loop_has_ended_returns_with_a_warning(server, capl
     assert "event loop has ended" in caplog.text
 
 
+@pytest.mark.skipif(
+    sys.version_info < (3, 11),
+    reason="Python 3.10 cannot tell a cancel that redis-py's asyncio.wait_for swallowed",
+)
+def test_a_source_still_running_when_its_event_loop_ends_closes_its_blocking_connection(server):
+    async def main():
+        source = Stream.from_redis_list("k", asynchronous=True, loop=IOLoop.current())
+        await source.start()
+        return source
+
+    source = asyncio.run(main())
+    # Closed while the loop ran: collected later, redis-py would close it on
+    # a closed loop ("Event loop is closed", an unraisable exception).
+    assert [reader.client for reader in source._readers] == [None]
+
+
 # --------------------------------------------------------------------------
 # Claimed entries and dead letters
 # --------------------------------------------------------------------------
