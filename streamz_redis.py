@@ -908,9 +908,10 @@ else:  # pragma: no cover - the benchmark's CI job runs without hiredis
     _pack_command = None
 
 
-_GET_CONNECTION_WANTS_A_NAME = inspect.signature(redis.asyncio.ConnectionPool.get_connection).parameters.get(
-    "command_name", inspect.Parameter("_", inspect.Parameter.KEYWORD_ONLY, default=None)
-).default is inspect.Parameter.empty
+# redis-py < 5.3 requires a command's name in get_connection(); later ones
+# deprecate it.
+_name_parameter = inspect.signature(redis.asyncio.ConnectionPool.get_connection).parameters.get("command_name")
+_GET_CONNECTION_WANTS_A_NAME = _name_parameter is not None and _name_parameter.default is inspect.Parameter.empty
 
 
 async def _execute_packed(client, *args):
@@ -945,7 +946,7 @@ async def _execute_pipelined(client, commands):
             for args in commands:
                 pipe.execute_command(*args)
             return await pipe.execute(raise_on_error=False)
-    if _GET_CONNECTION_WANTS_A_NAME:  # redis-py < 5.3
+    if _GET_CONNECTION_WANTS_A_NAME:
         connection = await pool.get_connection(commands[0][0])
     else:
         connection = await pool.get_connection()

@@ -72,6 +72,14 @@ async def settle():
         await asyncio.sleep(0)
 
 
+def add_numbers(r, stream, total):
+    """XADD ``{"n": 0}`` to ``{"n": total - 1}`` in one round trip; their ids."""
+    with r.pipeline(transaction=False) as pipe:
+        for n in range(total):
+            pipe.xadd(stream, {"n": n})
+        return [entry_id.decode() for entry_id in pipe.execute()]
+
+
 def wait_for_acks(source):
     """Wait until the source has sent every acknowledgement it owes now. The
     one seam into the module's insides: a negative claim ("not acked") needs
@@ -1279,10 +1287,7 @@ def test_a_refused_write_is_logged_and_its_entry_stays_pending(server, r, caplog
 
 def test_no_entry_is_acknowledged_before_its_result_is_stored(server, r):
     total = 3000
-    with r.pipeline(transaction=False) as pipe:
-        for n in range(total):
-            pipe.xadd("orders", {"n": n})
-        pipe.execute()
+    add_numbers(r, "orders", total)
     source = Stream.from_redis_consumer_group("orders", "billing", "biller", start_id="0")
     source.map(lambda entry: {"order": entry.id}).to_redis_stream("invoices")
     source.start()
@@ -1474,10 +1479,7 @@ def test_a_worker_killed_mid_way_leaves_no_entry_without_a_result(server, r, tmp
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     r.xgroup_create("numbers", "doublers", "0", mkstream=True)
-    with r.pipeline(transaction=False) as pipe:
-        for n in range(total):
-            pipe.xadd("numbers", {"n": n})
-        source_ids = [i.decode() for i in pipe.execute()]
+    source_ids = add_numbers(r, "numbers", total)
 
     def run_worker():
         worker = subprocess.Popen(
@@ -1961,10 +1963,7 @@ def test_three_sigkills_leave_each_input_exactly_once_in_the_output(server, r, t
     script = tmp_path / "worker.py"
     script.write_text(EXACTLY_ONCE_WORKER)
     r.xgroup_create("numbers", "copiers", "0", mkstream=True)
-    with r.pipeline(transaction=False) as pipe:
-        for n in range(total):
-            pipe.xadd("numbers", {"n": n})
-        source_ids = [i.decode() for i in pipe.execute()]
+    source_ids = add_numbers(r, "numbers", total)
 
     def copies():
         if shape == "stream":
