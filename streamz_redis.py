@@ -284,8 +284,12 @@ def _error_text(exc):
 
 
 def _check_start_id(start_id, parameter="start_id"):
-    """Return ``start_id`` as ``str``, or raise ``ValueError`` naming it."""
-    if isinstance(start_id, bytes):
+    """Return ``start_id`` as ``str``, or raise ``ValueError`` naming it.
+    An ``int`` is its milliseconds (``0`` is ``"0"``), as the original
+    streamz_redis took it."""
+    if isinstance(start_id, int) and not isinstance(start_id, bool):
+        start_id = str(start_id)
+    elif isinstance(start_id, bytes):
         start_id = start_id.decode("ascii", "replace")
     match = _STREAM_ID.fullmatch(start_id) if isinstance(start_id, str) else None
     if start_id != "$" and not (

@@ -304,6 +304,24 @@ def test_a_stop_mid_batch_resumes_at_the_first_entry_not_emitted(server, r):
     assert seen == list(range(300))
 
 
+def test_an_int_start_id_is_its_milliseconds_as_the_original_took_it(server, r):
+    first = r.xadd("ints", {"i": 0}).decode()
+    r.xadd("ints", {"i": 1})
+    from_zero = Stream.from_redis_streams({"ints": 0})
+    after_first = Stream.from_redis_streams("ints", start_id=int(first.split("-")[0]))
+    assert from_zero.start_ids == {"ints": "0"}
+    for source, expected in ((from_zero, ["0", "1"]), (after_first, ["1"])):
+        seen = source.sink_to_list()
+        source.start()
+        wait_for(lambda: len(seen) == len(expected))
+        source.stop()
+        assert [e.fields["i"] for e in seen] == expected
+    with pytest.raises(ValueError, match="start_id: malformed stream id '-1'"):
+        Stream.from_redis_streams("ints", start_id=-1)
+    with pytest.raises(ValueError, match="start_id: malformed stream id True"):
+        Stream.from_redis_streams("ints", start_id=True)
+
+
 def test_malformed_start_id_is_a_clear_error(server):
     with pytest.raises(ValueError, match="start_id: malformed stream id 'yesterday'"):
         Stream.from_redis_streams("s", start_id="yesterday")
@@ -2947,7 +2965,13 @@ def test_original_entries_a_buffer_dropped_are_delivered_again_after_restart(ser
     # The original's test_replay: a buffer whose queue is swapped for an empty
     # one drops five entries' references without releasing them. They were
     # never acknowledged; after stop() and start() they come back.
-    monkeypatch.setattr(streamz_redis, "EMIT_STOP_DEADLINE", 0.5)  # the emit stuck on the old queue
+    # Beyond the names, two changes. The swap runs on the loop: from another
+    # thread it races the buffer's coroutine. The original waited for exactly
+    # three entries in the sink before stopping, a count that assumed a
+    # source slower than the rate_limit; here the number already through
+    # varies, so the test counts what was dropped instead. stop() waits up to
+    # EMIT_STOP_DEADLINE for the emit stuck on the old queue: shortened.
+    monkeypatch.setattr(streamz_redis, "EMIT_STOP_DEADLINE", 0.5)
     data = original_data(10)
     maxsize = 5
     source = Stream.from_redis_consumer_group({"events": "0"}, "group", "consumer", count=1, timeout=0.1)
@@ -2997,6 +3021,12 @@ def test_original_a_newcomer_claims_what_ten_failed_consumers_left(server, r, mo
     # the ten entries in their buffer and never come back. A new consumer
     # with claim_idle (the original's heartbeat_interval and claim_timeout)
     # takes them over, and every entry reaches the target list once.
+    # Beyond the names: the original expected exactly 10 entries pending per
+    # failed consumer, which assumed its source read no further than the
+    # buffer held; ours may have read one or two more by the time the buffer
+    # is lost, so the test checks at least 10, and allows a second write only
+    # of what an old pipeline's rate_limit let through after the snapshot
+    # (at-least-once, not a loss).
     monkeypatch.setattr(streamz_redis, "EMIT_STOP_DEADLINE", 0.5)
     import uuid
 
@@ -3158,7 +3188,8 @@ def waiting(r, example):
 
 def start_example(example, server, log):
     args = [sys.executable, str(HERE / "examples" / example)]
-    args += ["--claim-idle", "4"] if example == "dynamic_consumer_group.py" else ["worker-1"]
+    dynamic = ["--claim-idle", "4", "--remove-idle", "6"]
+    args += dynamic if example == "dynamic_consumer_group.py" else ["worker-1"]
     worker = subprocess.Popen(
         args, cwd=HERE, stdout=subprocess.PIPE, stderr=log,
         env=dict(os.environ, REDIS_URL=server.url, PYTHONPATH=str(HERE)),
@@ -3192,7 +3223,8 @@ def test_an_example_worker_killed_mid_way_and_restarted_loses_nothing(server, r,
         worker = start_example(example, server, log)  # the same name, or a new one with claim_idle
         wait_for(
             lambda: set(output_records(r, example)) == expected
-            and held_by_workers(r, example) == 0 and waiting(r, example) == 0,
+            and held_by_workers(r, example) == 0 and waiting(r, example) == 0
+            and consumers_listed(r, example) <= 1,  # the dead one removed (--remove-idle)
             timeout=60, interval=0.05,
         )
         worker.send_signal(signal.SIGTERM)
@@ -3208,10 +3240,16 @@ def test_an_example_worker_killed_mid_way_and_restarted_loses_nothing(server, r,
     # Only what the dead worker had read and not finished runs twice.
     assert len(records) - len(expected) <= in_flight
     if example == "dynamic_consumer_group.py":
-        # The second worker left the group on SIGTERM; the dead one is still listed.
-        for stream in EXAMPLE_STREAMS:
-            consumers = r.xinfo_consumers(stream, "my-group")
-            assert len(consumers) == 1 and consumers[0]["pending"] == 0
+        # The dead worker's name was removed once its entries were claimed;
+        # the second left the group on SIGTERM.
+        assert consumers_listed(r, example) == 0
+
+
+def consumers_listed(r, example):
+    """The most consumers any stream of a consumer-group example lists."""
+    if example == "lists_consumer.py":
+        return 0
+    return max(len(r.xinfo_consumers(stream, "my-group")) for stream in EXAMPLE_STREAMS)
 
 
 # --------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """A consumer-group worker whose name changes on every start.
 
-    python examples/dynamic_consumer_group.py [--claim-idle SECONDS]
+    python examples/dynamic_consumer_group.py [--claim-idle SECONDS] [--remove-idle SECONDS]
 
 Does what simple_consumer_group.py does, for deployments that cannot give a
 worker a stable name (replicas that come and go): the consumer name is new on
@@ -12,12 +12,13 @@ an entry can take to leave the pipeline (here partition's 3 seconds plus the
 write), or entries still being processed by a live worker are taken over and
 processed twice.
 
-On SIGINT or SIGTERM the worker stops, and if it holds no pending entry it
-removes its own consumer from the group (XGROUP DELCONSUMER), so that the
-group does not collect the names of workers that are gone. A worker that was
-killed stays listed (XINFO CONSUMERS) with nothing pending once its entries
-are claimed; delete such names yourself, and only those with nothing pending:
-deleting a consumer drops its pending entries for good.
+So that the group does not collect the names of workers that are gone,
+every worker removes from the group the consumers idle for longer than
+--remove-idle seconds (default 600) that hold nothing pending, a killed
+worker's name once its entries were claimed; and on SIGINT or SIGTERM a
+worker that holds no pending entry removes its own name at once (XGROUP
+DELCONSUMER). Never delete a consumer that holds entries: its pending
+entries would be dropped from the group for good.
 """
 
 import argparse
@@ -62,10 +63,11 @@ def leave_the_group_if_done(name):
             client.xgroup_delconsumer(stream, GROUP, name)
 
 
-def main(claim_idle):
+def main(claim_idle, remove_idle):
     name = f"worker-{uuid.uuid4()}"
     source = Stream.from_redis_consumer_group(
-        STREAMS, GROUP, name, start_id="0", claim_idle=claim_idle
+        STREAMS, GROUP, name, start_id="0",
+        claim_idle=claim_idle, remove_idle_consumers=remove_idle,
     )
     sink = (
         source.map(preprocess)
@@ -84,5 +86,7 @@ def main(claim_idle):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--claim-idle", type=float, default=30.0, metavar="SECONDS")
+    parser.add_argument("--remove-idle", type=float, default=600.0, metavar="SECONDS")
     logging.basicConfig(level=logging.WARNING)
-    main(parser.parse_args().claim_idle)
+    arguments = parser.parse_args()
+    main(arguments.claim_idle, arguments.remove_idle)
