@@ -3527,20 +3527,54 @@ def test_dask_acknowledges_only_once_results_are_gathered_and_in_the_sink(
     server, r, dask_client
 ):
     def work(entry, url):
+        client = redis.Redis.from_url(url, socket_timeout=None)
         if entry.fields["i"] == "2":  # a slow task: runs until the test releases it
-            redis.Redis.from_url(url, socket_timeout=None).blpop("release")
+            from distributed import secede
+
+            secede()  # its worker's thread is free for the others meanwhile
+            client.blpop("release")
+        client.rpush("computed", entry.fields["i"])
         return int(entry.fields["i"]) * 10
 
     ids = backlog(r, 5)
     source, results = dask_pipeline(dask_client, work, server.url)
     source.start()
-    wait_for(lambda: results == [0, 10])  # gathered in order: the rest wait on entry 2
+    # Entries 3 and 4 are computed, but gathered in order they wait on entry 2.
+    wait_for(lambda: sorted(r.lrange("computed", 0, -1)) == [b"0", b"1", b"3", b"4"], timeout=30)
+    wait_for(lambda: results == [0, 10])
     wait_for(lambda: pending(r, "jobs", "workers") == 3 and source.metrics()["acked"] == 2)
     still = [p["message_id"].decode() for p in r.xpending_range("jobs", "workers", "-", "+", 10)]
-    assert still == ids[2:]  # computed or not, nothing past the sink is acknowledged
+    assert still == ids[2:]  # computed, but not past the sink: not acknowledged
     assert source.metrics()["in_flight"] == 3
     r.rpush("release", 1)
     wait_for(lambda: results == [0, 10, 20, 30, 40] and pending(r, "jobs", "workers") == 0)
+
+
+def test_the_module_never_imports_dask_unless_a_pipeline_uses_it(server):
+    # dask and distributed blocked: streamz imports without its Dask nodes,
+    # and a consumer group runs and acknowledges.
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.modules["dask"] = sys.modules["distributed"] = None
+        import redis
+        from streamz import Stream
+        import streamz_redis
+
+        r = redis.Redis.from_url({server.url!r})
+        r.xadd("nodask", {{"i": 1}})
+        source = Stream.from_redis_consumer_group("nodask", "g", "c", start_id="0")
+        seen = source.sink_to_list()
+        source.start()
+        deadline = time.monotonic() + 10
+        while (not seen or r.xpending("nodask", "g")["pending"]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        source.stop()
+        print(len(seen), r.xpending("nodask", "g")["pending"])
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, cwd=HERE, env=dict(os.environ, PYTHONPATH=str(HERE)))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "0"]
 
 
 def test_dask_a_worker_killed_mid_run_loses_nothing_and_the_pipeline_goes_on(

@@ -9,8 +9,8 @@ Redis's CPU time per entry and its CPU use (``INFO cpu``, used_cpu_sys +
 used_cpu_user, before and after), the figure that says when Redis itself
 becomes the limit (a redis-server uses one core: at 100 % it is the limit).
 
-    python bench/scale.py --n 200000 --processes 1 2 4 --repeat 3
-    python bench/scale.py --n 100000 --processes 1 2 4 --repeat 3 --per-entry
+    python bench/scale.py --n 100000 --processes 1 2 4 --repeat 3
+    python bench/scale.py --n 50000 --processes 1 2 4 --repeat 3 --per-entry
 
 It starts a redis-server of its own on a free port (``redis-server`` from
 PATH, or REDIS_SERVER), as the tests do.
