@@ -2077,6 +2077,8 @@ class from_redis_list(_RedisSource):
 
     async def _remove_processed(self, batch):
         # Items that left the pipeline: drop them from the processing list.
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: LREM %d", self, sum(map(len, batch.values())))
         async with self._redis.pipeline(transaction=False) as pipe:
             for processing, items in batch.items():
                 for item in items:
@@ -2320,6 +2322,7 @@ class from_redis_consumer_group(_RedisSource):
         self._next_claim = 0.0
         self._last_read = {}  # stream -> id of the last new entry read
         self._recreated = False  # the group was recreated since the last read
+        self._group_starts = {}  # stream -> where its group starts, for start()'s log line
         self.trim_acknowledged = bool(trim_acknowledged)
         self._lag = self._pending = None  # from Redis, by _refresh_figures()
         self._trimmed = 0
@@ -2347,9 +2350,10 @@ class from_redis_consumer_group(_RedisSource):
         options = [f"{name}={getattr(self, name)!r}" for name in
                    ("claim_idle", "remove_idle_consumers", "max_deliveries", "trim_acknowledged")
                    if getattr(self, name)]
+        starts = "; ".join(f"{name!r}: {where}" for name, where in self._group_starts.items())
         return (f"reading {', '.join(map(repr, self.start_ids))} as consumer {self.consumer!r} "
                 f"of group {self.group!r}: its pending entries first, then new ones"
-                + (f" ({', '.join(options)})" if options else ""))
+                + (f" ({', '.join(options)})" if options else "") + (f"; {starts}" if starts else ""))
 
     def _after_read(self, batch):
         super()._after_read(batch)
@@ -2428,17 +2432,23 @@ class from_redis_consumer_group(_RedisSource):
             kind = _text(await self._redis.type(name))
             if kind not in ("stream", "none"):
                 raise TypeError(f"Redis key {name!r} holds a {kind}, not a stream")
-            await self._create_group(name, start_id)
+            self._group_starts[name] = await self._create_group(name, start_id)
         self._replay_from = {name: "0" for name in self.start_ids}
         self._claim_from = None
         self._next_claim = 0.0
 
     async def _create_group(self, name, start_id):
+        """Create the group at ``start_id``; say where it starts (for the
+        log line of start())."""
         try:
             await self._redis.xgroup_create(name, self.group, start_id, mkstream=True)
         except redis.exceptions.ResponseError as exc:
             if not str(exc).startswith("BUSYGROUP"):
                 raise
+            return "the group goes on after the last entry it delivered"
+        return "a new group, from the stream's start" if start_id == "0" else (
+            "a new group, from the entries added now on" if start_id == "$"
+            else f"a new group, after {start_id}")
 
     async def _read(self, reader):
         if self._replay_from:
@@ -3747,15 +3757,15 @@ async def _cli_dead_letters(client, args):
 async def _cli_redrive(client, args):
     await _existing_stream(client, args.dead_letter_stream)
     redrive = client.register_script(REDRIVE_ENTRY)
-    done = skipped = 0
+    done = skipped = refused = 0
     after = "-"
-    while args.count is None or done < args.count:
+    while (args.count is None or done < args.count) and not args.stopping.is_set():
         page = await client.xrange(args.dead_letter_stream, after, "+", count=100)
         if not page:
             break
         after = "(" + _text(page[-1][0])
         for entry_id, flat in page:
-            if args.count is not None and done >= args.count:
+            if args.count is not None and done >= args.count or args.stopping.is_set():
                 break
             source, original = _original_fields(flat)
             if source is None or not original:
@@ -3768,14 +3778,25 @@ async def _cli_redrive(client, args):
                       f"{json.dumps(_flat_fields(original), ensure_ascii=False)}")
                 done += 1
                 continue
-            added = await redrive(keys=[args.dead_letter_stream, source], args=[entry_id, *original])
+            try:
+                added = await redrive(keys=[args.dead_letter_stream, source], args=[entry_id, *original])
+            except redis.exceptions.ResponseError as exc:
+                if not str(exc).startswith("WRONGTYPE"):
+                    raise  # not this entry's doing (NOPERM, say): one line, and stop
+                print(f"{_text(entry_id)}: {_shown(source)} is not a stream; left in place",
+                      file=sys.stderr)
+                refused += 1
+                continue
             if added is None:
                 continue  # redriven by someone else meanwhile
             print(f"{_text(entry_id)} -> {_shown(source)} {_text(added)}")
             done += 1
     verb = "would redrive" if args.dry_run else "redrove"
-    print(f"{verb} {done} entries from {args.dead_letter_stream}"
-          + (f"; {skipped} left in place" if skipped else ""))
+    interrupted = args.stopping.is_set()
+    print(("interrupted: " if interrupted else "") + f"{verb} {done} entries from "
+          f"{args.dead_letter_stream}" + (f"; {skipped + refused} left in place"
+                                          if skipped + refused else ""))
+    return EXIT_INTERRUPTED if interrupted else 1 if refused else 0
 
 
 # How long one read of `tail` waits: SIGINT is honoured between reads.
@@ -3784,13 +3805,7 @@ TAIL_BLOCK = 0.5
 
 async def _cli_tail(client, args):
     await _existing_stream(client, args.stream)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signal_number in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(signal_number, stopping.set)
-        except (NotImplementedError, RuntimeError):  # pragma: no cover - Windows
-            pass
+    stopping = args.stopping
     last = await client.xrevrange(args.stream, count=1)
     after = _text(last[0][0]) if last else "0-0"
     print(f"tailing {args.stream} after {after} (Ctrl-C to stop)", file=sys.stderr, flush=True)
@@ -3811,6 +3826,20 @@ async def _cli_trim(client, args):
     keep, count, group = trimmed
     print(f"trimmed {count} entries from {args.stream}: kept from {keep}, "
           f"which group {group} still needs")
+
+
+# The exit code of a command interrupted by Ctrl-C (128 + SIGINT, as shells say).
+EXIT_INTERRUPTED = 130
+
+
+def _count_argument(text):
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, not {text!r}")
+    return number
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -3836,20 +3865,20 @@ def _parser():
     pending = commands.add_parser("pending", help="the oldest pending entries of a group")
     pending.add_argument("stream")
     pending.add_argument("group")
-    pending.add_argument("--count", type=int, default=10)
+    pending.add_argument("--count", type=_count_argument, default=10)
     pending.set_defaults(run=_cli_pending)
     dead = commands.add_parser("dead-letters", help="what STREAM:dead-letter holds")
     dead.add_argument("stream")
-    dead.add_argument("--count", type=int, default=100)
+    dead.add_argument("--count", type=_count_argument, default=100)
     dead.set_defaults(run=_cli_dead_letters)
     redrive = commands.add_parser("redrive", help="put dead letters back on their streams")
     redrive.add_argument("dead_letter_stream")
-    redrive.add_argument("--count", type=int, default=None, help="at most this many")
+    redrive.add_argument("--count", type=_count_argument, default=None, help="at most this many")
     redrive.add_argument("--dry-run", action="store_true", help="say what would go back")
-    redrive.set_defaults(run=_cli_redrive)
+    redrive.set_defaults(run=_cli_redrive, stops_between_steps=True)
     tail = commands.add_parser("tail", help="print entries as they arrive, until Ctrl-C")
     tail.add_argument("stream")
-    tail.set_defaults(run=_cli_tail)
+    tail.set_defaults(run=_cli_tail, stops_between_steps=True)
     trim = commands.add_parser("trim", help="trim up to the oldest entry a group still needs")
     trim.add_argument("stream")
     trim.set_defaults(run=_cli_trim)
@@ -3870,8 +3899,18 @@ async def _cli(args):
         raise _CommandError(f"{where}: {_error_text(exc)}") from None
     for command in ("XRANGE", "XREAD"):
         client.set_response_callback(command, _raw_reply)  # flat fields, as Redis keeps them
+    args.stopping = asyncio.Event()
+    if getattr(args, "stops_between_steps", False):
+        # Ctrl-C ends tail and redrive between two steps, never inside one
+        # (a cancel can be lost inside redis-py's reads on Python 3.11).
+        loop = asyncio.get_running_loop()
+        for signal_number in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(signal_number, args.stopping.set)
+            except (NotImplementedError, RuntimeError):  # pragma: no cover - Windows
+                pass
     try:
-        await args.run(client, args)
+        return await args.run(client, args)
     except CONNECTION_ERRORS as exc:
         raise _CommandError(f"cannot reach {where} ({_error_text(exc)})") from None
     except redis.exceptions.RedisError as exc:
@@ -3892,20 +3931,22 @@ async def _cli(args):
 
 
 def main(argv=None):
-    """``python -m streamz_redis``: run one command; the exit code (0, 1 for
-    an error said on stderr in one line, 2 for a bad command line)."""
+    """``python -m streamz_redis``: run one command; the exit code (0; 1 for
+    an error said on stderr in one line, or a redrive that left entries it
+    could not put back; 2 for a bad command line; 130 when Ctrl-C
+    interrupted it)."""
     args = _parser().parse_args(argv)
     try:
-        asyncio.run(_cli(args))
+        return asyncio.run(_cli(args)) or 0
     except _CommandError as exc:
         print(f"python -m streamz_redis: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C where no handler was installed
-        return 0
+        print("python -m streamz_redis: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # `... | head`: the reader went away
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    return 0
 
 
 if __name__ == "__main__":

@@ -2657,6 +2657,53 @@ def test_two_redrives_at_once_put_each_entry_back_exactly_once(server, r):
     assert r.xlen("orders:dead-letter") == 0
 
 
+def test_a_redrive_leaves_an_entry_whose_source_is_not_a_stream_and_goes_on(server, r):
+    r.set("not-a-stream", "x")
+    for n, source in enumerate(["orders", "not-a-stream", "orders"]):
+        r.xadd("orders:dead-letter", {"n": n, "source_stream": source, "source_id": f"{n + 1}-0",
+                                      "deliveries": 4})
+    out = cli("redrive", "orders:dead-letter", check=False)
+    assert out.returncode == 1
+    assert out.stderr.count("\n") == 1 and "not-a-stream is not a stream; left in place" in out.stderr
+    assert "redrove 2 entries from orders:dead-letter; 1 left in place" in out.stdout
+    assert [fields[b"n"] for _, fields in r.xrange("orders")] == [b"0", b"2"]
+    assert [fields[b"n"] for _, fields in r.xrange("orders:dead-letter")] == [b"1"]
+
+
+def test_ctrl_c_ends_a_redrive_between_two_entries(server, r):
+    total = 20_000
+    with r.pipeline(transaction=False) as pipe:
+        for n in range(total):
+            pipe.xadd("orders:dead-letter", {"n": n, "source_stream": "orders",
+                                             "source_id": f"{n + 1}-0", "deliveries": 4})
+        pipe.execute()
+    redrive = subprocess.Popen(
+        [sys.executable, "-m", "streamz_redis", "redrive", "orders:dead-letter"], cwd=HERE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_for(lambda: r.xlen("orders") >= 100, timeout=30)
+        redrive.send_signal(signal.SIGINT)
+        out, err = redrive.communicate(timeout=10)
+    finally:
+        redrive.kill()
+    assert redrive.returncode == 130, err
+    back = [int(fields[b"n"]) for _, fields in r.xrange("orders")]
+    last = out.splitlines()[-1]
+    assert last == f"interrupted: redrove {len(back)} entries from orders:dead-letter", last
+    assert len(back) < total and back == list(range(len(back)))  # in order, each once
+    assert r.xlen("orders:dead-letter") == total - len(back)
+    assert err == ""
+
+
+def test_a_count_that_is_not_a_positive_number_is_a_usage_error(server, r):
+    for args in (["redrive", "dl", "--count", "0"], ["pending", "s", "g", "--count", "-1"],
+                 ["dead-letters", "s", "--count", "x"]):
+        out = cli(*args, check=False)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, (args, out.stderr)
+        assert "expected a positive whole number" in out.stderr
+
+
 def test_tail_prints_entries_as_they_arrive_until_ctrl_c(server, r):
     r.xadd("orders", {"n": "old"})
     tail = subprocess.Popen(
@@ -2796,8 +2843,48 @@ def test_a_source_says_what_it_reads_when_it_starts_and_what_it_flushed_when_it_
         wait_for(lambda: source.metrics()["emitted"] == 1)
         source.stop()
     assert ("started, reading 'orders' as consumer 'biller-1' of group 'billing': its pending "
-            "entries first, then new ones (claim_idle=30)") in caplog.text
+            "entries first, then new ones (claim_idle=30); 'orders': a new group, from the "
+            "entries added now on") in caplog.text
     assert re.search(r"stopped; \d acknowledgement\(s\) flushed, 0 left unsent, 1 sent", caplog.text)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="streamz_redis"):
+        source.start()
+        source.stop()
+    assert "'orders': the group goes on after the last entry it delivered" in caplog.text
+
+
+def test_a_source_logs_each_read_and_acknowledgement_at_debug_and_each_claim_at_info(
+    server, r, caplog
+):
+    r.xadd("orders", {"n": 0})
+    r.xgroup_create("orders", "billing", "0")
+    r.xreadgroup("billing", "dead", {"orders": ">"})  # a consumer that died holding it
+    r.xadd("orders", {"n": 1})
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller-1", claim_idle=0.1)
+    failing = source.map(lambda entry: 1 / int(entry.fields["n"]))  # n=0 fails, stays pending
+    failing.sink(lambda _: None)
+    with caplog.at_level(logging.DEBUG, logger="streamz_redis"):
+        source.start()
+        wait_for(lambda: "claimed 1 idle entries of stream 'orders'" in caplog.text)
+        wait_for(lambda: source.metrics()["acked"] == 1 and source.metrics()["failed"] >= 1)
+        source.stop()
+    figures = source.metrics()
+    assert figures["read"] >= 2 and figures["emitted"] == figures["read"]  # one more per retry
+    assert re.search(r"biller-1.*: read 1$", caplog.text, re.M)
+    assert re.search(r"biller-1.*: XACK 1$", caplog.text, re.M)
+    claims = [rec for rec in caplog.records if "claimed" in rec.getMessage()]
+    assert claims and all(rec.levelno == logging.INFO for rec in claims)
+
+
+def test_a_reliable_list_logs_each_removal_round_trip_at_debug(server, r, caplog):
+    r.rpush("jobs", "a", "b")
+    source = Stream.from_redis_list("jobs", processing_list="jobs:processing")
+    source.sink_to_list()
+    with caplog.at_level(logging.DEBUG, logger="streamz_redis"):
+        source.start()
+        wait_for(lambda: source.metrics()["acked"] == 2)
+        source.stop()
+    assert re.search(r": LREM [12]$", caplog.text, re.M)
 
 
 def test_the_prometheus_exporter_serves_the_figures(server, r):
