@@ -3094,18 +3094,24 @@ class _RedisSink(_RedisNode, Sink):
         """The commands of one round trip, in order, each with how many of
         ``writes`` it carries (an exactly-once round trip leads with SCRIPT
         LOAD, so that no EVALSHA meets a Redis that lost its scripts)."""
-        commands = []
-        if self.exactly_once and not self._on_cluster():
-            commands.append((("SCRIPT", "LOAD", WRITE_AND_ACKNOWLEDGE), 0))
+        commands = self._commands_before_scripts()
         for write in writes:
-            commands.append((self._command(write) if not write.acks else self._script(write), 1))
+            commands.append((self._command(write) if not write.acks
+                             else self._script(self._command(write), write.acks), 1))
         return commands
 
-    def _script(self, write):
-        """The command that writes ``write`` and acknowledges its entries."""
-        command = self._command(write)
+    def _commands_before_scripts(self):
+        """An exactly-once round trip leads with SCRIPT LOAD, so that no
+        EVALSHA meets a Redis that lost its scripts (on a cluster, EVAL)."""
+        if self.exactly_once and not self._on_cluster():
+            return [(("SCRIPT", "LOAD", WRITE_AND_ACKNOWLEDGE), 0)]
+        return []
+
+    def _script(self, command, acks):
+        """The script that runs ``command`` (a write) and acknowledges
+        ``acks``, the entries it carries."""
         keys, args = [command[1]], [command[0], len(command) - 2, *command[2:]]
-        for ack in write.acks:
+        for ack in acks:
             name, key, first, second = ack.command()
             keys.append(key)
             args += [name, first, second]
@@ -3488,7 +3494,7 @@ class to_redis_list(_RedisSink):
 
     def _commands(self, writes):
         if self.exactly_once:
-            return super()._commands(writes)
+            return self._scripts(writes)
         commands = []  # consecutive pushes to one key merged into one command
         for write in writes:
             if commands and commands[-1][0][1] == write.key:
@@ -3497,6 +3503,35 @@ class to_redis_list(_RedisSink):
                 commands[-1] = (command, carried + 1)
             else:
                 commands.append((self._command(write), 1))
+        return commands
+
+    # At most this many pushes in one exactly-once script (Lua unpacks them).
+    MERGED_SCRIPT_VALUES = 500
+
+    def _scripts(self, writes):
+        """Exactly once: consecutive writes to one key whose entries all come
+        from one stream and group (or one processing list) go in one script,
+        one push and all their acknowledgements, which commit together. Their
+        failures share one cause too (the key, the group), so no write fails
+        for a neighbour's sake."""
+        commands = self._commands_before_scripts()
+        merged, acks, source = [], [], None  # the writes of the script being built
+        for write in writes + [None]:
+            ack_source = {ack.command()[:3] for ack in write.acks} if write is not None else None
+            if merged and (write is None or write.key != merged[0].key or ack_source != source
+                           or len(merged) == self.MERGED_SCRIPT_VALUES):
+                push = [*self._command(merged[0]), *(w.value for w in merged[1:])]
+                commands.append((self._script(push, acks), len(merged)))
+                merged, acks = [], []
+            if write is None:
+                break
+            if not write.acks or len(ack_source) != 1:
+                commands.append((self._command(write) if not write.acks
+                                 else self._script(self._command(write), write.acks), 1))
+                continue
+            merged.append(write)
+            acks.extend(write.acks)
+            source = ack_source
         return commands
 
 

@@ -1848,6 +1848,23 @@ def test_an_exactly_once_sink_acknowledges_each_entry_in_its_own_write(server, r
     assert sink.metrics()["written"] == 50
 
 
+def test_an_exactly_once_list_sink_pushes_consecutive_results_in_one_script(server, r):
+    ids = [r.xadd("orders", {"n": n}).decode() for n in range(300)]
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller", start_id="0")
+    sink = source.map(lambda e: e.id).to_redis_list("invoices", exactly_once=True)
+    r.config_resetstat()
+    source.start()
+    wait_for(lambda: pending(r, "orders", "billing") == 0 and r.llen("invoices") == 300)
+    wait_for(lambda: source.metrics()["acked"] == 300)
+    source.stop()
+    assert [i.decode() for i in r.lrange("invoices", 0, -1)] == ids  # in order, each once
+    # Each entry acknowledged inside a script; results that queued together
+    # went out as one push, so there were fewer scripts than entries.
+    assert call_count(r, "xack") == 300
+    assert call_count(r, "evalsha") < 300 and call_count(r, "rpush") == call_count(r, "evalsha")
+    assert sink.metrics()["written"] == 300
+
+
 def test_entries_dropped_by_a_filter_are_acknowledged_as_usual(server, r):
     for n in range(10):
         r.xadd("orders", {"n": n})
