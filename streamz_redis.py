@@ -2953,6 +2953,53 @@ return reply
 """
 WRITE_AND_ACKNOWLEDGE_SHA = hashlib.sha1(WRITE_AND_ACKNOWLEDGE.encode()).hexdigest()
 
+# The same for several list pushes in one script: as if each ran its own
+# WRITE_AND_ACKNOWLEDGE, together. ARGV: the push (RPUSH or LPUSH), the number
+# of values w, the w values, how many entries each value carries, then each
+# entry's acknowledgement; KEYS as above. A value whose first entry is no longer
+# pending (written by an earlier try, or taken over and acknowledged by another
+# consumer) is left out with its entries; the reply is how many values went in.
+PUSH_AND_ACKNOWLEDGE = """
+local w = tonumber(ARGV[2])
+local at, key = 2 * w + 3, 2
+local values, acks = {}, {}
+for i = 1, w do
+    local n = tonumber(ARGV[w + 2 + i])
+    local pending
+    if ARGV[at] == 'XACK' then
+        pending = #redis.call('XPENDING', KEYS[key], ARGV[at + 1], ARGV[at + 2], ARGV[at + 2], 1) > 0
+    else
+        pending = redis.call('LPOS', KEYS[key], ARGV[at + 2])
+    end
+    if pending then
+        table.insert(values, ARGV[2 + i])
+        for j = 0, n - 1 do table.insert(acks, {key + j, at + 3 * j}) end
+    end
+    at, key = at + 3 * n, key + n
+end
+if #values == 0 then
+    return 0
+end
+if redis.acl_check_cmd then
+    local allowed = redis.acl_check_cmd(ARGV[1], KEYS[1], values[1])
+    for _, ack in ipairs(acks) do
+        local step = ack[2]
+        allowed = allowed and redis.acl_check_cmd(ARGV[step], KEYS[ack[1]], ARGV[step + 1], ARGV[step + 2])
+    end
+    if not allowed then
+        return redis.error_reply('NOPERM this user may not run ' .. ARGV[1] .. ' on ' .. KEYS[1] ..
+            ' and acknowledge its entries')
+    end
+end
+redis.call(ARGV[1], KEYS[1], unpack(values))
+for _, ack in ipairs(acks) do
+    local step = ack[2]
+    redis.call(ARGV[step], KEYS[ack[1]], ARGV[step + 1], ARGV[step + 2])
+end
+return #values
+"""
+PUSH_AND_ACKNOWLEDGE_SHA = hashlib.sha1(PUSH_AND_ACKNOWLEDGE.encode()).hexdigest()
+
 
 def _cannot_be_retried(exc):
     """Connection errors that a retry cannot mend: a wrong password, a
@@ -3104,20 +3151,28 @@ class _RedisSink(_RedisNode, Sink):
         """An exactly-once round trip leads with SCRIPT LOAD, so that no
         EVALSHA meets a Redis that lost its scripts (on a cluster, EVAL)."""
         if self.exactly_once and not self._on_cluster():
-            return [(("SCRIPT", "LOAD", WRITE_AND_ACKNOWLEDGE), 0)]
+            return [(("SCRIPT", "LOAD", script), 0) for script in self._SCRIPTS]
         return []
+
+    _SCRIPTS = (WRITE_AND_ACKNOWLEDGE,)
 
     def _script(self, command, acks):
         """The script that runs ``command`` (a write) and acknowledges
         ``acks``, the entries it carries."""
-        keys, args = [command[1]], [command[0], len(command) - 2, *command[2:]]
+        return self._run_script(WRITE_AND_ACKNOWLEDGE, WRITE_AND_ACKNOWLEDGE_SHA, command[1],
+                                [command[0], len(command) - 2, *command[2:]], acks)
+
+    def _run_script(self, script, sha, key, args, acks):
+        """EVALSHA (EVAL on a cluster) of ``script``: ``key`` and ``args``,
+        then each of ``acks`` as its key and a step of the script's ARGV."""
+        keys, args = [key], list(args)
         for ack in acks:
-            name, key, first, second = ack.command()
-            keys.append(key)
+            name, ack_key, first, second = ack.command()
+            keys.append(ack_key)
             args += [name, first, second]
         if self._on_cluster():  # each script runs on its slot's node: no SCRIPT LOAD there first
-            return ("EVAL", WRITE_AND_ACKNOWLEDGE, len(keys), *keys, *args)
-        return ("EVALSHA", WRITE_AND_ACKNOWLEDGE_SHA, len(keys), *keys, *args)
+            return ("EVAL", script, len(keys), *keys, *args)
+        return ("EVALSHA", sha, len(keys), *keys, *args)
 
     async def _send(self, commands):
         return await _execute_pipelined(self._redis, commands)
@@ -3234,13 +3289,17 @@ class _RedisSink(_RedisNode, Sink):
         exactly-once script sent twice writes once)."""
         replies = [None] * len(writes)
         todo = list(range(len(writes)))
+        if self.exactly_once:
+            # Once, before the first try: a write sent without its entries'
+            # acknowledgements (another node held them) must not be sent
+            # again with them after a lost reply, which would write it twice.
+            for write in writes:
+                write.acks = self._acks_to_settle(write)
         while True:
             try:
                 if self._redis is None:
                     await self._connect()
                 if self.exactly_once:
-                    for i in todo:
-                        writes[i].acks = self._acks_to_settle(writes[i])
                     for i, refused in zip(todo, await self._same_server([writes[i] for i in todo])):
                         replies[i] = refused
                     todo = [i for i in todo if replies[i] is None]
@@ -3505,23 +3564,32 @@ class to_redis_list(_RedisSink):
                 commands.append((self._command(write), 1))
         return commands
 
-    # At most this many pushes in one exactly-once script (Lua unpacks them).
+    # At most this many pushes in one exactly-once script (Lua unpacks them,
+    # up to about 8,000), and about this many entries acknowledged by it (a
+    # script runs alone on the server).
     MERGED_SCRIPT_VALUES = 500
+    MERGED_SCRIPT_ENTRIES = 1000
+
+    _SCRIPTS = (WRITE_AND_ACKNOWLEDGE, PUSH_AND_ACKNOWLEDGE)
 
     def _scripts(self, writes):
         """Exactly once: consecutive writes to one key whose entries all come
-        from one stream and group (or one processing list) go in one script,
-        one push and all their acknowledgements, which commit together. Their
-        failures share one cause too (the key, the group), so no write fails
-        for a neighbour's sake."""
+        from one stream and group (or one processing list) go in one script
+        (PUSH_AND_ACKNOWLEDGE), as if each ran its own, together: one push and
+        their acknowledgements, which commit together. Their failures share
+        one cause too (the key, the group), so no write fails for a
+        neighbour's sake."""
         commands = self._commands_before_scripts()
         merged, acks, source = [], [], None  # the writes of the script being built
         for write in writes + [None]:
             ack_source = {ack.command()[:3] for ack in write.acks} if write is not None else None
             if merged and (write is None or write.key != merged[0].key or ack_source != source
-                           or len(merged) == self.MERGED_SCRIPT_VALUES):
-                push = [*self._command(merged[0]), *(w.value for w in merged[1:])]
-                commands.append((self._script(push, acks), len(merged)))
+                           or len(merged) == self.MERGED_SCRIPT_VALUES
+                           or len(acks) + len(write.acks) > self.MERGED_SCRIPT_ENTRIES):
+                push, key = self._command(merged[0])[:2]
+                args = [push, len(merged), *(w.value for w in merged), *(len(w.acks) for w in merged)]
+                commands.append((self._run_script(PUSH_AND_ACKNOWLEDGE, PUSH_AND_ACKNOWLEDGE_SHA,
+                                                  key, args, acks), len(merged)))
                 merged, acks = [], []
             if write is None:
                 break
@@ -3794,13 +3862,15 @@ async def _cli_redrive(client, args):
     redrive = client.register_script(REDRIVE_ENTRY)
     done = skipped = refused = 0
     after = "-"
-    while (args.count is None or done < args.count) and not args.stopping.is_set():
+    interrupted = False
+    while (args.count is None or done < args.count) and not interrupted:
         page = await client.xrange(args.dead_letter_stream, after, "+", count=100)
         if not page:
             break
         after = "(" + _text(page[-1][0])
         for entry_id, flat in page:
-            if args.count is not None and done >= args.count or args.stopping.is_set():
+            interrupted = args.stopping.is_set()
+            if args.count is not None and done >= args.count or interrupted:
                 break
             source, original = _original_fields(flat)
             if source is None or not original:
@@ -3816,7 +3886,7 @@ async def _cli_redrive(client, args):
             try:
                 added = await redrive(keys=[args.dead_letter_stream, source], args=[entry_id, *original])
             except redis.exceptions.ResponseError as exc:
-                if not str(exc).startswith("WRONGTYPE"):
+                if "WRONGTYPE" not in str(exc):  # Redis 6.2 puts it after the script's name
                     raise  # not this entry's doing (NOPERM, say): one line, and stop
                 print(f"{_text(entry_id)}: {_shown(source)} is not a stream; left in place",
                       file=sys.stderr)
@@ -3827,11 +3897,10 @@ async def _cli_redrive(client, args):
             print(f"{_text(entry_id)} -> {_shown(source)} {_text(added)}")
             done += 1
     verb = "would redrive" if args.dry_run else "redrove"
-    interrupted = args.stopping.is_set()
     print(("interrupted: " if interrupted else "") + f"{verb} {done} entries from "
           f"{args.dead_letter_stream}" + (f"; {skipped + refused} left in place"
                                           if skipped + refused else ""))
-    return EXIT_INTERRUPTED if interrupted else 1 if refused else 0
+    return 128 + args.stopped_by if interrupted else 1 if refused else 0
 
 
 # How long one read of `tail` waits: SIGINT is honoured between reads.
@@ -3864,7 +3933,7 @@ async def _cli_trim(client, args):
 
 
 # The exit code of a command interrupted by Ctrl-C (128 + SIGINT, as shells say).
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
 def _count_argument(text):
@@ -3936,12 +4005,21 @@ async def _cli(args):
         client.set_response_callback(command, _raw_reply)  # flat fields, as Redis keeps them
     args.stopping = asyncio.Event()
     if getattr(args, "stops_between_steps", False):
-        # Ctrl-C ends tail and redrive between two steps, never inside one
-        # (a cancel can be lost inside redis-py's reads on Python 3.11).
+        # Ctrl-C (or SIGTERM) ends tail and redrive between two steps, never
+        # inside one (a cancel can be lost inside redis-py's reads on Python
+        # 3.11). A second one interrupts at once, as usual.
         loop = asyncio.get_running_loop()
-        for signal_number in (signal.SIGINT, signal.SIGTERM):
+        signals = (signal.SIGINT, signal.SIGTERM)
+
+        def stop(signal_number):
+            args.stopped_by = signal_number
+            args.stopping.set()
+            for number in signals:
+                loop.remove_signal_handler(number)
+
+        for signal_number in signals:
             try:
-                loop.add_signal_handler(signal_number, args.stopping.set)
+                loop.add_signal_handler(signal_number, stop, signal_number)
             except (NotImplementedError, RuntimeError):  # pragma: no cover - Windows
                 pass
     try:
@@ -3969,7 +4047,7 @@ def main(argv=None):
     """``python -m streamz_redis``: run one command; the exit code (0; 1 for
     an error said on stderr in one line, or a redrive that left entries it
     could not put back; 2 for a bad command line; 130 when Ctrl-C
-    interrupted it)."""
+    interrupted it; 143 for SIGTERM; tail ends with 0 on either)."""
     args = _parser().parse_args(argv)
     try:
         return asyncio.run(_cli(args)) or 0

@@ -1865,6 +1865,34 @@ def test_an_exactly_once_list_sink_pushes_consecutive_results_in_one_script(serv
     assert sink.metrics()["written"] == 300
 
 
+@pytest.mark.parametrize("handled_elsewhere", [0, 1])
+def test_an_exactly_once_list_sink_writes_what_another_consumer_took_over_once(
+    server, r, handled_elsewhere
+):
+    # While this consumer processes its first entry, another one claims an
+    # entry this one holds (the first, or the next), writes its result and
+    # acknowledges it. Found by review: a merged script checked only its
+    # first entry, and wrote such a result twice, or left its neighbours
+    # unwritten and pending.
+    ids = [r.xadd("orders", {"n": n}).decode() for n in range(3)]
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller", start_id="0")
+
+    def work(entry):
+        if entry.id == ids[0]:
+            other = ids[handled_elsewhere]
+            r.xclaim("orders", "billing", "other", 0, [other])
+            r.rpush("invoices", other)
+            r.xack("orders", "billing", other)
+        return entry.id
+
+    source.map(work).to_redis_list("invoices", exactly_once=True)
+    source.start()
+    wait_for(lambda: source.metrics()["acked"] == 3 and pending(r, "orders", "billing") == 0)
+    wait_for(lambda: r.llen("invoices") >= 3)
+    source.stop()
+    assert sorted(i.decode() for i in r.lrange("invoices", 0, -1)) == sorted(ids)
+
+
 def test_entries_dropped_by_a_filter_are_acknowledged_as_usual(server, r):
     for n in range(10):
         r.xadd("orders", {"n": n})
@@ -2687,7 +2715,8 @@ def test_a_redrive_leaves_an_entry_whose_source_is_not_a_stream_and_goes_on(serv
     assert [fields[b"n"] for _, fields in r.xrange("orders:dead-letter")] == [b"1"]
 
 
-def test_ctrl_c_ends_a_redrive_between_two_entries(server, r):
+@pytest.mark.parametrize("signal_number, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_ends_a_redrive_between_two_entries(server, r, signal_number, code):
     total = 20_000
     with r.pipeline(transaction=False) as pipe:
         for n in range(total):
@@ -2700,11 +2729,11 @@ def test_ctrl_c_ends_a_redrive_between_two_entries(server, r):
     )
     try:
         wait_for(lambda: r.xlen("orders") >= 100, timeout=30)
-        redrive.send_signal(signal.SIGINT)
+        redrive.send_signal(signal_number)
         out, err = redrive.communicate(timeout=10)
     finally:
         redrive.kill()
-    assert redrive.returncode == 130, err
+    assert redrive.returncode == code, err
     back = [int(fields[b"n"]) for _, fields in r.xrange("orders")]
     last = out.splitlines()[-1]
     assert last == f"interrupted: redrove {len(back)} entries from orders:dead-letter", last
