@@ -2912,59 +2912,30 @@ def _leaves(node):
     return leaves
 
 
-# An element and the acknowledgement of the upstream entries it carries, in one
-# script. KEYS[1] is where the element goes, KEYS[2..] the stream (or
-# processing list) of each entry; ARGV holds the write's command, how many
-# arguments follow its key and those arguments, then for each entry its
-# acknowledgement (XACK group id, or LREM 1 item). Nothing is written unless
-# every step can run: Redis does not undo a script that fails half-way.
-# - Sent again after a lost reply (by us, or by the retries of a user's own
-#   client), it finds its first entry acknowledged and writes nothing.
-# - Its first entry's XPENDING (or LPOS) fails on a missing group or a key of
-#   the wrong type before anything is written; Redis 7 checks the user's
-#   permissions for every step first.
+# Elements and the acknowledgement of the upstream entries each carries, in one
+# script: as if each element ran a script of its own, together. KEYS[1] is
+# where the elements go, KEYS[2..] the stream (or processing list) of each
+# entry, in order. ARGV: the write's command, the number of elements, then for
+# each element how many arguments follow the key, those arguments and how many
+# entries it carries; then each entry's acknowledgement (XACK group id, or
+# LREM 1 item). Nothing is written unless every step can run: Redis does not
+# undo a script that fails half-way.
+# - An element whose first entry is no longer pending is left out with its
+#   entries: a script sent again after a lost reply (by us, or by the retries
+#   of a user's own client) writes nothing twice, and an entry another
+#   consumer took over and acknowledged is not written again.
+# - A missing group or a key of the wrong type fails the first XPENDING (or
+#   LPOS) before anything is written; Redis 7 checks the user's permissions
+#   for every step first. The reply is how many elements were written.
 WRITE_AND_ACKNOWLEDGE = """
-local n = tonumber(ARGV[2])
-local at = n + 3
-if ARGV[at] == 'XACK' then
-    if #redis.call('XPENDING', KEYS[2], ARGV[at + 1], ARGV[at + 2], ARGV[at + 2], 1) == 0 then
-        return false
-    end
-elseif not redis.call('LPOS', KEYS[2], ARGV[at + 2]) then
-    return false
+local elements, at = {}, 3
+for i = 1, tonumber(ARGV[2]) do
+    local n = tonumber(ARGV[at])
+    elements[i] = {at + 1, at + n, tonumber(ARGV[at + n + 1])}
+    at = at + n + 2
 end
-if redis.acl_check_cmd then
-    local allowed = redis.acl_check_cmd(ARGV[1], KEYS[1], unpack(ARGV, 3, n + 2))
-    for i = 2, #KEYS do
-        local step = at + 3 * (i - 2)
-        allowed = allowed and redis.acl_check_cmd(ARGV[step], KEYS[i], ARGV[step + 1], ARGV[step + 2])
-    end
-    if not allowed then
-        return redis.error_reply('NOPERM this user may not run ' .. ARGV[1] .. ' on ' .. KEYS[1] ..
-            ' and acknowledge its entries')
-    end
-end
-local reply = redis.call(ARGV[1], KEYS[1], unpack(ARGV, 3, n + 2))
-for i = 2, #KEYS do
-    redis.call(ARGV[at], KEYS[i], ARGV[at + 1], ARGV[at + 2])
-    at = at + 3
-end
-return reply
-"""
-WRITE_AND_ACKNOWLEDGE_SHA = hashlib.sha1(WRITE_AND_ACKNOWLEDGE.encode()).hexdigest()
-
-# The same for several list pushes in one script: as if each ran its own
-# WRITE_AND_ACKNOWLEDGE, together. ARGV: the push (RPUSH or LPUSH), the number
-# of values w, the w values, how many entries each value carries, then each
-# entry's acknowledgement; KEYS as above. A value whose first entry is no longer
-# pending (written by an earlier try, or taken over and acknowledged by another
-# consumer) is left out with its entries; the reply is how many values went in.
-PUSH_AND_ACKNOWLEDGE = """
-local w = tonumber(ARGV[2])
-local at, key = 2 * w + 3, 2
-local values, acks = {}, {}
-for i = 1, w do
-    local n = tonumber(ARGV[w + 2 + i])
+local key, run = 2, {}
+for _, element in ipairs(elements) do
     local pending
     if ARGV[at] == 'XACK' then
         pending = #redis.call('XPENDING', KEYS[key], ARGV[at + 1], ARGV[at + 2], ARGV[at + 2], 1) > 0
@@ -2972,33 +2943,43 @@ for i = 1, w do
         pending = redis.call('LPOS', KEYS[key], ARGV[at + 2])
     end
     if pending then
-        table.insert(values, ARGV[2 + i])
-        for j = 0, n - 1 do table.insert(acks, {key + j, at + 3 * j}) end
+        table.insert(run, {element[1], element[2], key, at, element[3]})
     end
-    at, key = at + 3 * n, key + n
-end
-if #values == 0 then
-    return 0
+    key, at = key + element[3], at + 3 * element[3]
 end
 if redis.acl_check_cmd then
-    local allowed = redis.acl_check_cmd(ARGV[1], KEYS[1], values[1])
-    for _, ack in ipairs(acks) do
-        local step = ack[2]
-        allowed = allowed and redis.acl_check_cmd(ARGV[step], KEYS[ack[1]], ARGV[step + 1], ARGV[step + 2])
-    end
-    if not allowed then
-        return redis.error_reply('NOPERM this user may not run ' .. ARGV[1] .. ' on ' .. KEYS[1] ..
-            ' and acknowledge its entries')
+    for _, step in ipairs(run) do
+        local allowed = redis.acl_check_cmd(ARGV[1], KEYS[1], unpack(ARGV, step[1], step[2]))
+        for j = 0, step[5] - 1 do
+            local ack = step[4] + 3 * j
+            allowed = allowed and redis.acl_check_cmd(ARGV[ack], KEYS[step[3] + j], ARGV[ack + 1], ARGV[ack + 2])
+        end
+        if not allowed then
+            return redis.error_reply('NOPERM this user may not run ' .. ARGV[1] .. ' on ' .. KEYS[1] ..
+                ' and acknowledge its entries')
+        end
     end
 end
-redis.call(ARGV[1], KEYS[1], unpack(values))
-for _, ack in ipairs(acks) do
-    local step = ack[2]
-    redis.call(ARGV[step], KEYS[ack[1]], ARGV[step + 1], ARGV[step + 2])
+local pushed = {}  -- list pushes go in as one (the order is the same)
+for _, step in ipairs(run) do
+    if (ARGV[1] == 'RPUSH' or ARGV[1] == 'LPUSH') and step[1] == step[2] then
+        table.insert(pushed, ARGV[step[1]])
+    else
+        redis.call(ARGV[1], KEYS[1], unpack(ARGV, step[1], step[2]))
+    end
 end
-return #values
+if #pushed > 0 then
+    redis.call(ARGV[1], KEYS[1], unpack(pushed))
+end
+for _, step in ipairs(run) do
+    for j = 0, step[5] - 1 do
+        local ack = step[4] + 3 * j
+        redis.call(ARGV[ack], KEYS[step[3] + j], ARGV[ack + 1], ARGV[ack + 2])
+    end
+end
+return #run
 """
-PUSH_AND_ACKNOWLEDGE_SHA = hashlib.sha1(PUSH_AND_ACKNOWLEDGE.encode()).hexdigest()
+WRITE_AND_ACKNOWLEDGE_SHA = hashlib.sha1(WRITE_AND_ACKNOWLEDGE.encode()).hexdigest()
 
 
 def _cannot_be_retried(exc):
@@ -3137,42 +3118,63 @@ class _RedisSink(_RedisNode, Sink):
             )
         self._sources_checked[source] = None
 
+    # At most this many elements in one exactly-once script, and about this
+    # many entries acknowledged by it: a script runs alone on the server.
+    SCRIPT_ELEMENTS = 500
+    SCRIPT_ENTRIES = 1000
+
     def _commands(self, writes):
         """The commands of one round trip, in order, each with how many of
-        ``writes`` it carries (an exactly-once round trip leads with SCRIPT
-        LOAD, so that no EVALSHA meets a Redis that lost its scripts)."""
-        commands = self._commands_before_scripts()
-        for write in writes:
-            commands.append((self._command(write) if not write.acks
-                             else self._script(self._command(write), write.acks), 1))
+        ``writes`` it carries."""
+        if self.exactly_once:
+            return self._scripts(writes)
+        return [(self._command(write), 1) for write in writes]
+
+    def _scripts(self, writes):
+        """Exactly once: consecutive writes to one key whose entries come
+        from one stream and group (or one processing list) go in one script
+        (WRITE_AND_ACKNOWLEDGE), which commits them and their acknowledgements
+        together. Their failures share one cause (the key, the group), so no
+        write fails for a neighbour's sake. A round trip leads with SCRIPT
+        LOAD, so that no EVALSHA meets a Redis that lost its scripts (on a
+        cluster, each script is an EVAL on its slot's node)."""
+        cluster = self._on_cluster()
+        commands = [] if cluster else [(("SCRIPT", "LOAD", WRITE_AND_ACKNOWLEDGE), 0)]
+        group, entries, source = [], 0, None  # the writes of the script being built
+        for write in writes + [None]:
+            write_source = {ack.command()[:3] for ack in write.acks} if write is not None else None
+            if group and (write is None or write.key != group[0].key or write_source != source
+                          or len(group) == self.SCRIPT_ELEMENTS
+                          or entries + len(write.acks) > self.SCRIPT_ENTRIES):
+                commands.append((self._script(group, cluster), len(group)))
+                group, entries = [], 0
+            if write is None:
+                break
+            if not write.acks:  # nothing to acknowledge with it (another node holds its entries)
+                commands.append((self._command(write), 1))
+            elif len(write_source) > 1:  # entries of several streams or groups: alone
+                commands.append((self._script([write], cluster), 1))
+            else:
+                group.append(write)
+                entries += len(write.acks)
+                source = write_source
         return commands
 
-    def _commands_before_scripts(self):
-        """An exactly-once round trip leads with SCRIPT LOAD, so that no
-        EVALSHA meets a Redis that lost its scripts (on a cluster, EVAL)."""
-        if self.exactly_once and not self._on_cluster():
-            return [(("SCRIPT", "LOAD", script), 0) for script in self._SCRIPTS]
-        return []
-
-    _SCRIPTS = (WRITE_AND_ACKNOWLEDGE,)
-
-    def _script(self, command, acks):
-        """The script that runs ``command`` (a write) and acknowledges
-        ``acks``, the entries it carries."""
-        return self._run_script(WRITE_AND_ACKNOWLEDGE, WRITE_AND_ACKNOWLEDGE_SHA, command[1],
-                                [command[0], len(command) - 2, *command[2:]], acks)
-
-    def _run_script(self, script, sha, key, args, acks):
-        """EVALSHA (EVAL on a cluster) of ``script``: ``key`` and ``args``,
-        then each of ``acks`` as its key and a step of the script's ARGV."""
-        keys, args = [key], list(args)
-        for ack in acks:
-            name, ack_key, first, second = ack.command()
-            keys.append(ack_key)
-            args += [name, first, second]
-        if self._on_cluster():  # each script runs on its slot's node: no SCRIPT LOAD there first
-            return ("EVAL", script, len(keys), *keys, *args)
-        return ("EVALSHA", sha, len(keys), *keys, *args)
+    def _script(self, writes, cluster):
+        """The script that writes ``writes`` (to one key) and acknowledges
+        their entries."""
+        keys, args, steps = [writes[0].key], [], []
+        for write in writes:
+            command = self._command(write)
+            args += [len(command) - 2, *command[2:], len(write.acks)]
+            for ack in write.acks:
+                name, key, first, second = ack.command()
+                keys.append(key)
+                steps += [name, first, second]
+        args = [self._command(writes[0])[0], len(writes), *args, *steps]
+        if cluster:
+            return ("EVAL", WRITE_AND_ACKNOWLEDGE, len(keys), *keys, *args)
+        return ("EVALSHA", WRITE_AND_ACKNOWLEDGE_SHA, len(keys), *keys, *args)
 
     async def _send(self, commands):
         return await _execute_pipelined(self._redis, commands)
@@ -3562,44 +3564,6 @@ class to_redis_list(_RedisSink):
                 commands[-1] = (command, carried + 1)
             else:
                 commands.append((self._command(write), 1))
-        return commands
-
-    # At most this many pushes in one exactly-once script (Lua unpacks them,
-    # up to about 8,000), and about this many entries acknowledged by it (a
-    # script runs alone on the server).
-    MERGED_SCRIPT_VALUES = 500
-    MERGED_SCRIPT_ENTRIES = 1000
-
-    _SCRIPTS = (WRITE_AND_ACKNOWLEDGE, PUSH_AND_ACKNOWLEDGE)
-
-    def _scripts(self, writes):
-        """Exactly once: consecutive writes to one key whose entries all come
-        from one stream and group (or one processing list) go in one script
-        (PUSH_AND_ACKNOWLEDGE), as if each ran its own, together: one push and
-        their acknowledgements, which commit together. Their failures share
-        one cause too (the key, the group), so no write fails for a
-        neighbour's sake."""
-        commands = self._commands_before_scripts()
-        merged, acks, source = [], [], None  # the writes of the script being built
-        for write in writes + [None]:
-            ack_source = {ack.command()[:3] for ack in write.acks} if write is not None else None
-            if merged and (write is None or write.key != merged[0].key or ack_source != source
-                           or len(merged) == self.MERGED_SCRIPT_VALUES
-                           or len(acks) + len(write.acks) > self.MERGED_SCRIPT_ENTRIES):
-                push, key = self._command(merged[0])[:2]
-                args = [push, len(merged), *(w.value for w in merged), *(len(w.acks) for w in merged)]
-                commands.append((self._run_script(PUSH_AND_ACKNOWLEDGE, PUSH_AND_ACKNOWLEDGE_SHA,
-                                                  key, args, acks), len(merged)))
-                merged, acks = [], []
-            if write is None:
-                break
-            if not write.acks or len(ack_source) != 1:
-                commands.append((self._command(write) if not write.acks
-                                 else self._script(self._command(write), write.acks), 1))
-                continue
-            merged.append(write)
-            acks.extend(write.acks)
-            source = ack_source
         return commands
 
 

@@ -1848,7 +1848,7 @@ def test_an_exactly_once_sink_acknowledges_each_entry_in_its_own_write(server, r
     assert sink.metrics()["written"] == 50
 
 
-def test_an_exactly_once_list_sink_pushes_consecutive_results_in_one_script(server, r):
+def test_an_exactly_once_sink_writes_consecutive_results_in_one_script(server, r):
     ids = [r.xadd("orders", {"n": n}).decode() for n in range(300)]
     source = Stream.from_redis_consumer_group("orders", "billing", "biller", start_id="0")
     sink = source.map(lambda e: e.id).to_redis_list("invoices", exactly_once=True)
@@ -1859,15 +1859,16 @@ def test_an_exactly_once_list_sink_pushes_consecutive_results_in_one_script(serv
     source.stop()
     assert [i.decode() for i in r.lrange("invoices", 0, -1)] == ids  # in order, each once
     # Each entry acknowledged inside a script; results that queued together
-    # went out as one push, so there were fewer scripts than entries.
+    # went in one script, so there were fewer scripts than entries.
     assert call_count(r, "xack") == 300
     assert call_count(r, "evalsha") < 300 and call_count(r, "rpush") == call_count(r, "evalsha")
     assert sink.metrics()["written"] == 300
 
 
 @pytest.mark.parametrize("handled_elsewhere", [0, 1])
-def test_an_exactly_once_list_sink_writes_what_another_consumer_took_over_once(
-    server, r, handled_elsewhere
+@pytest.mark.parametrize("sink", ["list", "stream"])
+def test_an_exactly_once_sink_writes_what_another_consumer_took_over_once(
+    server, r, sink, handled_elsewhere
 ):
     # While this consumer processes its first entry, another one claims an
     # entry this one holds (the first, or the next), writes its result and
@@ -1877,20 +1878,35 @@ def test_an_exactly_once_list_sink_writes_what_another_consumer_took_over_once(
     ids = [r.xadd("orders", {"n": n}).decode() for n in range(3)]
     source = Stream.from_redis_consumer_group("orders", "billing", "biller", start_id="0")
 
+    def write(entry_id):
+        if sink == "list":
+            r.rpush("invoices", entry_id)
+        else:
+            r.xadd("invoices", {"id": entry_id})
+
+    def written():
+        if sink == "list":
+            return sorted(i.decode() for i in r.lrange("invoices", 0, -1))
+        return sorted(fields[b"id"].decode() for _, fields in r.xrange("invoices"))
+
     def work(entry):
         if entry.id == ids[0]:
             other = ids[handled_elsewhere]
             r.xclaim("orders", "billing", "other", 0, [other])
-            r.rpush("invoices", other)
+            write(other)
             r.xack("orders", "billing", other)
         return entry.id
 
-    source.map(work).to_redis_list("invoices", exactly_once=True)
+    results = source.map(work)
+    if sink == "list":
+        results.to_redis_list("invoices", exactly_once=True)
+    else:
+        results.map(lambda entry_id: {"id": entry_id}).to_redis_stream("invoices", exactly_once=True)
     source.start()
     wait_for(lambda: source.metrics()["acked"] == 3 and pending(r, "orders", "billing") == 0)
-    wait_for(lambda: r.llen("invoices") >= 3)
+    wait_for(lambda: len(written()) >= 3)
     source.stop()
-    assert sorted(i.decode() for i in r.lrange("invoices", 0, -1)) == sorted(ids)
+    assert written() == sorted(ids)
 
 
 def test_entries_dropped_by_a_filter_are_acknowledged_as_usual(server, r):
