@@ -2934,16 +2934,20 @@ for i = 1, tonumber(ARGV[2]) do
     elements[i] = {at + 1, at + n, tonumber(ARGV[at + n + 1])}
     at = at + n + 2
 end
-local key, run = 2, {}
+local key, run, taken = 2, {}, {}  -- taken: entries acknowledged by an earlier element
 for _, element in ipairs(elements) do
-    local pending
+    local pending, first = nil, KEYS[key] .. '\0' .. ARGV[at + 2]
     if ARGV[at] == 'XACK' then
-        pending = #redis.call('XPENDING', KEYS[key], ARGV[at + 1], ARGV[at + 2], ARGV[at + 2], 1) > 0
+        pending = not taken[first] and #redis.call('XPENDING', KEYS[key], ARGV[at + 1], ARGV[at + 2], ARGV[at + 2], 1) > 0
     else
-        pending = redis.call('LPOS', KEYS[key], ARGV[at + 2])
+        pending = redis.call('LPOS', KEYS[key], ARGV[at + 2], 'RANK', (taken[first] or 0) + 1)
     end
     if pending then
         table.insert(run, {element[1], element[2], key, at, element[3]})
+        for j = 0, element[3] - 1 do
+            local entry = KEYS[key + j] .. '\0' .. ARGV[at + 3 * j + 2]
+            taken[entry] = (taken[entry] or 0) + 1
+        end
     end
     key, at = key + element[3], at + 3 * element[3]
 end
@@ -3122,6 +3126,7 @@ class _RedisSink(_RedisNode, Sink):
     # many entries acknowledged by it: a script runs alone on the server.
     SCRIPT_ELEMENTS = 500
     SCRIPT_ENTRIES = 1000
+    SCRIPT_ARGUMENTS = 4000  # of one element's command (Lua unpacks about 8,000 at most)
 
     def _commands(self, writes):
         """The commands of one round trip, in order, each with how many of
@@ -3152,7 +3157,9 @@ class _RedisSink(_RedisNode, Sink):
                 break
             if not write.acks:  # nothing to acknowledge with it (another node holds its entries)
                 commands.append((self._command(write), 1))
-            elif len(write_source) > 1:  # entries of several streams or groups: alone
+            elif len(write_source) > 1 or len(self._command(write)) > self.SCRIPT_ARGUMENTS:
+                # Entries of several streams or groups, or an element so large
+                # that Lua may not unpack it: alone, failing on its own.
                 commands.append((self._script([write], cluster), 1))
             else:
                 group.append(write)
@@ -3168,10 +3175,10 @@ class _RedisSink(_RedisNode, Sink):
             command = self._command(write)
             args += [len(command) - 2, *command[2:], len(write.acks)]
             for ack in write.acks:
-                name, key, first, second = ack.command()
+                step, key, first, second = ack.command()
                 keys.append(key)
-                steps += [name, first, second]
-        args = [self._command(writes[0])[0], len(writes), *args, *steps]
+                steps += [step, first, second]
+        args = [command[0], len(writes), *args, *steps]
         if cluster:
             return ("EVAL", WRITE_AND_ACKNOWLEDGE, len(keys), *keys, *args)
         return ("EVALSHA", WRITE_AND_ACKNOWLEDGE_SHA, len(keys), *keys, *args)
