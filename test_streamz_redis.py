@@ -846,10 +846,15 @@ def test_two_claiming_consumers_never_take_the_same_entry(server, r):
     ids = [r.xadd("s", {"i": i}).decode() for i in range(200)]
     r.xgroup_create("s", "g", "0")
     r.xreadgroup("g", "dead", {"s": ">"})
+    # Idle for a minute already: both claim them at once. claim_idle stays
+    # well above how long an entry takes to be acknowledged on a busy machine
+    # (with 0.1 s, one consumer took over ten entries the other had claimed
+    # and not yet acknowledged: at-least-once, as documented, not this test).
+    r.xclaim("s", "g", "dead", 0, ids, idle=60_000)
     out = Stream()
     seen = out.sink_to_list()
     for name in ("b", "c"):
-        source = Stream.from_redis_consumer_group("s", "g", name, claim_idle=0.1, count=10)
+        source = Stream.from_redis_consumer_group("s", "g", name, claim_idle=5, count=10)
         source.connect(out)
         source.start()
     wait_for(lambda: pending(r, "s", "g") == 0)
