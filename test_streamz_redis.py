@@ -832,7 +832,10 @@ def test_a_consumer_that_died_for_good_has_its_entries_claimed(server, r):
     ids = [r.xadd("s", {"i": i}).decode() for i in range(10)]
     r.xgroup_create("s", "g", "0")
     r.xreadgroup("g", "consumer-a", {"s": ">"}, count=6)  # read, never acked: died
-    survivor = Stream.from_redis_consumer_group("s", "g", "consumer-b", claim_idle=0.2)
+    # ... a minute ago: claimed at once, with claim_idle well above how long
+    # the survivor takes to acknowledge on a busy machine.
+    r.xclaim("s", "g", "consumer-a", 0, ids[:6], idle=60_000, retrycount=1)
+    survivor = Stream.from_redis_consumer_group("s", "g", "consumer-b", claim_idle=5)
     seen = survivor.sink_to_list()
     survivor.start()
     wait_for(lambda: len(seen) == 10 and pending(r, "s", "g") == 0)
@@ -3676,10 +3679,11 @@ def test_remove_idle_consumers_needs_claim_idle():
 
 def test_an_idle_consumer_is_removed_only_once_nothing_is_pending_under_its_name(server, r):
     ids = backlog(r, 10)
-    r.xreadgroup("workers", "gone", {"jobs": ">"}, count=4)  # then it died
+    r.xreadgroup("workers", "gone", {"jobs": ">"}, count=4)  # then it died, a minute ago
+    r.xclaim("jobs", "workers", "gone", 0, ids[:4], idle=60_000)
     r.xgroup_createconsumer("jobs", "workers", "never-read")
-    source = Stream.from_redis_consumer_group("jobs", "workers", "alive", claim_idle=0.3,
-                                              remove_idle_consumers=0.6)
+    source = Stream.from_redis_consumer_group("jobs", "workers", "alive", claim_idle=2,
+                                              remove_idle_consumers=0.5)
     seen = source.sink_to_list()
     source.start()
     wait_for(lambda: sorted(e.id for e in seen) == sorted(ids)
