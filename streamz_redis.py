@@ -3145,10 +3145,11 @@ class _RedisSink(_RedisNode, Sink):
         cluster, each script is an EVAL on its slot's node)."""
         cluster = self._on_cluster()
         commands = [] if cluster else [(("SCRIPT", "LOAD", WRITE_AND_ACKNOWLEDGE), 0)]
-        group, entries, source = [], 0, None  # the writes of the script being built
+        group, entries, source = [], 0, None  # (write, command) of the script being built
         for write in writes + [None]:
+            command = self._command(write) if write is not None else None
             write_source = {ack.command()[:3] for ack in write.acks} if write is not None else None
-            if group and (write is None or write.key != group[0].key or write_source != source
+            if group and (write is None or write.key != group[0][0].key or write_source != source
                           or len(group) == self.SCRIPT_ELEMENTS
                           or entries + len(write.acks) > self.SCRIPT_ENTRIES):
                 commands.append((self._script(group, cluster), len(group)))
@@ -3156,29 +3157,28 @@ class _RedisSink(_RedisNode, Sink):
             if write is None:
                 break
             if not write.acks:  # nothing to acknowledge with it (another node holds its entries)
-                commands.append((self._command(write), 1))
-            elif len(write_source) > 1 or len(self._command(write)) > self.SCRIPT_ARGUMENTS:
+                commands.append((command, 1))
+            elif len(write_source) > 1 or len(command) > self.SCRIPT_ARGUMENTS:
                 # Entries of several streams or groups, or an element so large
                 # that Lua may not unpack it: alone, failing on its own.
-                commands.append((self._script([write], cluster), 1))
+                commands.append((self._script([(write, command)], cluster), 1))
             else:
-                group.append(write)
+                group.append((write, command))
                 entries += len(write.acks)
                 source = write_source
         return commands
 
-    def _script(self, writes, cluster):
-        """The script that writes ``writes`` (to one key) and acknowledges
-        their entries."""
-        keys, args, steps = [writes[0].key], [], []
-        for write in writes:
-            command = self._command(write)
+    def _script(self, group, cluster):
+        """The script that runs the commands of ``group``, ``(write,
+        command)`` pairs writing to one key, and acknowledges their entries."""
+        keys, args, steps = [group[0][0].key], [], []
+        for write, command in group:
             args += [len(command) - 2, *command[2:], len(write.acks)]
             for ack in write.acks:
                 step, key, first, second = ack.command()
                 keys.append(key)
                 steps += [step, first, second]
-        args = [command[0], len(writes), *args, *steps]
+        args = [command[0], len(group), *args, *steps]
         if cluster:
             return ("EVAL", WRITE_AND_ACKNOWLEDGE, len(keys), *keys, *args)
         return ("EVALSHA", WRITE_AND_ACKNOWLEDGE_SHA, len(keys), *keys, *args)
