@@ -16,10 +16,11 @@ Sources:
     ``source.last_ids`` tells where to resume.
 ``Stream.from_redis_consumer_group(streams, group, consumer)``
     Reads as one consumer of a consumer group (XREADGROUP) and emits the same
-    ``Entry``, with ``entry.deliveries``. At-least-once: an entry is acknowledged (XACK) only once it has
-    left the whole pipeline; unacknowledged entries come back when a consumer
-    of the same name starts again. ``claim_idle`` takes over entries of dead
-    consumers; ``max_deliveries`` sends poison entries to a dead-letter stream.
+    ``Entry``, with ``entry.deliveries``. At-least-once: an entry is
+    acknowledged (XACK) only once it has left the whole pipeline;
+    unacknowledged entries come back when a consumer of the same name starts
+    again. ``claim_idle`` takes over entries of dead consumers;
+    ``max_deliveries`` sends poison entries to a dead-letter stream.
 ``Stream.from_redis_pubsub(channels, patterns=...)``
     Subscribes to Pub/Sub channels and emits ``Message(channel, data,
     pattern)``. At-most-once, as Pub/Sub itself.
@@ -29,29 +30,42 @@ Sinks, ``stream.to_redis_stream(name)``, ``stream.to_redis_list(key)`` and
 element's streamz reference until Redis has confirmed the write, so that an
 upstream consumer-group entry is acknowledged only once its result is stored.
 
-All sources share one lifecycle (``_RedisSource``): ``start()`` connects,
-checks permissions and raises any misconfiguration in the caller's thread; one
-read loop runs on the streamz event loop with redis.asyncio; a lost connection
-is retried with capped exponential back-off (``_Backoff``); ``stop()`` wakes a
-blocking read at once (``_BlockingConnection``), gives back what it read but
-did not emit, flushes acknowledgements and closes the connections. The sources
-that acknowledge keep their books in one ``_AckLedger``. Errors raised
-downstream are logged on the ``streamz_redis`` logger with the entry's id, and
-the source keeps running. Every node has ``metrics()``.
+This file is the whole of what one server needs; it can be vendored alone.
+Three optional modules beside it are imported only when an option asks for
+them: ``streamz_redis_cluster`` (``cluster=True`` or a ``RedisCluster``
+client), ``streamz_redis_exactly_once`` (``exactly_once=True``) and
+``streamz_redis_operations`` (``trim_acknowledged``,
+``remove_idle_consumers``, and ``python -m streamz_redis``).
+
+The sections, in dependency order (nothing refers to a later one):
+
+1. Tunables: every deadline, interval and limit.
+2. Values: ``Entry`` and ``Message``.
+3. The reply boundary: every Redis reply becomes a Python value there.
+4. Checking arguments, and URLs without passwords.
+5. Optional modules, and the topology of one server (the seam a Redis
+   Cluster replaces).
+6. The transport: back-off, and the connection a source's blocking reads
+   run on (``_Wire``), the one place that uses redis-py's wire-level API.
+7. Acknowledgement: the streamz references a source emits, and the ledger,
+   the one writer of acknowledgement state.
+8. The shared lifecycle: nodes, the registry that finishes them at exit, and
+   the source base (``_RedisSource``): start, stop, the read-and-emit loop.
+9. The sources.
+10. The sinks: the sink base with its write plan (the seam exactly-once
+    replaces), and the three sinks.
+11. The command line, handed over to ``streamz_redis_operations``.
 """
 
-import argparse
 import asyncio
 import atexit
 import codecs
-import hashlib
+import importlib
 import inspect
-import json
 import logging
 import math
 import os
 import re
-import signal
 import ssl
 import sys
 import threading
@@ -68,7 +82,6 @@ import redis.asyncio.sentinel
 import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.crc import key_slot
 from redis.utils import HIREDIS_AVAILABLE
 from streamz import RefCounter, Stream
 import streamz.core
@@ -91,10 +104,14 @@ __all__ = [
 log = logging.getLogger("streamz_redis")
 
 
+# --------------------------------------------------------------------------
+# 1. Tunables (seconds, as everywhere in the public API)
+# --------------------------------------------------------------------------
+
 DEFAULT_URL = "redis://localhost:6379/0"
 
-# Back-off between attempts to reach a Redis that went away or refuses
-# (seconds): the read loop, the acknowledgement flusher and the sinks.
+# Back-off between attempts to reach a Redis that went away or refuses: the
+# read loop, the acknowledgement flusher and the sinks.
 BACKOFF_FIRST = 0.1
 BACKOFF_CAP = 5.0
 
@@ -121,12 +138,32 @@ EXIT_DEADLINE = 2.0
 # answered up to this long after its BLOCK ran out.
 REDIS_TICK = 0.1
 
-# Errors that mean "Redis is not reachable right now": retried, never fatal.
-CONNECTION_ERRORS = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    OSError,
-)
+# How long one read of a Pub/Sub connection waits for a message. A Pub/Sub
+# read cannot be woken with CLIENT UNBLOCK, so it waits in short steps that
+# let stop() return within READ_STOP_DEADLINE.
+PUBSUB_POLL = 0.1
+
+# How long start() of a Pub/Sub source waits for Redis to confirm the
+# subscriptions.
+SUBSCRIBE_DEADLINE = 5.0
+
+# How often, at most, a consumer group asks Redis for its lag and pending
+# count (and tidies, with trim_acknowledged): after a read, beside the loop.
+FIGURES_EVERY = 1.0
+
+# Where Redis does not say how far behind a group is (Redis 6.2 has no "lag";
+# Redis 7 has none after some deletions), the entries after its
+# last-delivered-id are counted, up to this many; beyond it the lag is None.
+LAG_COUNT_LIMIT = 10_000
+
+# How many elements a sink holds, received and not yet confirmed by Redis,
+# before it makes the upstream wait.
+MAX_IN_FLIGHT = 1000
+
+
+# --------------------------------------------------------------------------
+# 2. Values
+# --------------------------------------------------------------------------
 
 
 class _EntryTuple(NamedTuple):
@@ -179,11 +216,16 @@ class Message(NamedTuple):
 
 
 # --------------------------------------------------------------------------
-# The boundary: every Redis reply becomes a Python value here, and only here.
+# 3. The reply boundary: every Redis reply becomes a Python value here
 # --------------------------------------------------------------------------
 
 _STREAM_ID = re.compile(r"(\d+)(?:-(\d+))?")
 _UINT64_MAX = 2**64 - 1
+
+# Read on the source's own connection with redis-py's parsing turned off:
+# building a dict per entry that we then rebuild costs more than the read.
+RAW_REPLY_COMMANDS = ("XREAD", "XREADGROUP", "XAUTOCLAIM")
+NEVER_DECODE = {"NEVER_DECODE": True}  # redis.client.NEVER_DECODE: bytes, whatever the client decodes
 
 
 def _text(value):
@@ -203,12 +245,6 @@ def _raw_reply(response, **options):
     """A response callback that leaves the reply as Redis sent it, for the
     commands whose replies the helpers below read."""
     return response
-
-
-# Read on the source's own connection with redis-py's parsing turned off:
-# building a dict per entry that we then rebuild costs more than the read.
-RAW_REPLY_COMMANDS = ("XREAD", "XREADGROUP", "XAUTOCLAIM")
-NEVER_DECODE = {"NEVER_DECODE": True}  # redis.client.NEVER_DECODE: bytes, whatever the client decodes
 
 
 def _stream_entries(reply):
@@ -268,6 +304,12 @@ def _pubsub_message(reply, encoding):
     )
 
 
+def _info_field(info, name):
+    """A field of an XINFO reply as redis-py parses it (``str`` keys; bytes
+    keys from a raw reply)."""
+    return info.get(name, info.get(name.encode()))
+
+
 def _error_text(exc):
     """An exception as a log line shows it: its type and its message.
     (redis-py 8's ``repr()`` of an error is only a tag.)"""
@@ -278,8 +320,53 @@ def _error_text(exc):
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
+# Errors that mean "Redis is not reachable right now": retried, never fatal.
+CONNECTION_ERRORS = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    OSError,
+)
+
+# Replies that mean a connection reached a server that no longer serves its
+# keys as primary: a failover demoted it (READONLY; UNBLOCKED ends the reads it
+# had blocked), or Redis Cluster moved the slot or is moving it (MOVED, ASK,
+# TRYAGAIN, CLUSTERDOWN). Reading reconnects through the pool, as for a lost
+# connection. (redis-py's Sentinel connection already turns READONLY into a
+# ConnectionError: "The previous master is now a slave".)
+WRONG_SERVER_ERRORS = (
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.AskError,  # and MovedError
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+)
+
+
+def _on_wrong_server(exc):
+    return isinstance(exc, WRONG_SERVER_ERRORS) or (
+        isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith("UNBLOCKED")
+    )
+
+
+def _reconnect_after(exc):
+    """Whether a failed command means its connection must be opened anew."""
+    return isinstance(exc, CONNECTION_ERRORS) or _on_wrong_server(exc)
+
+
+def _cannot_be_retried(exc):
+    """Connection errors that a retry cannot mend: a wrong password, a
+    missing permission, a certificate that does not verify."""
+    if isinstance(exc, (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError)):
+        return True
+    while exc is not None:
+        if isinstance(exc, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 # --------------------------------------------------------------------------
-# Checking arguments: a clear error naming the parameter, when a node is made
+# 4. Checking arguments: a clear error naming the parameter, when a node is
+#    made; URLs without their passwords
 # --------------------------------------------------------------------------
 
 
@@ -349,6 +436,10 @@ def _name(value, parameter):
     return _text(value)
 
 
+def _optional_name(value, parameter):
+    return None if value is None else _name(value, parameter)
+
+
 def _names(value, parameter):
     """One name or a non-empty list of names, as a list of ``str``."""
     if isinstance(value, (str, bytes)):
@@ -369,6 +460,22 @@ def _streams_with_ids(streams, start_id):
         return {_name(k, "streams"): _check_start_id(v, f"streams[{k!r}]") for k, v in streams.items()}
     start_id = _check_start_id(start_id)
     return {name: start_id for name in _names(streams, "streams")}
+
+
+def _key_name(value, what):
+    """A key or channel name (possibly returned by a routing function)."""
+    if isinstance(value, (str, bytes)):
+        return value
+    raise TypeError(f"{what} must be a str or bytes, not {type(value).__name__} ({value!r:.80})")
+
+
+def _hash_tag(key):
+    """The part of ``key`` Redis Cluster hashes: what is inside its first
+    ``{...}`` if that is not empty, else the whole key (for the advice of an
+    error that names the keys to rename)."""
+    start = key.find("{")
+    end = key.find("}", start + 1)
+    return key[start + 1:end] if start != -1 and end > start + 1 else key
 
 
 def _safe_url(url):
@@ -419,51 +526,122 @@ def _check_client(client):
         )
 
 
-# Dead-letter moves. A script stops at the first failing call, so the entry is
-# acknowledged (or the item removed) only once it was written. Redis 7 checks
-# the user's permissions for both commands first, so that a user who may write
-# but not acknowledge does not write the entry again each time it comes back.
-MOVE_TO_DEAD_LETTER_STREAM = """
-if redis.acl_check_cmd and not (redis.acl_check_cmd('XADD', KEYS[1], '*', 'f', 'v')
-        and redis.acl_check_cmd('XACK', KEYS[2], ARGV[1], ARGV[2])) then
-    return redis.error_reply('NOPERM this user may not run XADD on ' .. KEYS[1] ..
-        ' and XACK on ' .. KEYS[2])
-end
-redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
-return redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
-"""
-MOVE_TO_DEAD_LETTER_LIST = """
-if redis.acl_check_cmd and KEYS[2] and not (redis.acl_check_cmd('RPUSH', KEYS[1], 'v')
-        and redis.acl_check_cmd('LREM', KEYS[2], 1, 'v')) then
-    return redis.error_reply('NOPERM this user may not run RPUSH on ' .. KEYS[1] ..
-        ' and LREM on ' .. KEYS[2])
-end
-redis.call('RPUSH', KEYS[1], ARGV[1])
-if KEYS[2] then redis.call('LREM', KEYS[2], 1, ARGV[1]) end
-return 1
-"""
-
-# remove_idle_consumers: delete the group's consumers (other than the caller,
-# ARGV[3]) idle for at least ARGV[2] ms that hold no pending entry. One script,
-# so that a consumer cannot read an entry between the check and XGROUP
-# DELCONSUMER, which would drop that entry from the group for good.
-REMOVE_IDLE_CONSUMERS = """
-local removed = {}
-for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
-    local info = {}
-    for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
-    if info['name'] ~= ARGV[3] and info['pending'] == 0
-            and info['idle'] >= tonumber(ARGV[2]) then
-        redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
-        table.insert(removed, info['name'])
-    end
-end
-return removed
-"""
+def _host_port(kwargs):
+    if kwargs.get("path"):
+        return f"unix://{kwargs['path']}"
+    return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
 
 
 # --------------------------------------------------------------------------
-# Back-off, and acknowledgement by streamz reference counting
+# 5. Optional modules, and the topology of one server
+# --------------------------------------------------------------------------
+
+
+def _optional(module, why):
+    """The optional module ``module`` (``streamz_redis_<what>.py``, beside
+    this file), imported when ``why`` (an option) first asks for it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        if exc.name != module:
+            raise  # the module is there; something it imports is not
+        raise ImportError(
+            f"{why} needs {module}.py, which is not installed beside streamz_redis.py "
+            f"(it is part of the streamz-redis distribution: pip install streamz-redis, "
+            f"or copy {module}.py next to streamz_redis.py)", name=module,
+        ) from None
+
+
+def _topology_for(cluster, client):
+    """How a node finds the servers of its keys, chosen once when it is made:
+    one server (or a Sentinel service), or a Redis Cluster."""
+    if cluster or isinstance(client, redis.asyncio.RedisCluster):
+        return _optional("streamz_redis_cluster", "a Redis Cluster").ClusterTopology()
+    return _ONE_SERVER
+
+
+async def _server_identity(client):
+    """``(run_id, database)`` of the one server ``client`` talks to."""
+    info = await client.info("server")
+    return info["run_id"], client.connection_pool.connection_kwargs.get("db", 0)
+
+
+class _OneServer:
+    """The topology of one Redis server, or of a Sentinel service: every key
+    is on the server the pooled client reaches. ``streamz_redis_cluster``'s
+    ``ClusterTopology`` answers the same questions for a Redis Cluster; no
+    other code asks which of the two it has."""
+
+    def new_client(self, url, kwargs):
+        return redis.asyncio.from_url(url, **kwargs)
+
+    def describe_url(self, url):
+        return _safe_url(url)
+
+    def describe(self, client):
+        """How a log line names the server of a ready client, from what the
+        client knows (no round trip): its host, port and database, or the
+        service a Sentinel client follows with its primary of the moment.
+        Passwords are left out."""
+        pool = client.connection_pool
+        if isinstance(pool, redis.asyncio.sentinel.SentinelConnectionPool):
+            sentinels = ", ".join(_host_port(s.connection_pool.connection_kwargs)
+                                  for s in pool.sentinel_manager.sentinels)
+            role = "primary" if pool.is_master else "replica"
+            now = f", now {pool.master_address[0]}:{pool.master_address[1]}" if pool.master_address else ""
+            return f"Sentinel service {pool.service_name!r} ({role}{now}) via {sentinels}"
+        kwargs = pool.connection_kwargs
+        scheme = "rediss" if issubclass(pool.connection_class, redis.asyncio.SSLConnection) else "redis"
+        if kwargs.get("path"):
+            return f"unix://{kwargs['path']}?db={kwargs.get('db', 0)}"
+        return f"{scheme}://{_host_port(kwargs)}/{kwargs.get('db', 0)}"
+
+    def key_groups(self, client, keys):
+        """The keys one source reads, as the groups one blocking read can
+        wait on together: all of them, on one server."""
+        return [keys]
+
+    def check_same_slot(self, client, keys, why, advice):
+        """A Redis Cluster needs the keys of one command in one slot; one
+        server takes any."""
+
+    def slots_apart(self, keys):
+        """Why ``keys`` cannot go in one script (on a cluster, their slots),
+        or None."""
+        return None
+
+    def reader_node(self, pooled, keys):
+        """The client whose dedicated connection reads ``keys``."""
+        return pooled
+
+    async def forget_node(self, pooled, node, relearn):
+        """A reader dropped ``node`` (after an error, when ``relearn``)."""
+
+    async def server_identity(self, client):
+        return await _server_identity(client)
+
+    async def pipelined(self, client, commands):
+        return await _Wire.pipelined(client, commands)
+
+    publish = pipelined
+
+    def script_preamble(self, script):
+        """What a round trip sends before EVALSHA of ``script``: the script
+        itself, so that no EVALSHA meets a Redis that lost its scripts."""
+        return [(("SCRIPT", "LOAD", script), 0)]
+
+    def script_call(self, script, sha):
+        return ("EVALSHA", sha)
+
+    def check_pubsub(self, client, node):
+        """Pub/Sub works on any one server."""
+
+
+_ONE_SERVER = _OneServer()
+
+
+# --------------------------------------------------------------------------
+# 6. The transport: back-off, and the one place that speaks redis-py's wire
 # --------------------------------------------------------------------------
 
 
@@ -490,6 +668,233 @@ class _Backoff:
             pass
 
 
+try:  # hiredis >= 2.2.1; without it (or with an older one) the public API is used
+    from hiredis import pack_command as _pack_command
+except ImportError:  # pragma: no cover - CI's benchmark job runs without hiredis
+    _pack_command = None
+
+# redis-py < 5.3 requires a command's name in get_connection(); later ones
+# deprecate it.
+_name_parameter = inspect.signature(redis.asyncio.ConnectionPool.get_connection).parameters.get("command_name")
+_GET_CONNECTION_WANTS_A_NAME = _name_parameter is not None and _name_parameter.default is inspect.Parameter.empty
+
+
+class _Wire:
+    """The one connection a source's blocking reads run on, and the one class
+    that uses redis-py's wire-level API (packed commands, ``read_response``,
+    CLIENT ID and UNBLOCK). Where hiredis or its ``pack_command`` is missing,
+    the same calls go through redis-py's public API.
+
+    Blocking reads get a connection of their own, so that acknowledgements
+    and other commands never wait behind them. Its CLIENT ID is kept (and
+    renewed on reconnect) so that ``stop()`` can wake a blocked read with
+    CLIENT UNBLOCK from the pooled client: the read returns as if it had timed
+    out, so nothing it was about to pop is lost (a cancelled BLPOP can lose
+    the item it popped).
+
+    A connection that was lost, or that reached a server which no longer
+    serves its keys as primary (``_on_wrong_server``), is dropped, and the
+    next read opens a new one from the pool; the topology re-learns who
+    serves the keys. redis-py would reconnect it to the address it remembers,
+    but after a failover the pool alone knows the new primary: a Sentinel
+    pool asks Sentinel.
+    """
+
+    def __init__(self, pooled, keys, topology):
+        self.pooled = pooled
+        self.keys = keys  # what it reads: on a Redis Cluster, keys of one slot
+        self.topology = topology
+        self.node = pooled  # where CLIENT UNBLOCK goes
+        self.read = None  # the read under way, where a source has several connections
+        self.client = None
+        self.id = None
+        self.socket_timeout = None
+
+    async def open(self):
+        self.node = self.topology.reader_node(self.pooled, self.keys)
+        client = self.node.client()
+        for command in RAW_REPLY_COMMANDS:
+            client.set_response_callback(command, _raw_reply)
+        try:
+            await client.initialize()
+            client.connection.register_connect_callback(self._on_connect)
+            self.id = await client.client_id()
+        except BaseException:
+            await self._discard(client)
+            raise
+        # The connection's own value: redis-py 8 applies a default of 5 s that
+        # the pool's connection_kwargs do not show.
+        self.socket_timeout = getattr(client.connection, "socket_timeout", None)
+        self.client = client
+
+    async def _on_connect(self, connection):
+        await connection.send_command("CLIENT", "ID")
+        self.id = await connection.read_response()
+
+    def block_seconds(self, timeout):
+        """How long one blocking read may wait on the server, for a source's
+        ``timeout``.
+
+        BLOCK must stay below the client's socket_timeout or redis-py raises
+        TimeoutError (and drops the connection) while Redis is merely idle.
+        An idle Redis answers a timed-out read on its next cron tick, up to
+        REDIS_TICK after BLOCK ran out.
+        """
+        socket_timeout = self.socket_timeout
+        if socket_timeout:
+            return max(0.01, min(timeout, (socket_timeout - REDIS_TICK) / 2))
+        return timeout
+
+    async def refused(self, probes):
+        """Which of ``probes`` (command argument lists) this user may not
+        run, as ``[(command, error)]``. Each is only queued inside a
+        MULTI that is then discarded, so none runs; Redis checks permissions
+        as it queues. ``[]`` where MULTI itself is not allowed."""
+        connection = self.client.connection
+        if not await self._answered(connection, "MULTI"):
+            return []  # without MULTI nothing can be checked unrun
+        refused = []
+        try:
+            for args in probes:
+                await connection.send_command(*args)
+                try:
+                    await connection.read_response()
+                except redis.exceptions.ResponseError as exc:
+                    if str(exc).startswith("NOPERM") or isinstance(exc, redis.exceptions.NoPermissionError):
+                        refused.append((args[0], exc))
+        finally:
+            await self._answered(connection, "DISCARD")
+        return refused
+
+    @staticmethod
+    async def _answered(connection, command):
+        await connection.send_command(command)
+        try:
+            await connection.read_response()
+        except redis.exceptions.ResponseError:
+            return False
+        return True
+
+    async def execute(self, *args, **options):
+        """Run one command on this connection. With hiredis it is packed by
+        hiredis and its reply read as Redis sent it (the replies the value
+        boundary reads): redis.asyncio's ``execute_command`` costs about 60 us
+        more per read (its lock, its retry wrapper, packing in Python). A
+        failed read drops the connection."""
+        try:
+            if self.client is None:
+                await self.open()  # dropped after an error: a new one, from the pool
+            if _pack_command is None:
+                return await self.client.execute_command(*args, **options)
+            connection = self.client.connection
+            await connection.send_packed_command(_pack_command(args), check_health=False)
+            return await connection.read_response(disable_decoding=True)
+        except Exception as exc:
+            # Opening fails too when a cluster's master was killed: the
+            # topology asks again until the cluster names its replica.
+            if _reconnect_after(exc):
+                await self._drop()
+            raise
+
+    async def _drop(self):
+        client, self.client, self.id = self.client, None, None
+        if client is not None:
+            await self._discard(client)
+        node, self.node = self.node, self.pooled
+        await self.topology.forget_node(self.pooled, node, relearn=True)
+
+    async def _discard(self, client):
+        """Close ``client`` without handing its connection back to the pool
+        as it is: it may be on the old primary."""
+        try:
+            if client.connection is not None:
+                client.connection.deregister_connect_callback(self._on_connect)
+                await client.connection.disconnect()
+            await client.aclose()
+        except Exception:  # pragma: no cover - closing a dead socket
+            pass
+
+    async def unblock(self):
+        if self.id is None:
+            return
+        try:
+            await asyncio.wait_for(
+                self.node.execute_command("CLIENT UNBLOCK", self.id), READ_STOP_DEADLINE
+            )
+        except Exception:
+            pass  # stop() cancels the read after READ_STOP_DEADLINE instead
+
+    async def close(self, cut=False):
+        """Close the connection; ``cut``: its reply may be half read."""
+        client, self.client, self.id = self.client, None, None
+        node, self.node = self.node, self.pooled
+        if self.read is not None:
+            self.read.cancel()
+            self.read = None
+        if client is not None:
+            if client.connection is not None:
+                # With client=, the connection goes back to the user's pool.
+                client.connection.deregister_connect_callback(self._on_connect)
+                if cut:
+                    await client.connection.disconnect()
+            await client.aclose()
+        await self.topology.forget_node(self.pooled, node, relearn=False)
+
+    @staticmethod
+    async def pipelined(client, commands):
+        """The replies to ``commands`` (argument tuples), sent in one round
+        trip, with an exception in place of each that Redis refused: a
+        redis-py pipeline (``transaction=False``, ``raise_on_error=False``),
+        packed by hiredis.
+
+        redis.asyncio packs a command argument by argument in Python, about
+        2 us each: more than reading the entry an XACK id acknowledges, or
+        most of an XADD (redis-py's sync client packs with hiredis). Only for
+        commands whose replies need no parsing; where there is no hiredis, a
+        single-connection client or another encoding than UTF-8, it is an
+        ordinary pipeline."""
+        pool = client.connection_pool
+        if (
+            _pack_command is None or getattr(client, "single_connection_client", False)
+            or pool.connection_kwargs.get("encoding", "utf-8").lower() not in ("utf-8", "utf8")
+            or pool.connection_kwargs.get("encoding_errors", "strict") != "strict"
+        ):  # hiredis encodes str as strict UTF-8
+            async with client.pipeline(transaction=False) as pipe:
+                for args in commands:
+                    pipe.execute_command(*args)
+                return await pipe.execute(raise_on_error=False)
+        if _GET_CONNECTION_WANTS_A_NAME:
+            connection = await pool.get_connection(commands[0][0])
+        else:
+            connection = await pool.get_connection()
+        try:
+            await connection.send_packed_command(b"".join([_pack_command(tuple(args)) for args in commands]))
+            replies = []
+            for _ in commands:
+                try:
+                    replies.append(await connection.read_response())
+                except redis.exceptions.ResponseError as refused:
+                    replies.append(refused)  # the whole reply was read: read on
+            return replies
+        except BaseException:
+            await connection.disconnect()  # a reply may be half read
+            raise
+        finally:
+            await pool.release(connection)
+
+
+def _raise_refused(replies):
+    """``replies`` of a pipeline, raising the first that Redis refused."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
+
+
+# --------------------------------------------------------------------------
+# 7. Acknowledgement by streamz reference counting; the ledger
+# --------------------------------------------------------------------------
+
 _PENDING, _DONE, _FAILED, _SETTLED = 0, 1, 2, 3  # _SETTLED: acknowledged by a sink's script
 
 
@@ -499,7 +904,8 @@ class _Reference(RefCounter):
     This is the protocol between sources and sinks: a sink holds the
     references in an element's metadata until Redis has stored the element,
     calls ``fail()`` on each if Redis refused it (the entries are then never
-    acknowledged), and names them with ``str()`` in its log lines.
+    acknowledged), and names them with ``str()`` in its log lines. What each
+    call changes, the ledger changes: it alone writes acknowledgement state.
 
     It starts with the source's own hold (``count=1``), released once the
     emit's futures are done. streamz's RefCounter calls back, through
@@ -543,29 +949,28 @@ class _Ack(_Reference):
 
     def __call__(self):
         if self.state == _PENDING:
-            self.state = _DONE
             self.ledger.done(self)
 
     def fail(self):
         if self.state == _PENDING:
-            self.state = _FAILED
-            self.ledger.forget(self)
+            self.ledger.fail(self)
 
     def track(self):
-        self.ledger.in_flight[self.key, self.item] = weakref.ref(self)
+        self.ledger.track(self)
 
     def settle(self):
         """An exactly-once sink acknowledged the entry in the same script
         that stored its result: the ledger must not acknowledge it again."""
         if self.state == _PENDING:
-            self.state = _SETTLED
-            self.ledger.forget(self)
-            self.ledger.acked += 1
+            self.ledger.settle(self)
 
     def command(self):
         """The command that acknowledges the entry, as a sink's script runs
         it: ``(command, key, argument, argument)``."""
         return self.ledger.command(self.key, self.item)
+
+    def entries(self):
+        return [self]
 
     def __str__(self):
         if isinstance(self.item, str):
@@ -590,25 +995,34 @@ class _AckAll(_Reference):
 
     def __call__(self):
         if self.state == _PENDING:
-            self.state = _DONE
             self.ledger.done_all(self)
 
     def fail(self):
         if self.state == _PENDING:
-            self.state = _FAILED
-            self.ledger.batches.discard(self)
-            for ack in self.acks:
-                ack.state = _FAILED
+            self.ledger.fail_all(self)
 
     def track(self):
         self.ledger.batches.add(self)
+
+    def entries(self):
+        return self.acks
 
     def __str__(self):
         return f"a batch of {len(self.acks)} from {self.acks[0]} to {self.acks[-1]}"
 
 
+def _any_pending(refs):
+    """Whether any of these weakly held references is still in the pipeline."""
+    for ref in refs:
+        origin = ref()
+        if origin is not None and origin.state == _PENDING:
+            return True
+    return False
+
+
 class _AckLedger:
-    """Everything a source that acknowledges owes Redis, in one place.
+    """Everything a source that acknowledges owes Redis, in one place, and
+    the only writer of acknowledgement state.
 
     ``ack(key, item)`` makes the ``_Ack`` of an entry the source is about to
     emit. Once the last streamz reference to it is released it is queued here;
@@ -621,7 +1035,8 @@ class _AckLedger:
     (``batches``, the ``batch=True`` reads), so that a replay does not emit
     one twice; an entry whose references a node dropped without releasing
     them is forgotten, and a replay delivers it again. ``held()`` also counts
-    acks queued or being sent.
+    acks queued or being sent. Each read is timed (``note_read``), for
+    ``oldest_in_flight_seconds``.
     """
 
     def __init__(self, source, send, command):
@@ -637,9 +1052,65 @@ class _AckLedger:
         self.is_open = False  # connected: flushing may run
         self.stopping = None
         self.acked = 0  # acknowledgements Redis has confirmed
+        self.awaiting = None  # the reference whose emit's futures the source awaits
+        self.reads = deque()  # (monotonic time, weakrefs to what it emits) per read
+        self.reads_compacted_at = 64
+
+    # ---- what the source and the sinks call ----------------------------
 
     def ack(self, key, item):
         return _Ack(self, key, item)
+
+    def batch(self, acks):
+        return _AckAll(self, acks)
+
+    def track(self, ack):
+        self.in_flight[ack.key, ack.item] = weakref.ref(ack)
+
+    def done(self, ack):
+        ack.state = _DONE
+        self.forget(ack)
+        self.queued[ack.key].append(ack.item)
+        self._flush_soon()
+
+    def done_all(self, batch):
+        """A ``batch=True`` read left the pipeline: queue its acks at once."""
+        batch.state = _DONE
+        self.batches.discard(batch)
+        queued = self.queued
+        for ack in batch.acks:
+            if ack.state == _PENDING:  # not settled by an exactly-once sink
+                ack.state = _DONE
+                queued[ack.key].append(ack.item)
+        self._flush_soon()
+
+    def fail(self, ack):
+        ack.state = _FAILED
+        self.forget(ack)
+
+    def fail_all(self, batch):
+        batch.state = _FAILED
+        self.batches.discard(batch)
+        for ack in batch.acks:
+            ack.state = _FAILED
+
+    def settle(self, ack):
+        ack.state = _SETTLED
+        self.forget(ack)
+        self.acked += 1
+
+    def held_only_by_one(self, ref):
+        """Whether one node alone (the caller) holds ``ref``, besides the
+        source's own hold while it awaits this very emit (back-pressure: it
+        lets go as soon as the caller answers)."""
+        return ref.count - 1 - (self.awaiting is ref) == 0
+
+    # ---- what is in flight -----------------------------------------------
+
+    def forget(self, ack):
+        ref = self.in_flight.get((ack.key, ack.item))
+        if ref is not None and ref() in (ack, None):  # not another copy of a list item
+            del self.in_flight[ack.key, ack.item]
 
     def held(self):
         """``(key, item)`` of each entry in the pipeline, or whose ack is not
@@ -653,29 +1124,8 @@ class _AckLedger:
             held.update((key, item) for key, items in acks.items() for item in items)
         return held
 
-    def done(self, ack):
-        self.forget(ack)
-        self.queued[ack.key].append(ack.item)
-        self._flush_soon()
-
-    def done_all(self, batch):
-        """A ``batch=True`` read left the pipeline: queue its acks at once."""
-        self.batches.discard(batch)
-        queued = self.queued
-        for ack in batch.acks:
-            if ack.state == _PENDING:  # not settled by an exactly-once sink
-                ack.state = _DONE
-                queued[ack.key].append(ack.item)
-        self._flush_soon()
-
-    def _flush_soon(self):
-        if self.is_open and (self.flusher is None or self.flusher.done()):
-            self.flusher = asyncio.ensure_future(self._flush())
-
-    def forget(self, ack):
-        ref = self.in_flight.get((ack.key, ack.item))
-        if ref is not None and ref() in (ack, None):  # not another copy of a list item
-            del self.in_flight[ack.key, ack.item]
+    def holds_any(self):
+        return bool(self.in_flight or self.batches)
 
     def in_flight_count(self):
         return sum(1 for ref in list(self.in_flight.values()) if ref() is not None) + sum(
@@ -683,6 +1133,34 @@ class _AckLedger:
 
     def unsent(self):
         return sum(map(len, self.queued.values())) + sum(map(len, self.sending.values()))
+
+    def note_read(self, refs):
+        """A read that emits ``refs`` (weak references to its acks): timed,
+        weakly held; reads that left the pipeline are forgotten here."""
+        reads = self.reads
+        while reads and not _any_pending(reads[0][1]):
+            reads.popleft()
+        if len(reads) > self.reads_compacted_at:
+            # A read held up front (a window, a slow branch) keeps the ones
+            # behind it listed: drop those that are done, each time their
+            # number doubles.
+            self.reads = reads = deque(r for r in reads if _any_pending(r[1]))
+            self.reads_compacted_at = max(64, 2 * len(reads))
+        reads.append((time.monotonic(), refs))
+
+    def oldest_in_flight_seconds(self):
+        """Age of the oldest read that still has an entry in the pipeline.
+        Reads are timed, not entries: the per-entry path stays as it was."""
+        for read_at, refs in list(self.reads):
+            if _any_pending(refs):
+                return time.monotonic() - read_at
+        return 0.0
+
+    # ---- sending -------------------------------------------------------
+
+    def _flush_soon(self):
+        if self.is_open and (self.flusher is None or self.flusher.done()):
+            self.flusher = asyncio.ensure_future(self._flush())
 
     def open(self, stopping):
         """Called by ``start()`` once connected: acks left from before a
@@ -718,6 +1196,11 @@ class _AckLedger:
             finally:
                 self.sending = {}
 
+    async def drained(self):
+        """Wait until what is queued now has been sent (or given up)."""
+        if self.flusher is not None:
+            await asyncio.shield(self.flusher)
+
     async def close(self, timeout):
         """The final flush, waiting at most ``timeout`` seconds; then no more
         until ``open()``. Returns how many acks were left unsent."""
@@ -733,96 +1216,59 @@ class _AckLedger:
 
 
 # --------------------------------------------------------------------------
-# The shared lifecycle
+# 8. The shared lifecycle: nodes, exit, the source base
 # --------------------------------------------------------------------------
 
-_running_sources = weakref.WeakSet()
-_open_sinks = weakref.WeakSet()
+# Every source that runs and every sink that holds a connection, so that
+# Python's exit finishes them: sources first (their sinks write what the
+# sources flush), then sinks.
+_live_nodes = weakref.WeakSet()
 _hiredis_checked = False
-
-
-def _loop_runs_elsewhere(node):
-    """Whether ``node``'s event loop still runs, in another thread: at exit,
-    the loop of a finished ``asyncio.run`` would never answer."""
-    loop = node.loop.asyncio_loop
-    return loop.is_running() and not loop.is_closed() and not node._on_loop_thread()
 
 
 @atexit.register
 def _exit_cleanly():
-    """When Python exits: stop the sources still running (flushing their
-    acknowledgements), then close the sinks, within EXIT_DEADLINE altogether
-    even if Redis does not answer."""
+    """When Python exits: finish every live node (stop the sources, flushing
+    their acknowledgements; then close the sinks), within EXIT_DEADLINE
+    altogether even if Redis does not answer."""
     end = time.monotonic() + EXIT_DEADLINE
-    for nodes, finish in ((_running_sources, "_stop"), (_open_sinks, "_close")):
-        for node in list(nodes):
-            left = end - time.monotonic()
-            try:
-                if _loop_runs_elsewhere(node) and left > 0:
-                    sync(node.loop, getattr(node, finish), left, callback_timeout=left + 1)
-                elif finish == "_close" and node._unconfirmed:
-                    # No time left (the sources took it) or no loop: say what is lost.
-                    log.error("%s: %d element(s) not written at exit; their upstream entries "
-                              "are not acknowledged", node, node._unconfirmed)
-                elif finish == "_stop" and node._ledger is not None:
-                    log.error("%s: not stopped at exit (no time or no event loop left); %d "
-                              "acknowledgement(s) not sent: those entries are delivered again",
-                              node, node._ledger.unsent())
-            except Exception as exc:  # pragma: no cover - best effort at exit
-                log.error("%s: could not finish cleanly at exit (%s)", node, _error_text(exc))
+    for node in sorted(list(_live_nodes), key=lambda node: node.exit_order):
+        try:
+            node.finish_at_exit(end - time.monotonic())
+        except Exception as exc:  # pragma: no cover - best effort at exit
+            log.error("%s: could not finish cleanly at exit (%s)", node, _error_text(exc))
 
 
-def _host_port(kwargs):
-    if kwargs.get("path"):
-        return f"unix://{kwargs['path']}"
-    return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+def _below(node, every_path=False):
+    """The nodes downstream of ``node``, each once (or, with
+    ``every_path``, once per path that leads there)."""
+    seen, todo = set(), list(node.downstreams)
+    while todo:
+        node = todo.pop()
+        if node is None or (not every_path and id(node) in seen):
+            continue
+        seen.add(id(node))
+        yield node
+        todo.extend(node.downstreams)
 
 
-def _client_address(client):
-    """How a log line names the server of a ready client, from what the
-    client knows (no round trip): its host, port and database, the nodes a
-    Redis Cluster client started from, or the service a Sentinel client
-    follows with its primary of the moment. Passwords are left out."""
-    if isinstance(client, redis.asyncio.RedisCluster):
-        nodes = [node.name for node in client.nodes_manager.startup_nodes.values()]
-        more = f" and {len(nodes) - 3} more" if len(nodes) > 3 else ""
-        return f"Redis Cluster {', '.join(nodes[:3])}{more}"
-    pool = client.connection_pool
-    if isinstance(pool, redis.asyncio.sentinel.SentinelConnectionPool):
-        sentinels = ", ".join(_host_port(s.connection_pool.connection_kwargs)
-                              for s in pool.sentinel_manager.sentinels)
-        role = "primary" if pool.is_master else "replica"
-        now = f", now {pool.master_address[0]}:{pool.master_address[1]}" if pool.master_address else ""
-        return f"Sentinel service {pool.service_name!r} ({role}{now}) via {sentinels}"
-    kwargs = pool.connection_kwargs
-    scheme = "rediss" if issubclass(pool.connection_class, redis.asyncio.SSLConnection) else "redis"
-    if kwargs.get("path"):
-        return f"unix://{kwargs['path']}?db={kwargs.get('db', 0)}"
-    return f"{scheme}://{_host_port(kwargs)}/{kwargs.get('db', 0)}"
-
-
-def _hash_tag(key):
-    """The part of ``key`` Redis Cluster hashes: what is inside its first
-    ``{...}`` if that is not empty, else the whole key."""
-    start = key.find("{")
-    end = key.find("}", start + 1)
-    return key[start + 1:end] if start != -1 and end > start + 1 else key
-
-
-def _check_same_slot(client, keys, why, advice):
-    """On a Redis Cluster, raise a clear error unless ``keys`` (name ->
-    which parameter it is) all hash to one slot: commands and scripts on
-    several keys need that, not just one node."""
-    slots = {key: client.keyslot(key) for key in keys}
-    if len(set(slots.values())) > 1:
-        named = ", ".join(f"{keys[key]} {key!r} (slot {slot})" for key, slot in slots.items())
-        raise ValueError(f"CROSSSLOT on Redis Cluster: {named} must hash to one slot, as {why}; "
-                         f"{advice}")
+def _leaves(node):
+    """The nodes where ``node``'s elements end, each with the number of
+    paths from ``node`` that lead there."""
+    leaves = defaultdict(int)
+    for below in _below(node, every_path=True):
+        if not any(d is not None for d in below.downstreams):
+            leaves[below] += 1
+    return leaves
 
 
 class _RedisNode:
-    """What every node of this module shares: its connection arguments, how it
-    makes its client, and how it names itself (never with a password)."""
+    """What every node of this module shares: its connection arguments, its
+    topology, how it makes its client, how it runs on its event loop, and how
+    it names itself (never with a password)."""
+
+    exit_order = 0  # at exit, sources (0) stop before sinks (1) close
+    holds_writes = False  # a sink: what it holds, flush() writes
 
     def _connection_args(self, url, client_kwargs, client, cluster=False):
         self.url = url or os.environ.get("REDIS_URL") or DEFAULT_URL
@@ -834,6 +1280,7 @@ class _RedisNode:
             raise TypeError(f"client_kwargs must be a dict, not {type(client_kwargs).__name__}")
         self.client_kwargs = dict(client_kwargs or {})
         self.client = client
+        self.topology = _topology_for(self.cluster, client)
 
     def _new_client(self):
         """The user's client, or one made from ``url`` and ``client_kwargs``."""
@@ -844,17 +1291,15 @@ class _RedisNode:
         # would delay a clear error from start(), or send a pipeline twice.
         kwargs.setdefault("retry", Retry(NoBackoff(), 0))
         kwargs["decode_responses"] = False  # values are decoded at our boundary
-        if self.cluster:
-            return redis.asyncio.RedisCluster.from_url(self.url, **kwargs)
-        return redis.asyncio.from_url(self.url, **kwargs)
-
-    def _on_cluster(self):
-        return self.cluster or isinstance(self.client, redis.asyncio.RedisCluster)
+        return self.topology.new_client(self.url, kwargs)
 
     def __str__(self):
         return f"<{type(self).__name__} {self._describe()} at {self._where()}>"
 
     __repr__ = __str__
+
+    def _describe(self):  # pragma: no cover - overridden
+        return ""
 
     def _where(self):
         """Where this node's Redis is, for its repr and log lines: a URL, a
@@ -862,8 +1307,8 @@ class _RedisNode:
         password."""
         try:
             if self.client is None:
-                return ("Redis Cluster " if self.cluster else "") + _safe_url(self.url)
-            return _client_address(self.client)
+                return self.topology.describe_url(self.url)
+            return self.topology.describe(self.client)
         except Exception:
             return f"a {type(self.client).__name__} client"
 
@@ -873,6 +1318,12 @@ class _RedisNode:
         except RuntimeError:
             return False
 
+    def _loop_runs_elsewhere(self):
+        """Whether this node's event loop still runs, in another thread: at
+        exit, the loop of a finished ``asyncio.run`` would never answer."""
+        loop = self.loop.asyncio_loop
+        return loop.is_running() and not loop.is_closed() and not self._on_loop_thread()
+
     def _on_loop(self, coroutine_function, *args):
         """Run a coroutine on the node's event loop from any thread: inside
         the loop, return it as a future to await; elsewhere, block until it
@@ -880,383 +1331,222 @@ class _RedisNode:
         can run: ``_loop_ended()`` says so."""
         if self._on_loop_thread():
             return asyncio.ensure_future(coroutine_function(*args))
-        if _loop_runs_elsewhere(self):
+        if self._loop_runs_elsewhere():
             sync(self.loop, coroutine_function, *args)
         else:
             self._loop_ended()
 
-
-# Replies that mean a connection reached a server that no longer serves its
-# keys as primary: a failover demoted it (READONLY; UNBLOCKED ends the reads it
-# had blocked), or Redis Cluster moved the slot or is moving it (MOVED, ASK,
-# TRYAGAIN, CLUSTERDOWN). Reading reconnects through the pool, as for a lost
-# connection. (redis-py's Sentinel connection already turns READONLY into a
-# ConnectionError: "The previous master is now a slave".)
-WRONG_SERVER_ERRORS = (
-    redis.exceptions.ReadOnlyError,
-    redis.exceptions.AskError,  # and MovedError
-    redis.exceptions.TryAgainError,
-    redis.exceptions.ClusterDownError,
-)
+    def _finish_within(self, left, finish):
+        """At exit: run ``finish(left)`` on the loop; False if it cannot run
+        (no time or no loop left)."""
+        if self._loop_runs_elsewhere() and left > 0:
+            sync(self.loop, finish, left, callback_timeout=left + 1)
+            return True
+        return False
 
 
-def _on_wrong_server(exc):
-    return isinstance(exc, WRONG_SERVER_ERRORS) or (
-        isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith("UNBLOCKED")
-    )
+def _warn_without_hiredis():
+    global _hiredis_checked
+    if not _hiredis_checked:
+        _hiredis_checked = True
+        if not HIREDIS_AVAILABLE:
+            log.warning(
+                "hiredis is not installed: reading is about 3 to 4.5 times slower "
+                "(pip install 'redis[hiredis]')"
+            )
 
 
-if HIREDIS_AVAILABLE:
-    from hiredis import pack_command as _pack_command
-else:  # pragma: no cover - the benchmark's CI job runs without hiredis
-    _pack_command = None
+def _check_dask_client(source):
+    """Refuse to start a pipeline with streamz.dask nodes that cannot run.
+    Those nodes use the distributed Client's event loop, and a pipeline
+    adopts it only if the Client exists when the pipeline is built (streamz's
+    get_io_loop): without a Client, or with one made afterwards, entries are
+    read and nothing ever reaches the sink, silently. Nothing here imports
+    dask unless the pipeline uses it."""
+    if "streamz.dask" not in sys.modules:
+        return
+    dask_nodes = {type(node).__name__ for node in _below(source) if type(node).__module__ == "streamz.dask"}
+    if not dask_nodes:
+        return
+    from distributed import default_client
 
-
-# redis-py < 5.3 requires a command's name in get_connection(); later ones
-# deprecate it.
-_name_parameter = inspect.signature(redis.asyncio.ConnectionPool.get_connection).parameters.get("command_name")
-_GET_CONNECTION_WANTS_A_NAME = _name_parameter is not None and _name_parameter.default is inspect.Parameter.empty
-
-
-async def _execute_packed(client, *args):
-    """``await client.execute_command(*args)`` for a command with many
-    arguments (XACK with a batch of ids), packed by hiredis; see
-    ``_execute_pipelined``."""
-    [reply] = await _execute_pipelined(client, [args])
-    if isinstance(reply, Exception):
-        raise reply
-    return reply
-
-
-async def _execute_pipelined(client, commands):
-    """The replies to ``commands`` (argument tuples), sent in one round trip,
-    with an exception in place of each that Redis refused: a redis-py
-    pipeline (``transaction=False``, ``raise_on_error=False``), packed by
-    hiredis.
-
-    redis.asyncio packs a command argument by argument in Python, about 2 us
-    each: more than reading the entry an XACK id acknowledges, or most of an
-    XADD (redis-py's sync client packs with hiredis). Only for commands whose
-    replies need no parsing; where there is no hiredis, no connection pool
-    (a cluster client) or another encoding than UTF-8, it is an ordinary
-    pipeline."""
-    pool = getattr(client, "connection_pool", None)
-    if (
-        _pack_command is None or pool is None or getattr(client, "single_connection_client", False)
-        or pool.connection_kwargs.get("encoding", "utf-8").lower() not in ("utf-8", "utf8")
-        or pool.connection_kwargs.get("encoding_errors", "strict") != "strict"
-    ):  # hiredis encodes str as strict UTF-8
-        async with client.pipeline(transaction=False) as pipe:
-            for args in commands:
-                pipe.execute_command(*args)
-            return await pipe.execute(raise_on_error=False)
-    if _GET_CONNECTION_WANTS_A_NAME:
-        connection = await pool.get_connection(commands[0][0])
-    else:
-        connection = await pool.get_connection()
+    uses = f"the pipeline uses streamz.dask nodes ({', '.join(sorted(dask_nodes))})"
     try:
-        await connection.send_packed_command(b"".join([_pack_command(tuple(args)) for args in commands]))
-        replies = []
-        for _ in commands:
-            try:
-                replies.append(await connection.read_response())
-            except redis.exceptions.ResponseError as refused:
-                replies.append(refused)  # the whole reply was read: read on
-        return replies
-    except BaseException:
-        await connection.disconnect()  # a reply may be half read
-        raise
-    finally:
-        await pool.release(connection)
+        client = default_client()
+    except ValueError:
+        raise RuntimeError(
+            f"{source}: {uses} and no Dask client exists; create the distributed "
+            f"Client first, then build the pipeline"
+        ) from None
+    if client.loop is not source.loop:
+        raise RuntimeError(
+            f"{source}: {uses}, but it was built before the Dask client was created, so it "
+            f"runs on another event loop than the client's and would never reach its "
+            f"sinks; create the Client first, then build the pipeline"
+        )
 
 
-class _BlockingConnection:
-    """The one connection a source's blocking reads run on.
+_STREAMZ_NODES_THAT_LOG = (streamz.core.map, streamz.core.starmap, streamz.core.filter,
+                           streamz.core.accumulate)
 
-    Blocking reads get a connection of their own, so that acknowledgements
-    and other commands never wait behind them. Its CLIENT ID is kept (and
-    renewed on reconnect) so that ``stop()`` can wake a blocked read with
-    CLIENT UNBLOCK from the pooled client: the read returns as if it had timed
-    out, so nothing it was about to pop is lost (a cancelled BLPOP can lose
-    the item it popped).
 
-    A connection that was lost, or that reached a server which no longer
-    serves its keys as primary (``_on_wrong_server``), is dropped, and the
-    next read opens a new one from the pool. redis-py would reconnect it to
-    the address it remembers, but after a failover the pool alone knows the
-    new primary: a Sentinel pool asks Sentinel.
-    """
+def _logged_by_streamz(exc):
+    """Whether streamz logged ``exc`` already: its ``map``, ``starmap``,
+    ``filter`` and ``accumulate`` log what their function raised."""
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "update" and isinstance(
+            frame.f_locals.get("self"), _STREAMZ_NODES_THAT_LOG
+        ):
+            return True
+        tb = tb.tb_next
+    return False
 
-    def __init__(self, pooled, keys):
-        self.pooled = pooled
-        self.keys = keys  # what it reads: on a Redis Cluster, keys of one slot
-        self.node = self.pooled  # where CLIENT UNBLOCK goes
-        self.read = None  # the read under way, where a source has several connections
-        self.client = None
-        self.id = None
-        self.socket_timeout = None
 
-    async def open(self):
-        if isinstance(self.pooled, redis.asyncio.RedisCluster):
-            # RedisCluster has no single-connection client: one of the node
-            # that owns the slot now, made from its connection arguments.
-            node = self.pooled.get_node_from_key(self.keys[0])
-            self.node = redis.asyncio.Redis(connection_pool=redis.asyncio.ConnectionPool(
-                connection_class=node.connection_class, **node.connection_kwargs))
-        client = self.node.client()
-        for command in RAW_REPLY_COMMANDS:
-            client.set_response_callback(command, _raw_reply)
-        try:
-            await client.initialize()
-            client.connection.register_connect_callback(self._on_connect)
-            self.id = await client.client_id()
-        except BaseException:
-            await self._discard(client)
-            raise
-        # The connection's own value: redis-py 8 applies a default of 5 s that
-        # the pool's connection_kwargs do not show.
-        self.socket_timeout = getattr(client.connection, "socket_timeout", None)
-        self.client = client
+def _never_emitted(rest):
+    """What a source gives back unemitted is never acknowledged by it, nor
+    counted in flight (the frames of a cancelled emit may keep it alive)."""
+    for _, origin in rest:
+        if isinstance(origin, _Reference):
+            origin.fail()
 
-    async def _on_connect(self, connection):
-        await connection.send_command("CLIENT", "ID")
-        self.id = await connection.read_response()
 
-    def block_seconds(self, timeout):
-        """How long one blocking read may wait on the server, for a source's
-        ``timeout``.
+def _being_cancelled():
+    """Whether the current task itself is being cancelled (rather than a
+    future it awaited). Python 3.10 cannot tell: it says yes."""
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    return cancelling is None or cancelling() > 0
 
-        BLOCK must stay below the client's socket_timeout or redis-py raises
-        TimeoutError (and drops the connection) while Redis is merely idle.
-        An idle Redis answers a timed-out read on its next cron tick, up to
-        REDIS_TICK after BLOCK ran out.
-        """
-        socket_timeout = self.socket_timeout
-        if socket_timeout:
-            return max(0.01, min(timeout, (socket_timeout - REDIS_TICK) / 2))
-        return timeout
+
+def _name_of(value):
+    """How a log line names an emitted value."""
+    if isinstance(value, list) and value:
+        return f"a batch of {len(value)} from {_name_of(value[0])} to {_name_of(value[-1])}"
+    if isinstance(value, Entry):
+        return f"entry {value.id} of stream {value.stream!r}"
+    text = repr(value)
+    return f"item {text[:80]}{'...' if len(text) > 80 else ''}"
+
+
+class _Readers:
+    """A source's blocking connections: one ``_Wire`` per group of keys that
+    one blocking read can wait on together (on a Redis Cluster, the keys of
+    each slot; elsewhere all of them)."""
+
+    def __init__(self):
+        self.wires = []
+
+    @property
+    def first(self):
+        return self.wires[0] if self.wires else None
+
+    async def open(self, client, topology, keys):
+        self.wires = [_Wire(client, group, topology) for group in topology.key_groups(client, keys)]
+        for wire in self.wires:
+            await wire.open()
 
     async def refused(self, probes):
-        """Which of ``probes`` (command argument lists) this user may not
-        run, as ``[(command, error)]``. Each is only queued inside a
-        MULTI that is then discarded, so none runs; Redis checks permissions
-        as it queues. ``[]`` where MULTI itself is not allowed."""
-        connection = self.client.connection
-        await connection.send_command("MULTI")
-        try:
-            await connection.read_response()
-        except redis.exceptions.ResponseError:
-            return []  # without MULTI nothing can be checked unrun
+        """What ``probes(keys)`` of each connection this user may not run:
+        on a cluster, each slot's keys on their own node."""
         refused = []
-        try:
-            for args in probes:
-                await connection.send_command(*args)
-                try:
-                    await connection.read_response()
-                except redis.exceptions.ResponseError as exc:
-                    if str(exc).startswith("NOPERM") or isinstance(exc, redis.exceptions.NoPermissionError):
-                        refused.append((args[0], exc))
-        finally:
-            await connection.send_command("DISCARD")
-            try:
-                await connection.read_response()
-            except redis.exceptions.ResponseError:
-                pass
+        for wire in self.wires:
+            refused += await wire.refused(probes(wire.keys))
         return refused
 
-    async def execute(self, *args, **options):
-        """Run one command on this connection. With hiredis it is packed by
-        hiredis and its reply read as Redis sent it (the replies the value
-        boundary reads): redis.asyncio's ``execute_command`` costs about 60 us
-        more per read (its lock, its retry wrapper, packing in Python). A
-        failed read disconnects, and the error is handled here."""
-        try:
-            if self.client is None:
-                await self.open()  # dropped after an error: a new one, from the pool
-            if _pack_command is None:
-                return await self.client.execute_command(*args, **options)
-            connection = self.client.connection
-            await connection.send_packed_command(_pack_command(args), check_health=False)
-            return await connection.read_response(disable_decoding=True)
-        except Exception as exc:
-            # Opening fails too when a cluster's master was killed: the node
-            # it names is asked again until the cluster names its replica.
-            if isinstance(exc, CONNECTION_ERRORS) or _on_wrong_server(exc):
-                client, self.client, self.id = self.client, None, None
-                if client is not None:
-                    await self._discard(client)
-                if self.node is not self.pooled:
-                    node, self.node = self.node, self.pooled
-                    await node.aclose()
-                    # Which node owns the slot now: the cluster is asked again.
-                    try:
-                        await self.pooled.nodes_manager.initialize()
-                    except Exception:
-                        pass  # the next read tries again
-            raise
+    def unblock(self):
+        return [asyncio.ensure_future(wire.unblock()) for wire in self.wires]
 
-    async def _discard(self, client):
-        """Close ``client`` without handing its connection back to the pool
-        as it is: it may be on the old primary."""
+    async def read_any(self, read):
+        """One batch, ``await read(wire)``, from whichever connection answers
+        first. With several, each has one read under way; the others keep
+        theirs for the next call, so that every slot's entries come through
+        the one emit path."""
+        if len(self.wires) <= 1:
+            return await read(self.first)
+        for wire in self.wires:
+            if wire.read is None:
+                wire.read = asyncio.ensure_future(read(wire))
+        await asyncio.wait([wire.read for wire in self.wires], return_when=asyncio.FIRST_COMPLETED)
+        wire = next(wire for wire in self.wires if wire.read.done())
+        done, wire.read = wire.read, None
+        return done.result()
+
+    async def give_back_reads(self, give_back):
+        """On stop(), with several connections: what the reads not yet
+        emitted had read goes back (they were woken with the others)."""
+        reads = [wire.read for wire in self.wires if wire.read is not None]
+        if reads:
+            await asyncio.wait(reads, timeout=READ_STOP_DEADLINE)
+        for wire in self.wires:
+            read, wire.read = wire.read, None
+            if read is None:
+                continue
+            if not read.done():
+                read.cancel()
+            elif not read.cancelled() and read.exception() is None and read.result():
+                await give_back(read.result())
+
+    async def close_idle(self):
+        """The read loop was cancelled from outside (``asyncio.run`` ending
+        with the source still running, say): close the connections now, while
+        their event loop runs. Their read was cut mid-way, so they are never
+        read from again, and a stop() after the loop has ended could not
+        close them: garbage-collected later, redis-py would close them on a
+        closed loop ("Event loop is closed"). A connection whose own read
+        (several on a Redis Cluster) may hold entries is left for stop() to
+        give them back."""
+        for wire in self.wires:
+            if wire.read is None or wire.read.cancelled():
+                await self._close(wire, cut=True)
+
+    async def close(self):
+        wires, self.wires = self.wires, []
+        for wire in wires:
+            await self._close(wire)
+
+    @staticmethod
+    async def _close(wire, cut=False):
         try:
-            if client.connection is not None:
-                client.connection.deregister_connect_callback(self._on_connect)
-                await client.connection.disconnect()
-            await client.aclose()
+            await asyncio.wait_for(wire.close(cut), READ_STOP_DEADLINE)
         except Exception:  # pragma: no cover - closing a dead socket
             pass
 
-    async def unblock(self):
-        if self.id is None:
-            return
-        try:
-            await asyncio.wait_for(
-                self.node.execute_command("CLIENT UNBLOCK", self.id), READ_STOP_DEADLINE
-            )
-        except Exception:
-            pass  # stop() cancels the read after READ_STOP_DEADLINE instead
 
-    async def close(self):
-        client, self.client, self.id = self.client, None, None
-        node, self.node = self.node, self.pooled
-        if self.read is not None:
-            self.read.cancel()
-            self.read = None
-        if client is not None:
-            if client.connection is not None:
-                # With client=, the connection goes back to the user's pool.
-                client.connection.deregister_connect_callback(self._on_connect)
-            await client.aclose()
-        if node is not self.pooled:
-            await node.aclose()
-
-
-class _RedisSource(_RedisNode, Source):
-    """What every Redis source shares: start and stop from any thread, the
-    connections, and the read-and-emit loop with back-off.
-
-    A subclass says how to prepare once connected (``_prepare``), which
-    commands reading needs (``_probes``), how to read one batch (``_read``),
-    and how to give back what was read but not emitted (``_give_back``). A
-    source that acknowledges makes an ``_AckLedger`` in its ``__init__``,
-    with the coroutine that sends a batch of acks.
-    """
+class _SourceLifecycle(_RedisNode, Source):
+    """How every Redis source starts and stops, from any thread: ``start()``
+    connects, checks and prepares, then runs the read loop as one task;
+    ``stop()`` ends it within its deadlines, gives back what was read but not
+    emitted, lets the sinks downstream write, flushes the acknowledgements
+    and closes the connections. ``_RedisSource`` provides the steps
+    (``_connect``, ``_check_permissions``, ``_prepare``, ``_run``,
+    ``_close``)."""
 
     _ledger = None  # an _AckLedger, for sources that acknowledge
-    uses_blocking_reads = True
 
-    def __init__(
-        self,
-        *,
-        url: Optional[str] = None,
-        client_kwargs: Optional[Mapping] = None,
-        client=None,
-        cluster: bool = False,
-        decode=True,
-        timeout: float = 1.0,
-        count: int = 100,
-        batch: bool = False,
-        start: bool = False,
-        **kwargs,
-    ):
-        self._connection_args(url, client_kwargs, client, cluster)
-        self.timeout = _seconds(timeout, "timeout")
-        self.count = _positive_int(count, "count")
-        self.decode = decode
-        self._encoding = _encoding_of(decode)
-        self.batch = bool(batch)
+    def __init__(self, *, start=False, **kwargs):
         self._redis = None  # pooled connections: non-blocking commands, acks
-        self._reader = None  # a _BlockingConnection: the first of _readers
-        self._readers = []  # one per slot on a Redis Cluster, else just one
+        self._readers = _Readers()  # the blocking reads' own connections
         self._task = None  # the read loop
         self._lock = None  # see _lifecycle()
         self._stopping = None  # an asyncio.Event, set by stop()
         self._reading = False  # the read loop is waiting on Redis
         self._giving_up = False  # stop() is cancelling the read loop
-        self._awaiting = None  # the reference whose emit's futures the loop awaits
-        self._read_count = self._emitted = self._failed = self._reconnects = 0
-        self._dead_lettered = 0
-        self._read_batches = deque()  # (monotonic time, weakrefs to what it emits) per read
-        self._read_batches_compacted_at = 64
         super().__init__(**kwargs)
         if start:
             starting = self.start()
             if starting is not None:  # inside the event loop: nobody awaits it
                 starting.add_done_callback(self._report_failed_start)
 
-    def metrics(self) -> dict:
-        """A snapshot of this source's figures, counted since it was made;
-        callable from any thread.
-
-        ``read``: entries (items, messages) read from Redis; ``emitted``:
-        emitted downstream; ``failed``: whose processing raised downstream;
-        ``acked``: acknowledgements Redis confirmed (consumer groups and the
-        reliable list); ``in_flight``: emitted and not yet done (held
-        somewhere in the pipeline); ``oldest_in_flight_seconds``: how long
-        ago the oldest of those was read (0.0 when none is); ``reconnects``:
-        connections lost while reading; ``dead_lettered``: entries or items
-        moved to the dead-letter stream or list.
-        """
-        ledger = self._ledger
-        return {
-            "read": self._read_count,
-            "emitted": self._emitted,
-            "failed": self._failed,
-            "acked": ledger.acked if ledger else 0,
-            "in_flight": ledger.in_flight_count() if ledger else 0,
-            "oldest_in_flight_seconds": self._oldest_in_flight_seconds(),
-            "reconnects": self._reconnects,
-            "dead_lettered": self._dead_lettered,
-        }
-
-    def _oldest_in_flight_seconds(self):
-        """Age of the oldest read that still has an entry in the pipeline.
-        Reads are timed, not entries: the per-entry path stays as it was."""
-        for read_at, refs in list(self._read_batches):
-            if _any_pending(refs):
-                return time.monotonic() - read_at
-        return 0.0
-
-    def _after_read(self, batch):
-        """Called on the loop after each read, before its batch is emitted."""
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s: read %d", self, len(batch))
-
-    def _track(self, batch):
-        """What a read emits, as ``(value, origin)`` pairs: with
-        ``batch=True`` one list, tracked as one ``_AckAll``. What it will
-        track is recorded, weakly, with the read's time, for
-        ``oldest_in_flight_seconds`` (reads that left the pipeline are
-        forgotten here)."""
-        ledger = self._ledger
-        acks = [origin for _, origin in batch if isinstance(origin, _Ack)] if ledger else ()
-        if self.batch and batch:
-            whole = _AckAll(ledger, acks) if acks else None
-            batch = [([value for value, _ in batch], whole)]
-            refs = [weakref.ref(whole)] if whole is not None else []
-        else:
-            refs = [weakref.ref(ack) for ack in acks]
-        if not acks:
-            return batch
-        reads = self._read_batches
-        while reads and not _any_pending(reads[0][1]):
-            reads.popleft()
-        if len(reads) > self._read_batches_compacted_at:
-            # A read held up front (a window, a slow branch) keeps the ones
-            # behind it listed: drop those that are done, each time their
-            # number doubles.
-            self._read_batches = reads = deque(r for r in reads if _any_pending(r[1]))
-            self._read_batches_compacted_at = max(64, 2 * len(reads))
-        reads.append((time.monotonic(), refs))
-        return batch
+    @property
+    def running(self):
+        """True from ``start()`` until ``stop()`` has finished."""
+        return self._task is not None
 
     def _report_failed_start(self, starting):
         if not starting.cancelled() and starting.exception() is not None:
             log.error("%s: start=True failed; the source does not run (%s)",
                       self, _error_text(starting.exception()))
-
-    def _describe(self):  # pragma: no cover - overridden
-        return ""
 
     # ---- start and stop, from any thread --------------------------------
 
@@ -1295,6 +1585,13 @@ class _RedisSource(_RedisNode, Source):
             return asyncio.shield(stopping)  # a cancelled caller never aborts the clean-up
         self._on_loop(self._stop)
 
+    def finish_at_exit(self, left):
+        """Python is exiting: stop within ``left`` seconds, or say what is lost."""
+        if not self._finish_within(left, self._stop) and self._ledger is not None:
+            log.error("%s: not stopped at exit (no time or no event loop left); %d "
+                      "acknowledgement(s) not sent: those entries are delivered again",
+                      self, self._ledger.unsent())
+
     def _loop_ended(self):
         if self._task is not None:
             log.warning("%s: its event loop has ended; stop() cannot flush or close", self)
@@ -1313,7 +1610,7 @@ class _RedisSource(_RedisNode, Source):
                     return  # start() twice runs one read loop
                 await self._shutdown(self._task)  # a loop that ended: clean up first
             _warn_without_hiredis()
-            self._check_dask_client()
+            _check_dask_client(self)
             try:
                 await self._connect()
                 await self._check_permissions()
@@ -1330,7 +1627,7 @@ class _RedisSource(_RedisNode, Source):
             self._stopping = asyncio.Event()
             if self._ledger is not None:
                 self._ledger.open(self._stopping)
-            _running_sources.add(self)
+            _live_nodes.add(self)
             self._task = asyncio.ensure_future(self._run())
             log.info("%s: started, %s", self, self._reading_what())
 
@@ -1360,27 +1657,29 @@ class _RedisSource(_RedisNode, Source):
         self.stopped = True
         self._stopping.set()
         await self._end(task, left)
-        await self._give_back_reads()
+        await self._readers.give_back_reads(self._give_back)
         self._task = None
-        _running_sources.discard(self)
+        _live_nodes.discard(self)
         stopped = "stopped"
         if self._ledger is not None:
-            acked = self._ledger.acked
-            await self._let_sinks_finish(left(FLUSH_DEADLINE))
-            unsent = await self._ledger.close(left(FLUSH_DEADLINE))
-            if unsent:
-                log.warning(
-                    "%s: %d acknowledgement(s) not sent before closing; they are sent "
-                    "on the next start(), or the entries are delivered again", self, unsent,
-                )
-            stopped += (f"; {self._ledger.acked - acked} acknowledgement(s) flushed, {unsent} "
-                        f"left unsent, {self._ledger.acked} sent since it was made")
+            stopped += await self._flush_acks(left)
         await self._close()
         log.info("%s: %s", self, stopped)
 
-    def _reading_what(self):
-        """For the log line of start(): what the source reads, and from where."""
-        return f"reading {self._describe()}"
+    async def _flush_acks(self, left):
+        """stop(): let the sinks write, then send the last acks. What the
+        log line of stop() says of them."""
+        ledger = self._ledger
+        acked = ledger.acked
+        await self._let_sinks_finish(left(FLUSH_DEADLINE))
+        unsent = await ledger.close(left(FLUSH_DEADLINE))
+        if unsent:
+            log.warning(
+                "%s: %d acknowledgement(s) not sent before closing; they are sent "
+                "on the next start(), or the entries are delivered again", self, unsent,
+            )
+        return (f"; {ledger.acked - acked} acknowledgement(s) flushed, {unsent} "
+                f"left unsent, {ledger.acked} sent since it was made")
 
     async def _end(self, task, left):
         """Wait for the read loop to end. A blocking read is woken at once; a
@@ -1390,9 +1689,9 @@ class _RedisSource(_RedisNode, Source):
         back)."""
         unblocks = []
         for _ in range(2):  # twice: the first can reach Redis before the read it must wake
-            if task.done() or not self._reading or self._reader is None:
+            if task.done() or not self._reading or self._readers.first is None:
                 break
-            unblocks += [asyncio.ensure_future(reader.unblock()) for reader in self._readers]
+            unblocks += self._readers.unblock()
             await asyncio.wait([task], timeout=left(READ_STOP_DEADLINE) / 2)
         for unblock in unblocks:
             unblock.cancel()
@@ -1414,9 +1713,10 @@ class _RedisSource(_RedisNode, Source):
         to write what they hold (through their public ``flush()``): an entry
         whose result they store now is acknowledged now, rather than
         delivered again after a restart."""
-        if not (self._ledger.in_flight or self._ledger.batches) or not timeout:
+        if not self._ledger.holds_any() or not timeout:
             return
-        flushes = [asyncio.ensure_future(sink.flush()) for sink in self._downstream_sinks()]
+        flushes = [asyncio.ensure_future(node.flush()) for node in _below(self)
+                   if getattr(node, "holds_writes", False)]
         if flushes:
             await asyncio.wait(flushes, timeout=timeout)
             await asyncio.sleep(0)  # streamz calls the acks back on the next loop turn
@@ -1426,64 +1726,84 @@ class _RedisSource(_RedisNode, Source):
         emitted (``current_metadata``). It is no hold, but it keeps that
         element's reference alive: a replay would take an entry that a node
         downstream dropped for one still in the pipeline, and skip it."""
-        seen, todo = set(), [self]
-        while todo:
-            node = todo.pop()
-            if node is None or id(node) in seen:
-                continue
-            seen.add(id(node))
+        self.current_metadata = None
+        for node in _below(self):
             node.current_metadata = None
-            todo.extend(node.downstreams)
 
-    def _check_dask_client(self):
-        """Refuse to start a pipeline with streamz.dask nodes that cannot
-        run. Those nodes use the distributed Client's event loop, and a
-        pipeline adopts it only if the Client exists when the pipeline is
-        built (streamz's get_io_loop): without a Client, or with one made
-        afterwards, entries are read and nothing ever reaches the sink,
-        silently. Nothing here imports dask unless the pipeline uses it."""
-        if "streamz.dask" not in sys.modules:
-            return
-        seen, todo, dask_nodes = set(), list(self.downstreams), []
-        while todo:
-            node = todo.pop()
-            if node is None or id(node) in seen:
-                continue
-            seen.add(id(node))
-            if type(node).__module__ == "streamz.dask":
-                dask_nodes.append(type(node).__name__)
-            todo.extend(node.downstreams)
-        if not dask_nodes:
-            return
-        from distributed import default_client
+    def _reading_what(self):
+        """For the log line of start(): what the source reads, and from where."""
+        return f"reading {self._describe()}"
 
-        uses = f"the pipeline uses streamz.dask nodes ({', '.join(sorted(set(dask_nodes)))})"
-        try:
-            client = default_client()
-        except ValueError:
-            raise RuntimeError(
-                f"{self}: {uses} and no Dask client exists; create the distributed "
-                f"Client first, then build the pipeline"
-            ) from None
-        if client.loop is not self.loop:
-            raise RuntimeError(
-                f"{self}: {uses}, but it was built before the Dask client was created, so it "
-                f"runs on another event loop than the client's and would never reach its "
-                f"sinks; create the Client first, then build the pipeline"
-            )
 
-    def _downstream_sinks(self):
-        """The Redis sinks this source's elements can reach."""
-        sinks, seen, todo = [], set(), list(self.downstreams)
-        while todo:
-            node = todo.pop()
-            if node is None or id(node) in seen:
-                continue
-            seen.add(id(node))
-            if isinstance(node, _RedisSink):
-                sinks.append(node)
-            todo.extend(node.downstreams)
-        return sinks
+
+class _RedisSource(_SourceLifecycle):
+    """What every Redis source shares: start and stop from any thread, the
+    connections, and the read-and-emit loop with back-off.
+
+    A subclass says how to prepare once connected (``_prepare``), which
+    commands reading needs (``_probes``), how to read one batch (``_read``),
+    and how to give back what was read but not emitted (``_give_back``). A
+    source that acknowledges makes an ``_AckLedger`` in its ``__init__``,
+    with the coroutine that sends a batch of acks.
+    """
+
+    uses_blocking_reads = True
+
+    def __init__(
+        self,
+        *,
+        url: Optional[str] = None,
+        client_kwargs: Optional[Mapping] = None,
+        client=None,
+        cluster: bool = False,
+        decode=True,
+        timeout: float = 1.0,
+        count: int = 100,
+        batch: bool = False,
+        start: bool = False,
+        **kwargs,
+    ):
+        self._connection_args(url, client_kwargs, client, cluster)
+        self.timeout = _seconds(timeout, "timeout")
+        self.count = _positive_int(count, "count")
+        self.decode = decode
+        self._encoding = _encoding_of(decode)
+        self.batch = bool(batch)
+        self._read_count = self._emitted = self._failed = self._reconnects = 0
+        self._dead_lettered = 0
+        super().__init__(start=start, **kwargs)
+
+    def metrics(self) -> dict:
+        """A snapshot of this source's figures, counted since it was made;
+        callable from any thread.
+
+        ``read``: entries (items, messages) read from Redis; ``emitted``:
+        emitted downstream; ``failed``: whose processing raised downstream;
+        ``acked``: acknowledgements Redis confirmed (consumer groups and the
+        reliable list); ``in_flight``: emitted and not yet done (held
+        somewhere in the pipeline); ``oldest_in_flight_seconds``: how long
+        ago the oldest of those was read (0.0 when none is); ``reconnects``:
+        connections lost while reading; ``dead_lettered``: entries or items
+        moved to the dead-letter stream or list.
+        """
+        ledger = self._ledger
+        return {
+            "read": self._read_count,
+            "emitted": self._emitted,
+            "failed": self._failed,
+            "acked": ledger.acked if ledger else 0,
+            "in_flight": ledger.in_flight_count() if ledger else 0,
+            "oldest_in_flight_seconds": ledger.oldest_in_flight_seconds() if ledger else 0.0,
+            "reconnects": self._reconnects,
+            "dead_lettered": self._dead_lettered,
+        }
+
+    async def server_identity(self):
+        """Which server (and database) this source reads, as
+        ``(run_id, db)``; None when not connected, or on a Redis Cluster."""
+        if self._redis is None:
+            return None
+        return await self.topology.server_identity(self._redis)
 
     # ---- connections ----------------------------------------------------
 
@@ -1491,22 +1811,7 @@ class _RedisSource(_RedisNode, Source):
         self._redis = self._new_client()
         await self._redis.ping()
         if self.uses_blocking_reads:
-            self._readers = [_BlockingConnection(self._redis, keys) for keys in self._key_groups()]
-            self._reader = self._readers[0]
-            for reader in self._readers:
-                await reader.open()
-
-    def _key_groups(self):
-        """The keys a source reads, as the groups one blocking read can wait
-        on together: on a Redis Cluster, the keys of each slot (a command on
-        several keys needs them all in one slot); elsewhere, all of them."""
-        keys = self._read_keys()
-        if not self._on_cluster():
-            return [keys]
-        slots = defaultdict(list)
-        for key in keys:
-            slots[self._redis.keyslot(key)].append(key)
-        return list(slots.values())
+            await self._readers.open(self._redis, self.topology, self._read_keys())
 
     def _read_keys(self):
         """The keys this source's blocking reads wait on."""
@@ -1515,9 +1820,7 @@ class _RedisSource(_RedisNode, Source):
     async def _check_permissions(self):
         """Raise at start() if the user may not run a command reading needs,
         naming it; otherwise reading would only log the refusal, forever."""
-        refused = []
-        for reader in self._readers:  # on a cluster, each slot's keys on their node
-            refused += await reader.refused(self._probes(reader.keys))
+        refused = await self._readers.refused(self._probes)
         if refused:
             command, exc = refused[0]
             raise redis.exceptions.NoPermissionError(
@@ -1526,68 +1829,16 @@ class _RedisSource(_RedisNode, Source):
             )
 
     def _block_seconds(self):
-        return self._reader.block_seconds(self.timeout)
+        return self._readers.first.block_seconds(self.timeout)
 
     async def _close(self):
-        readers, self._readers, self._reader = self._readers, [], None
         own, self._redis = self._redis, None
-        for closing in [*(reader.close() for reader in readers),
-                        own.aclose() if own is not None and own is not self.client else None]:
-            if closing is not None:
-                try:
-                    await asyncio.wait_for(closing, READ_STOP_DEADLINE)
-                except Exception:  # pragma: no cover - closing a dead socket
-                    pass
-
-    async def _read_any(self):
-        """One batch, from whichever blocking connection answers first. With
-        several (keys in several slots of a Redis Cluster), each has one read
-        under way; the others keep theirs for the next call, so that every
-        slot's entries come through the one emit path."""
-        if len(self._readers) <= 1:
-            return await self._read(self._reader)
-        for reader in self._readers:
-            if reader.read is None:
-                reader.read = asyncio.ensure_future(self._read(reader))
-        await asyncio.wait([reader.read for reader in self._readers],
-                           return_when=asyncio.FIRST_COMPLETED)
-        reader = next(reader for reader in self._readers if reader.read.done())
-        read, reader.read = reader.read, None
-        return read.result()
-
-    async def _give_back_reads(self):
-        """On stop(), with several blocking connections: what the reads not
-        yet emitted had read goes back (they were woken with the others)."""
-        reads = [reader.read for reader in self._readers if reader.read is not None]
-        if reads:
-            await asyncio.wait(reads, timeout=READ_STOP_DEADLINE)
-        for reader in self._readers:
-            read, reader.read = reader.read, None
-            if read is None:
-                continue
-            if not read.done():
-                read.cancel()
-            elif not read.cancelled() and read.exception() is None and read.result():
-                await self._give_back(read.result())
-
-    async def _close_idle_readers(self):
-        """The read loop was cancelled from outside (``asyncio.run`` ending
-        with the source still running, say): close the blocking connections
-        now, while their event loop runs. Their read was cut mid-way, so they
-        are never read from again, and a stop() after the loop has ended
-        could not close them: garbage-collected later, redis-py would close
-        them on a closed loop ("Event loop is closed"). A connection whose
-        own read (several on a Redis Cluster) may hold entries is left for
-        stop() to give them back."""
-        for reader in self._readers:
-            if reader.read is None or reader.read.cancelled():
-                client = reader.client
-                try:
-                    if client is not None and client.connection is not None:
-                        await client.connection.disconnect()  # a reply may be half read
-                    await asyncio.wait_for(reader.close(), READ_STOP_DEADLINE)
-                except Exception:  # pragma: no cover - closing a dead socket
-                    pass
+        await self._readers.close()
+        if own is not None and own is not self.client:
+            try:
+                await asyncio.wait_for(own.aclose(), READ_STOP_DEADLINE)
+            except Exception:  # pragma: no cover - closing a dead socket
+                pass
 
     # ---- the read loop --------------------------------------------------
 
@@ -1597,7 +1848,7 @@ class _RedisSource(_RedisNode, Source):
         except asyncio.CancelledError:
             if not self._giving_up:
                 log.error("%s: the read loop was cancelled from outside; the source stopped", self)
-                await self._close_idle_readers()
+                await self._readers.close_idle()
             raise
         except BaseException:
             log.exception("%s: the read loop failed; the source stopped", self)
@@ -1613,15 +1864,14 @@ class _RedisSource(_RedisNode, Source):
                 raise asyncio.CancelledError
             self._reading = True
             try:
-                batch = await self._read_any()
+                batch = await self._readers.read_any(self._read)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 if self.stopped:
                     break
-                if await self._handle_read_error(exc, backoff.delay):
-                    continue  # recovered: read again at once
-                await backoff.wait(self._stopping)
+                if not await self._handle_read_error(exc, backoff.delay):
+                    await backoff.wait(self._stopping)
                 continue
             finally:
                 self._reading = False
@@ -1635,7 +1885,7 @@ class _RedisSource(_RedisNode, Source):
     async def _handle_read_error(self, exc, delay):
         """Log a failed read; True if it was recovered from and can be
         retried at once."""
-        if isinstance(exc, CONNECTION_ERRORS) or _on_wrong_server(exc):
+        if _reconnect_after(exc):
             if _on_wrong_server(exc) or "previous master" in str(exc):
                 log.warning("%s: the server no longer serves these keys as primary (%s); "
                             "reconnecting in %.1f s", self, _error_text(exc), delay)
@@ -1654,17 +1904,39 @@ class _RedisSource(_RedisNode, Source):
         log.error("%s: read failed (%s); retrying in %.1f s", self, _error_text(exc), delay)
         return False
 
-    async def _emit_batch(self, batch):
-        """Emit each ``(value, origin)`` of a batch in turn, awaiting its
+    def _after_read(self, batch):
+        """Called on the loop after each read, before its batch is emitted."""
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: read %d", self, len(batch))
+
+    def _track(self, read):
+        """What a read emits, as ``(value, origin)`` pairs: with
+        ``batch=True`` one list, tracked as one ``_AckAll``. The ledger times
+        the read, for ``oldest_in_flight_seconds``."""
+        ledger = self._ledger
+        acks = [origin for _, origin in read if isinstance(origin, _Ack)] if ledger else ()
+        if self.batch and read:
+            whole = ledger.batch(acks) if acks else None
+            pairs = [([value for value, _ in read], whole)]
+            refs = [weakref.ref(whole)] if acks else []
+        else:
+            pairs = read
+            refs = [weakref.ref(ack) for ack in acks]
+        if acks:
+            ledger.note_read(refs)
+        return pairs
+
+    async def _emit_batch(self, read):
+        """Emit each ``(value, origin)`` of a read in turn, awaiting its
         futures (the back-pressure). An origin that is a ``_Reference`` is
         tracked until it leaves the pipeline. On stop(), what is left is given
         back. With ``batch=True`` the values go out as one list, tracked as one.
         """
-        read, batch = batch, self._track(batch)
-        for position, (value, origin) in enumerate(batch):
+        pairs = self._track(read)
+        for position, (value, origin) in enumerate(pairs):
             if self.stopped:
-                _never_emitted(batch[position:])
-                await self._give_back(read if self.batch else batch[position:])
+                _never_emitted(pairs[position:])
+                await self._give_back(read if self.batch else pairs[position:])
                 return
             # This is the per-entry path: inline, no coroutine per entry.
             tracked = isinstance(origin, _Reference)
@@ -1675,44 +1947,56 @@ class _RedisSource(_RedisNode, Source):
                 else:
                     futures = self._emit(value)
                 if futures:
-                    self._awaiting = origin  # the source's own hold waits on these
-                    try:
-                        if len(futures) == 1:
-                            await futures[0]
-                        else:
-                            await asyncio.gather(*futures)
-                    finally:
-                        self._awaiting = None  # never stale: an exactly-once sink reads it
+                    await self._wait_downstream(futures, origin if tracked else None)
             except Exception as exc:
-                if tracked:
-                    origin.fail()
-                self._failed += 1
-                self._log_processing_error(value, origin, exc)
+                self._processing_failed(value, origin, exc)
             except asyncio.CancelledError:
-                if tracked:
-                    origin.fail()
-                if self._giving_up or _being_cancelled():
-                    # stop() abandoned this emit: what follows is given back.
-                    _never_emitted(batch[position + 1:])
-                    await asyncio.shield(self._give_back(batch[position + 1:]))
-                    raise
-                # A future downstream was cancelled, not this source.
-                log.error("%s: processing was cancelled for %s", self, _name_of(value))
+                await self._emit_cancelled(value, origin, pairs[position + 1:])
             self._emitted += len(value) if self.batch else 1
             if tracked:
                 # The source's own hold, kept until the emit's futures are
                 # done: rate_limit, map_async and async sinks let go early.
                 origin.release()
 
-    def _log_processing_error(self, value, origin, exc):
+    async def _wait_downstream(self, futures, origin):
+        """Await an emit's futures; the ledger knows whose they are (the
+        source's own hold waits on them)."""
+        ledger = self._ledger
+        if origin is not None:
+            ledger.awaiting = origin
+        try:
+            if len(futures) == 1:
+                await futures[0]
+            else:
+                await asyncio.gather(*futures)
+        finally:
+            if origin is not None:
+                ledger.awaiting = None  # never stale: an exactly-once sink asks about it
+
+    def _processing_failed(self, value, origin, exc):
         """One log line for an exception raised downstream; the traceback
         only where streamz has not logged it already (its map, filter and
         friends do)."""
-        outcome = "; not acknowledged" if isinstance(origin, _Reference) else ""
+        tracked = isinstance(origin, _Reference)
+        if tracked:
+            origin.fail()
+        self._failed += 1
         log.error(
-            "%s: processing failed for %s (%s)%s", self, _name_of(value), _error_text(exc), outcome,
+            "%s: processing failed for %s (%s)%s", self, _name_of(value), _error_text(exc),
+            "; not acknowledged" if tracked else "",
             exc_info=None if _logged_by_streamz(exc) else exc,
         )
+
+    async def _emit_cancelled(self, value, origin, rest):
+        if isinstance(origin, _Reference):
+            origin.fail()
+        if self._giving_up or _being_cancelled():
+            # stop() abandoned this emit: what follows is given back.
+            _never_emitted(rest)
+            await asyncio.shield(self._give_back(rest))
+            raise asyncio.CancelledError
+        # A future downstream was cancelled, not this source.
+        log.error("%s: processing was cancelled for %s", self, _name_of(value))
 
     # ---- hooks for subclasses ------------------------------------------
 
@@ -1725,10 +2009,9 @@ class _RedisSource(_RedisNode, Source):
         """Called by start() once connected: check keys, resolve ids."""
 
     async def _read(self, reader):  # pragma: no cover - abstract
-        """Read one batch of ``reader.keys`` with ``reader`` (a
-        ``_BlockingConnection``): a list of ``(value, origin)``, where origin
-        is an ``_Ack`` for a tracked value, else whatever ``_give_back``
-        needs."""
+        """Read one batch of ``reader.keys`` with ``reader`` (a ``_Wire``):
+        a list of ``(value, origin)``, where origin is an ``_Ack`` for a
+        tracked value, else whatever ``_give_back`` needs."""
         raise NotImplementedError
 
     async def _give_back(self, rest):
@@ -1741,73 +2024,32 @@ class _RedisSource(_RedisNode, Source):
         """Handle a Redis error while reading; True if handled."""
         return False
 
-
-def _warn_without_hiredis():
-    global _hiredis_checked
-    if not _hiredis_checked:
-        _hiredis_checked = True
-        if not HIREDIS_AVAILABLE:
-            log.warning(
-                "hiredis is not installed: reading is about 3 to 4.5 times slower "
-                "(pip install 'redis[hiredis]')"
-            )
-
-
-_STREAMZ_NODES_THAT_LOG = (streamz.core.map, streamz.core.starmap, streamz.core.filter,
-                           streamz.core.accumulate)
-
-
-def _logged_by_streamz(exc):
-    """Whether streamz logged ``exc`` already: its ``map``, ``starmap``,
-    ``filter`` and ``accumulate`` log what their function raised."""
-    tb = exc.__traceback__
-    while tb is not None:
-        frame = tb.tb_frame
-        if frame.f_code.co_name == "update" and isinstance(
-            frame.f_locals.get("self"), _STREAMZ_NODES_THAT_LOG
-        ):
-            return True
-        tb = tb.tb_next
-    return False
-
-
-def _never_emitted(rest):
-    """What a source gives back unemitted is never acknowledged by it, nor
-    counted in flight (the frames of a cancelled emit may keep it alive)."""
-    for _, origin in rest:
-        if isinstance(origin, _Reference):
-            origin.fail()
-
-
-def _any_pending(refs):
-    """Whether any of these weakly held references is still in the pipeline."""
-    for ref in refs:
-        origin = ref()
-        if origin is not None and origin.state == _PENDING:
-            return True
-    return False
-
-
-def _being_cancelled():
-    """Whether the current task itself is being cancelled (rather than a
-    future it awaited). Python 3.10 cannot tell: it says yes."""
-    cancelling = getattr(asyncio.current_task(), "cancelling", None)
-    return cancelling is None or cancelling() > 0
-
-
-def _name_of(value):
-    """How a log line names an emitted value."""
-    if isinstance(value, list) and value:
-        return f"a batch of {len(value)} from {_name_of(value[0])} to {_name_of(value[-1])}"
-    if isinstance(value, Entry):
-        return f"entry {value.id} of stream {value.stream!r}"
-    text = repr(value)
-    return f"item {text[:80]}{'...' if len(text) > 80 else ''}"
+    async def _check_key_types(self, keys, kind):
+        """Raise a clear ``TypeError`` for a key that holds another type."""
+        for key in keys:
+            found = _text(await self._redis.type(key))
+            if found not in (kind, "none"):
+                raise TypeError(f"Redis key {key!r} holds a {found}, not a {kind}")
 
 
 # --------------------------------------------------------------------------
-# The sources
+# 9. The sources
 # --------------------------------------------------------------------------
+
+# Move an undecodable item to its dead-letter list (and, for a reliable list,
+# out of its processing list), in one script. A script stops at the first
+# failing call, so the item is removed only once it was written. Redis 7
+# checks the user's permissions for both commands first.
+MOVE_TO_DEAD_LETTER_LIST = """
+if redis.acl_check_cmd and KEYS[2] and not (redis.acl_check_cmd('RPUSH', KEYS[1], 'v')
+        and redis.acl_check_cmd('LREM', KEYS[2], 1, 'v')) then
+    return redis.error_reply('NOPERM this user may not run RPUSH on ' .. KEYS[1] ..
+        ' and LREM on ' .. KEYS[2])
+end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+if KEYS[2] then redis.call('LREM', KEYS[2], 1, ARGV[1]) end
+return 1
+"""
 
 
 @Stream.register_api(staticmethod)
@@ -1883,6 +2125,7 @@ class from_redis_list(_RedisSource):
     >>> source.start()  # doctest: +SKIP
     """
 
+
     # LMOVE up to ARGV[1] items in one round trip, stopping at an empty list.
     _MOVE_BATCH = """
         local moved = {}
@@ -1904,8 +2147,8 @@ class from_redis_list(_RedisSource):
             raise ValueError(f'side must be "left" (the head) or "right" (the tail), not {side!r}')
         self.side = side
         self.with_key = bool(with_key)
-        self.dead_letter_list = None if dead_letter_list is None else _name(dead_letter_list, "dead_letter_list")
-        self.processing_list = None if processing_list is None else _name(processing_list, "processing_list")
+        self.dead_letter_list = _optional_name(dead_letter_list, "dead_letter_list")
+        self.processing_list = _optional_name(processing_list, "processing_list")
         if self.processing_list is not None:
             if len(self.keys) != 1:
                 raise ValueError("processing_list needs exactly one key: BLMOVE waits on one list")
@@ -1913,6 +2156,7 @@ class from_redis_list(_RedisSource):
                 raise ValueError("processing_list must differ from the key it reads")
             self._ledger = _AckLedger(self, self._remove_processed, lambda key, item: ("LREM", key, 1, item))
         self._replay_processing = False
+        self._move_batch = None
         super().__init__(timeout=timeout, count=count, **kwargs)
 
     def _describe(self):
@@ -1938,20 +2182,17 @@ class from_redis_list(_RedisSource):
         ]
 
     async def _prepare(self):
-        if self.processing_list and self._on_cluster():
+        if self.processing_list:
             key, tag = self.keys[0], _hash_tag(self.keys[0])
             keys = {key: "key", self.processing_list: "processing_list"}
             if self._encoding is not None:  # undecodable items are moved by a script
-                keys.setdefault(self.dead_letter_list or f"{key}:dead-letter", "dead_letter_list")
-            _check_same_slot(
+                keys.setdefault(self._dead_letter_key(key), "dead_letter_list")
+            self.topology.check_same_slot(
                 self._redis, keys, "BLMOVE and the scripts of a reliable list need",
                 f"give them the key's hash tag, e.g. processing_list='{{{tag}}}:processing' and "
                 f"dead_letter_list='{{{tag}}}:dead-letter' (a key named '{{{tag}}}' keeps the "
                 "default dead-letter list in its slot)")
-        for key in self.keys + ([self.processing_list] if self.processing_list else []):
-            kind = _text(await self._redis.type(key))
-            if kind not in ("list", "none"):
-                raise TypeError(f"Redis key {key!r} holds a {kind}, not a list")
+        await self._check_key_types(self.keys + ([self.processing_list] if self.processing_list else []), "list")
         if self.processing_list:
             self._move_batch = self._redis.register_script(self._MOVE_BATCH)
             self._replay_processing = True
@@ -1974,16 +2215,9 @@ class from_redis_list(_RedisSource):
         if len(keys) == 1:  # on the reader's own connection, packed by hiredis
             replies = [await reader.execute(pop, keys[0], self.count)]
         else:
-            replies = await _execute_pipelined(self._redis, [(pop, key, self.count) for key in keys])
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    raise reply
-        popped = [
-            (key, item)
-            for key, items in zip(keys, replies)
-            if items
-            for item in items
-        ]
+            replies = _raise_refused(await self.topology.pipelined(
+                self._redis, [(pop, key, self.count) for key in keys]))
+        popped = [(key, item) for key, items in zip(keys, replies) if items for item in items]
         if not popped:
             # Nothing waiting: block until an item arrives (or time runs out).
             reply = await reader.execute("B" + pop, *keys, self._block_seconds())
@@ -2048,14 +2282,17 @@ class from_redis_list(_RedisSource):
                 )
         return batch
 
+    def _dead_letter_key(self, key):
+        return self.dead_letter_list or f"{key}:dead-letter"
+
     async def _dead_letter(self, undecodable):
         """Move undecodable items to the dead-letter list (and, in the
         reliable mode, out of the processing list only once it is there).
         Returns those that could not be moved."""
         stuck = []
+        where = "the processing list" if self.processing_list else "its list"
         for key, item, exc in undecodable:
-            source_key = self.keys[0] if self.processing_list else key
-            target = self.dead_letter_list or f"{source_key}:dead-letter"
+            target = self._dead_letter_key(self.keys[0] if self.processing_list else key)
             keys = [target, self.processing_list] if self.processing_list else [target]
             try:
                 await self._redis.eval(MOVE_TO_DEAD_LETTER_LIST, len(keys), *keys, item)
@@ -2063,8 +2300,7 @@ class from_redis_list(_RedisSource):
                 log.error(
                     "%s: item %r of list %r cannot be decoded (%s), and moving it to list %r "
                     "failed (%s); it stays in %s", self, item[:80], key, exc, target,
-                    _error_text(failure),
-                    "the processing list" if self.processing_list else "its list",
+                    _error_text(failure), where,
                 )
                 stuck.append((key, item))
                 continue
@@ -2158,10 +2394,8 @@ class from_redis_streams(_RedisSource):
         return probes
 
     async def _prepare(self):
+        await self._check_key_types(self.start_ids, "stream")
         for name, start_id in self.start_ids.items():
-            kind = _text(await self._redis.type(name))
-            if kind not in ("stream", "none"):
-                raise TypeError(f"Redis key {name!r} holds a {kind}, not a stream")
             if name in self.last_ids:
                 continue  # start() after stop() resumes where it stopped
             if start_id == "$":
@@ -2212,6 +2446,203 @@ class from_redis_streams(_RedisSource):
         # just before the first of them in each stream.
         for entry, _ in reversed(rest):
             self.last_ids[entry.stream] = _id_before(entry.id)
+
+
+# ---- The consumer group's parts: figures, claims, dead letters --------------
+
+
+async def _group_lag(client, stream, group_info):
+    """How many entries of ``stream`` the group (its XINFO GROUPS row) has
+    not been delivered yet: Redis 7's ``lag``, else counted after its
+    last-delivered-id, or None beyond LAG_COUNT_LIMIT."""
+    lag = _info_field(group_info, "lag")
+    if lag is not None:
+        return lag
+    after, counted = "(" + _text(_info_field(group_info, "last-delivered-id")), 0
+    while counted <= LAG_COUNT_LIMIT:
+        page = await client.xrange(stream, after, "+", count=1000)
+        if not page:
+            return counted
+        counted += len(page)
+        after = "(" + _text(page[-1][0])
+    return None
+
+
+class _NoHousekeeping:
+    """A consumer group that neither trims nor removes consumers. With
+    ``trim_acknowledged`` or ``remove_idle_consumers``,
+    ``streamz_redis_operations.Housekeeper`` takes its place."""
+
+    def probes(self, names):
+        return []
+
+    async def tidy(self, client):
+        """On the figures' beat, about once a second."""
+
+    async def after_sweep(self, client):
+        """At the end of each claim sweep."""
+
+    def figures(self):
+        return {"trimmed": 0}
+
+
+class _GroupFigures:
+    """A consumer's figures from Redis (``lag`` and ``pending``), refreshed
+    beside the read loop, never in its way, at most every FIGURES_EVERY
+    seconds; the housekeeper tidies on the same beat."""
+
+    def __init__(self, source, housekeeper):
+        self.source = source
+        self.housekeeper = housekeeper
+        self.lag = self.pending = None  # None until known
+        self.next = 0.0
+        self.task = None
+
+    def after_read(self, client):
+        now = asyncio.get_running_loop().time()
+        if now >= self.next and (self.task is None or self.task.done()):
+            self.next = now + FIGURES_EVERY
+            self.task = asyncio.ensure_future(self.refresh(client))
+
+    async def refresh(self, client):
+        source = self.source
+        try:
+            lag, pending = 0, 0
+            for name in source.start_ids:
+                stream_lag = await self._lag(client, name)
+                lag = None if lag is None or stream_lag is None else lag + stream_lag
+                for consumer in await client.xinfo_consumers(name, source.group):
+                    if _text(consumer["name"]) == source.consumer:
+                        pending += consumer["pending"]
+            self.lag, self.pending = lag, pending
+        except Exception as exc:
+            log.debug("%s: lag and pending not refreshed (%s)", source, _error_text(exc))
+        await self.housekeeper.tidy(client)
+
+    async def _lag(self, client, name):
+        group = self.source.group
+        groups = [g for g in await client.xinfo_groups(name) if _text(g["name"]) == group]
+        return await _group_lag(client, name, groups[0]) if groups else None
+
+
+class _ClaimSweep:
+    """``claim_idle``: every ``claim_idle`` seconds, a sweep over the group's
+    entries idle for longer than that, one XAUTOCLAIM of up to ``count``
+    entries per step and stream. XAUTOCLAIM is atomic: once one consumer has
+    claimed an entry its idle time restarts, so no other consumer takes it
+    too."""
+
+    def __init__(self, source, idle):
+        self.source = source
+        self.idle = idle
+        self.cursors = None  # stream -> XAUTOCLAIM cursor during a sweep
+        self.next = 0.0
+
+    def reset(self):
+        self.cursors, self.next = None, 0.0
+
+    def due(self):
+        return self.cursors is not None or asyncio.get_running_loop().time() >= self.next
+
+    async def step(self, reader):
+        """One step on ``reader``'s streams: ``(claimed reply, whether the
+        sweep has ended)``."""
+        source = self.source
+        if self.cursors is None:
+            self.cursors = {name: "0-0" for name in source.start_ids}
+        reply = []
+        for name, cursor in list(self.cursors.items()):
+            if name not in reader.keys:
+                continue  # another slot's: its own connection claims them
+            entries = await self._claim(reader, name, cursor)
+            if entries:
+                reply.append((name, entries))
+                log.info("%s: claimed %d idle entries of stream %r", source, len(entries), name)
+        if self.cursors:
+            return reply, False
+        self.cursors = None
+        self.next = asyncio.get_running_loop().time() + self.idle
+        return reply, True
+
+    async def _claim(self, reader, name, cursor):
+        source = self.source
+        next_cursor, entries, deleted = _autoclaimed(await reader.execute(
+            "XAUTOCLAIM", name, source.group, source.consumer, int(self.idle * 1000),
+            cursor, "COUNT", source.count, **NEVER_DECODE,
+        ))
+        if deleted:  # Redis 7 drops deleted entries itself
+            log.warning(
+                "%s: pending entries %s of stream %r are no longer in the stream; "
+                "Redis removed them from the group", source, deleted, name,
+            )
+        if next_cursor == "0-0":
+            del self.cursors[name]
+        else:
+            self.cursors[name] = next_cursor
+        return entries
+
+
+class _DeadLetterStream:
+    """``max_deliveries``: where entries delivered too often go, and the
+    script that moves one there and acknowledges it (both or neither). Redis
+    7 checks the user's permissions for both commands first, so that a user
+    who may write but not acknowledge does not write the entry again each
+    time it comes back."""
+
+    MOVE = """
+if redis.acl_check_cmd and not (redis.acl_check_cmd('XADD', KEYS[1], '*', 'f', 'v')
+        and redis.acl_check_cmd('XACK', KEYS[2], ARGV[1], ARGV[2])) then
+    return redis.error_reply('NOPERM this user may not run XADD on ' .. KEYS[1] ..
+        ' and XACK on ' .. KEYS[2])
+end
+redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+return redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+"""
+
+    def __init__(self, source, stream, max_deliveries):
+        self.source = source
+        self.stream = stream  # None: "<stream>:dead-letter"
+        self.max_deliveries = max_deliveries
+
+    def of(self, name):
+        return self.stream or f"{name}:dead-letter"
+
+    def check_slots(self, topology, client, names):
+        """On a Redis Cluster, each stream and its dead-letter stream must
+        share a slot: the script needs both."""
+        for name in names:
+            tag = _hash_tag(name)
+            topology.check_same_slot(
+                client, {name: "stream", self.of(name): "dead_letter_stream"},
+                "the script that moves a dead letter and acknowledges it needs",
+                f"name the stream with a hash tag ('{{{tag}}}', whose dead letters go to "
+                f"'{{{tag}}}:dead-letter' by default) or give "
+                f"dead_letter_stream='{{{tag}}}:dead-letter'")
+
+    async def move(self, client, dead):
+        """Move ``(stream, id, flat fields, deliveries)`` entries, each
+        acknowledged only once it is there. One that cannot be moved stays
+        pending, and is tried again when it comes back. How many moved."""
+        source, moved = self.source, 0
+        for name, entry_id, flat, deliveries in dead:
+            target = self.of(name)
+            fields = [*flat, "source_stream", name, "source_id", entry_id, "deliveries", deliveries]
+            try:
+                await client.eval(self.MOVE, 2, target, name, source.group, entry_id, *fields)
+            except Exception as failure:
+                log.error(
+                    "%s: entry %s of stream %r was delivered %d times (max_deliveries=%d), and "
+                    "moving it to stream %r failed (%s); it stays pending", source, entry_id,
+                    name, deliveries, self.max_deliveries, target, _error_text(failure),
+                )
+                continue
+            moved += 1
+            log.error(
+                "%s: entry %s of stream %r was delivered %d times (max_deliveries=%d); "
+                "moved to stream %r", source, entry_id, name, deliveries,
+                self.max_deliveries, target,
+            )
+        return moved
 
 
 @Stream.register_api(staticmethod)
@@ -2292,6 +2723,7 @@ class from_redis_consumer_group(_RedisSource):
         As for ``from_redis_list``.
     """
 
+
     def __init__(
         self, streams: Union[str, List[str], Mapping[str, str]], group: str, consumer: str, *,
         start_id: str = "$", count: int = 100,
@@ -2311,23 +2743,22 @@ class from_redis_consumer_group(_RedisSource):
             # Removing a consumer that still holds entries would drop them
             # from the group: only a claim sweep can empty it first.
             raise ValueError("remove_idle_consumers needs claim_idle")
-        self._removed_consumers = 0
         self.max_deliveries = _positive_int(max_deliveries, "max_deliveries", optional=True)
-        self.dead_letter_stream = (
-            None if dead_letter_stream is None else _name(dead_letter_stream, "dead_letter_stream")
-        )
+        self.dead_letter_stream = _optional_name(dead_letter_stream, "dead_letter_stream")
+        self.trim_acknowledged = bool(trim_acknowledged)
         self._ledger = _AckLedger(self, self._xack, lambda key, item: ("XACK", key, self.group, item))
+        self._housekeeper = _NoHousekeeping()
+        if self.trim_acknowledged or self.remove_idle_consumers is not None:
+            self._housekeeper = _optional(
+                "streamz_redis_operations", "trim_acknowledged or remove_idle_consumers"
+            ).Housekeeper(self, self.trim_acknowledged, self.remove_idle_consumers)
+        self._figures = _GroupFigures(self, self._housekeeper)
+        self._claims = None if self.claim_idle is None else _ClaimSweep(self, self.claim_idle)
+        self._dead_letters = _DeadLetterStream(self, self.dead_letter_stream, self.max_deliveries)
         self._replay_from = None  # stream -> id while replaying pending entries
-        self._claim_from = None  # stream -> XAUTOCLAIM cursor during a sweep
-        self._next_claim = 0.0
         self._last_read = {}  # stream -> id of the last new entry read
         self._recreated = False  # the group was recreated since the last read
         self._group_starts = {}  # stream -> where its group starts, for start()'s log line
-        self.trim_acknowledged = bool(trim_acknowledged)
-        self._lag = self._pending = None  # from Redis, by _refresh_figures()
-        self._trimmed = 0
-        self._next_figures = 0.0
-        self._figures_task = None
         super().__init__(timeout=timeout, count=count, **kwargs)
 
     def metrics(self) -> dict:
@@ -2336,14 +2767,13 @@ class from_redis_consumer_group(_RedisSource):
         known): ``lag``, the group's entries not yet delivered to any of its
         consumers (summed over the streams; ``None`` where Redis does not say
         and there are more than LAG_COUNT_LIMIT to count), and ``pending``,
-        the entries delivered to this consumer and not yet acknowledged. With
-        ``trim_acknowledged``, ``trimmed``: entries trimmed so far. With
-        ``remove_idle_consumers``, ``removed_consumers``: consumers removed
-        from the group by this source so far."""
+        the entries delivered to this consumer and not yet acknowledged.
+        ``trimmed``: entries trimmed so far (with ``trim_acknowledged``).
+        With ``remove_idle_consumers``, ``removed_consumers``: consumers
+        removed from the group by this source so far."""
         figures = super().metrics()
-        figures.update(lag=self._lag, pending=self._pending, trimmed=self._trimmed)
-        if self.remove_idle_consumers is not None:
-            figures["removed_consumers"] = self._removed_consumers
+        figures.update(lag=self._figures.lag, pending=self._figures.pending)
+        figures.update(self._housekeeper.figures())
         return figures
 
     def _reading_what(self):
@@ -2357,39 +2787,7 @@ class from_redis_consumer_group(_RedisSource):
 
     def _after_read(self, batch):
         super()._after_read(batch)
-        now = asyncio.get_running_loop().time()
-        if now >= self._next_figures and (self._figures_task is None or self._figures_task.done()):
-            self._next_figures = now + FIGURES_EVERY
-            self._figures_task = asyncio.ensure_future(self._refresh_figures())
-
-    async def _refresh_figures(self):
-        """Ask Redis for the lag and this consumer's pending count, and trim
-        with ``trim_acknowledged``: beside the read loop, never in its way."""
-        try:
-            lag, pending = 0, 0
-            for name in self.start_ids:
-                groups = [g for g in await self._redis.xinfo_groups(name) if _text(g["name"]) == self.group]
-                stream_lag = await _group_lag(self._redis, name, groups[0]) if groups else None
-                lag = None if lag is None or stream_lag is None else lag + stream_lag
-                for consumer in await self._redis.xinfo_consumers(name, self.group):
-                    if _text(consumer["name"]) == self.consumer:
-                        pending += consumer["pending"]
-            self._lag, self._pending = lag, pending
-        except Exception as exc:
-            log.debug("%s: lag and pending not refreshed (%s)", self, _error_text(exc))
-        if not self.trim_acknowledged:
-            return
-        for name in self.start_ids:
-            try:
-                trimmed = await _trim_to_oldest_needed(self._redis, name)
-            except Exception as exc:
-                if not self.stopped:
-                    log.warning("%s: trimming stream %r failed (%s)", self, name, _error_text(exc))
-                continue
-            if trimmed and trimmed[1]:
-                self._trimmed += trimmed[1]
-                log.debug("%s: trimmed %d entries of stream %r, up to %s (needed by group %r)",
-                          self, trimmed[1], name, trimmed[0], trimmed[2])
+        self._figures.after_read(self._redis)
 
     def _describe(self):
         names = ", ".join(map(repr, self.start_ids))
@@ -2406,36 +2804,20 @@ class from_redis_consumer_group(_RedisSource):
         if self.claim_idle is not None:
             probes += [["XAUTOCLAIM", name, self.group, self.consumer, 1, "0-0", "COUNT", 1]
                        for name in names]
-        if self.remove_idle_consumers is not None:
-            probes += [["EVAL", "return 0", 0],
-                       *[["XINFO", "CONSUMERS", name, self.group] for name in names],
-                       *[["XGROUP", "DELCONSUMER", name, self.group, self.consumer]
-                         for name in names]]
-        return probes
+        return probes + self._housekeeper.probes(names)
 
     def _read_keys(self):
         return list(self.start_ids)
 
     async def _prepare(self):
-        if self.max_deliveries is not None and self._on_cluster():
-            for name in self.start_ids:
-                tag = _hash_tag(name)
-                _check_same_slot(
-                    self._redis,
-                    {name: "stream", self.dead_letter_stream or f"{name}:dead-letter":
-                     "dead_letter_stream"},
-                    "the script that moves a dead letter and acknowledges it needs",
-                    f"name the stream with a hash tag ('{{{tag}}}', whose dead letters go to "
-                    f"'{{{tag}}}:dead-letter' by default) or give "
-                    f"dead_letter_stream='{{{tag}}}:dead-letter'")
+        if self.max_deliveries is not None:
+            self._dead_letters.check_slots(self.topology, self._redis, self.start_ids)
+        await self._check_key_types(self.start_ids, "stream")
         for name, start_id in self.start_ids.items():
-            kind = _text(await self._redis.type(name))
-            if kind not in ("stream", "none"):
-                raise TypeError(f"Redis key {name!r} holds a {kind}, not a stream")
             self._group_starts[name] = await self._create_group(name, start_id)
         self._replay_from = {name: "0" for name in self.start_ids}
-        self._claim_from = None
-        self._next_claim = 0.0
+        if self._claims is not None:
+            self._claims.reset()
 
     async def _create_group(self, name, start_id):
         """Create the group at ``start_id``; say where it starts (for the
@@ -2455,8 +2837,8 @@ class from_redis_consumer_group(_RedisSource):
             batch = await self._read_pending(reader)
             if batch is not None:
                 return batch
-        if self.claim_idle is not None and self._claim_due():
-            batch = await self._claim_idle_entries(reader)
+        if self._claims is not None and self._claims.due():
+            batch = await self._claim(reader)
             if batch:
                 return batch
         reply = _stream_entries(await reader.execute(
@@ -2491,64 +2873,16 @@ class from_redis_consumer_group(_RedisSource):
             self._replay_from[name] = entries[-1][0]
         return await self._batch_of(reply, await self._delivery_counts(reply))
 
-    def _claim_due(self):
-        return self._claim_from is not None or (
-            asyncio.get_running_loop().time() >= self._next_claim
-        )
-
-    async def _claim_idle_entries(self, reader):
-        """One step of a sweep over the group's entries idle for longer than
-        ``claim_idle``. XAUTOCLAIM is atomic: once one consumer has claimed an
-        entry its idle time restarts, so no other consumer takes it too."""
-        if self._claim_from is None:
-            self._claim_from = {name: "0-0" for name in self.start_ids}
-        reply = []
-        for name, cursor in list(self._claim_from.items()):
-            if name not in reader.keys:
-                continue  # another slot's: its own connection claims them
-            next_cursor, entries, deleted = _autoclaimed(await reader.execute(
-                "XAUTOCLAIM", name, self.group, self.consumer, int(self.claim_idle * 1000),
-                cursor, "COUNT", self.count, **NEVER_DECODE,
-            ))
-            if deleted:  # Redis 7 drops deleted entries itself
-                log.warning(
-                    "%s: pending entries %s of stream %r are no longer in the stream; "
-                    "Redis removed them from the group", self, deleted, name,
-                )
-            if next_cursor == "0-0":
-                del self._claim_from[name]
-            else:
-                self._claim_from[name] = next_cursor
-            if entries:
-                reply.append((name, entries))
-                log.info("%s: claimed %d idle entries of stream %r", self, len(entries), name)
-        if not self._claim_from:
-            self._claim_from = None
-            self._next_claim = asyncio.get_running_loop().time() + self.claim_idle
-            if self.remove_idle_consumers is not None:
-                await self._remove_idle_consumers()
+    async def _claim(self, reader):
+        """One step of a claim sweep; at its end, the housekeeper's turn
+        (``remove_idle_consumers``: a dead consumer's entries were claimed by
+        the sweep once idle for ``claim_idle``)."""
+        reply, swept = await self._claims.step(reader)
+        if swept:
+            await self._housekeeper.after_sweep(self._redis)
         if not reply:
             return []
         return await self._batch_of(reply, await self._delivery_counts(reply))
-
-    async def _remove_idle_consumers(self):
-        """After a claim sweep: remove the consumers idle for longer than
-        ``remove_idle_consumers`` that hold no pending entry (a dead one's
-        were claimed by the sweep once idle for ``claim_idle``)."""
-        for name in self.start_ids:
-            try:
-                removed = await self._redis.eval(
-                    REMOVE_IDLE_CONSUMERS, 1, name, self.group,
-                    int(self.remove_idle_consumers * 1000), self.consumer,
-                )
-            except redis.exceptions.ResponseError as exc:
-                log.warning("%s: removing idle consumers of stream %r failed (%s)",
-                            self, name, _error_text(exc))
-                continue
-            if removed:
-                self._removed_consumers += len(removed)
-                log.info("%s: removed %d idle consumer(s) with nothing pending from stream %r: %s",
-                         self, len(removed), name, ", ".join(map(_text, removed)))
 
     async def _delivery_counts(self, reply):
         """How many times Redis has delivered each entry of ``reply``, now
@@ -2573,49 +2907,56 @@ class from_redis_consumer_group(_RedisSource):
 
         ``counts`` has the delivery counts of replayed and claimed entries;
         entries read with ``>`` are on their first delivery."""
-        ledger = self._ledger
         if counts is None and self._encoding == "utf-8":
             try:
                 return self._first_deliveries(reply)
             except UnicodeDecodeError:
                 pass  # the slow path below says which entry, and leaves it pending
-        batch, settled, dead = [], [], []
+        ledger = self._ledger
         held = ledger.held() if counts is not None else ()
+        batch, gone, dead = [], [], []
         for name, entries in reply:
             for entry_id, flat in entries:
                 if (name, entry_id) in held:
                     continue  # replayed while still on its way through the pipeline
-                if not flat:
-                    # Deleted or trimmed from the stream since it was delivered.
-                    log.warning(
-                        "%s: pending entry %s of stream %r is no longer in the "
-                        "stream; acknowledged without emitting it", self, entry_id, name,
-                    )
-                    settled.append(_Ack(ledger, name, entry_id))
-                    continue
-                deliveries = 1 if counts is None else counts.get((name, entry_id), 1)
-                if self.max_deliveries is not None and deliveries > self.max_deliveries:
-                    dead.append((name, entry_id, flat, deliveries))
-                    continue
-                try:
-                    fields = _entry_fields(flat, self._encoding)
-                except UnicodeDecodeError as exc:
-                    log.error(
-                        "%s: entry %s of stream %r cannot be decoded (%s); not "
-                        "acknowledged, it stays pending", self, entry_id, name, exc,
-                    )
-                    continue
-                if counts is None:
-                    entry = _new_tuple(_FirstDelivery, (name, entry_id, fields))
-                else:
-                    entry = _new_tuple(Entry, (name, entry_id, fields))
-                    entry.deliveries = deliveries
-                batch.append((entry, _Ack(ledger, name, entry_id)))
+                entry = self._entry(name, entry_id, flat, counts, gone, dead)
+                if entry is not None:
+                    batch.append((entry, ledger.ack(name, entry_id)))
         if dead:
-            await self._dead_letter(dead)
-        for settle in settled:
-            settle()
+            self._dead_lettered += await self._dead_letters.move(self._redis, dead)
+        for ack in gone:
+            ack()  # acknowledged without emitting it
         return batch
+
+    def _entry(self, name, entry_id, flat, counts, gone, dead):
+        """The ``Entry`` to emit, or None: for an entry deleted from the
+        stream (its ack goes to ``gone``), delivered too often (it goes to
+        ``dead``), or that cannot be decoded (it stays pending)."""
+        if not flat:
+            # Deleted or trimmed from the stream since it was delivered.
+            log.warning(
+                "%s: pending entry %s of stream %r is no longer in the "
+                "stream; acknowledged without emitting it", self, entry_id, name,
+            )
+            gone.append(self._ledger.ack(name, entry_id))
+            return None
+        deliveries = 1 if counts is None else counts.get((name, entry_id), 1)
+        if self.max_deliveries is not None and deliveries > self.max_deliveries:
+            dead.append((name, entry_id, flat, deliveries))
+            return None
+        try:
+            fields = _entry_fields(flat, self._encoding)
+        except UnicodeDecodeError as exc:
+            log.error(
+                "%s: entry %s of stream %r cannot be decoded (%s); not "
+                "acknowledged, it stays pending", self, entry_id, name, exc,
+            )
+            return None
+        if counts is None:
+            return _new_tuple(_FirstDelivery, (name, entry_id, fields))
+        entry = _new_tuple(Entry, (name, entry_id, fields))
+        entry.deliveries = deliveries
+        return entry
 
     def _first_deliveries(self, reply):
         """``_batch_of`` for entries read with ``>`` and decoded as UTF-8, the
@@ -2630,43 +2971,11 @@ class from_redis_consumer_group(_RedisSource):
                 append((entry, _Ack(ledger, name, entry_id)))
         return batch
 
-    async def _dead_letter(self, dead):
-        """Move entries delivered too often to the dead-letter stream, and
-        acknowledge each only once it is there (one script: both or
-        neither). One that cannot be moved stays pending, and is tried again
-        when it comes back."""
-        for name, entry_id, flat, deliveries in dead:
-            target = self.dead_letter_stream or f"{name}:dead-letter"
-            fields = [*flat, "source_stream", name, "source_id", entry_id, "deliveries", deliveries]
-            try:
-                await self._redis.eval(
-                    MOVE_TO_DEAD_LETTER_STREAM, 2, target, name, self.group, entry_id, *fields
-                )
-            except Exception as failure:
-                log.error(
-                    "%s: entry %s of stream %r was delivered %d times (max_deliveries=%d), and "
-                    "moving it to stream %r failed (%s); it stays pending", self, entry_id,
-                    name, deliveries, self.max_deliveries, target, _error_text(failure),
-                )
-                continue
-            self._dead_lettered += 1
-            log.error(
-                "%s: entry %s of stream %r was delivered %d times (max_deliveries=%d); "
-                "moved to stream %r", self, entry_id, name, deliveries,
-                self.max_deliveries, target,
-            )
-
     async def _xack(self, batch):
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s: XACK %d", self, sum(map(len, batch.values())))
-        if len(batch) == 1:  # the common case: one stream, one command
-            [(name, ids)] = batch.items()
-            await _execute_packed(self._redis, "XACK", name, self.group, *ids)
-            return
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for name, ids in batch.items():
-                pipe.xack(name, self.group, *ids)
-            await pipe.execute()
+        commands = [("XACK", name, self.group, *ids) for name, ids in batch.items()]
+        _raise_refused(await self.topology.pipelined(self._redis, commands))
 
     async def _recover(self, exc):
         if not str(exc).startswith("NOGROUP"):
@@ -2688,19 +2997,6 @@ class from_redis_consumer_group(_RedisSource):
         # Entries delivered just before the connection dropped may never have
         # reached us; they are pending under our name, so replay them first.
         self._replay_from = {name: "0" for name in self.start_ids}
-
-
-# --------------------------------------------------------------------------
-# Pub/Sub source
-# --------------------------------------------------------------------------
-
-# How long one read of the pub/sub connection waits for a message. A pub/sub
-# read cannot be woken with CLIENT UNBLOCK, so it waits in short steps that
-# let stop() return within READ_STOP_DEADLINE.
-PUBSUB_POLL = 0.1
-
-# How long start() waits for Redis to confirm the subscriptions.
-SUBSCRIBE_DEADLINE = 5.0
 
 
 @Stream.register_api(staticmethod)
@@ -2766,11 +3062,7 @@ class from_redis_pubsub(_RedisSource):
         )
 
     async def _prepare(self):
-        if not hasattr(self._redis, "pubsub"):
-            raise RuntimeError(
-                f"{self}: Pub/Sub on a Redis Cluster needs redis-py 8 or newer (redis-py "
-                f"{redis.__version__}'s asyncio RedisCluster has no pubsub()); upgrade it, or "
-                f"give the url of one node without cluster=True: a PUBLISH reaches every node")
+        self.topology.check_pubsub(self._redis, self)
         self._pubsub = self._redis.pubsub()
         if self.channels:
             await self._pubsub.subscribe(*self.channels)
@@ -2829,13 +3121,8 @@ class from_redis_pubsub(_RedisSource):
 
 
 # --------------------------------------------------------------------------
-# The sinks
+# 10. The sinks
 # --------------------------------------------------------------------------
-
-# How many elements a sink holds, received and not yet confirmed by Redis,
-# before it makes the upstream wait.
-MAX_IN_FLIGHT = 1000
-
 
 
 def _is_redis_value(value):
@@ -2867,135 +3154,22 @@ def _redis_value(value, what):
     )
 
 
-def _key_name(value, what):
-    """A key or channel name (possibly returned by a routing function)."""
-    if isinstance(value, (str, bytes)):
-        return value
-    raise TypeError(f"{what} must be a str or bytes, not {type(value).__name__} ({value!r:.80})")
+def _references(metadata):
+    """The references of our sources that an element's metadata carries."""
+    return [m["ref"] for m in metadata if isinstance(m.get("ref"), _Reference)]
 
 
 def _origin_of(metadata):
     """The upstream entries of an element, for log lines."""
-    origins = [str(m["ref"]) for m in metadata if isinstance(m.get("ref"), _Reference)]
+    origins = [str(ref) for ref in _references(metadata)]
     return f" (from {', '.join(origins)})" if origins else ""
 
 
 def _fail_origins(metadata):
     """Mark the upstream entries of an element that was not written as failed:
     they are never acknowledged, even if another branch lets go of them."""
-    for m in metadata:
-        if isinstance(m.get("ref"), _Reference):
-            m["ref"].fail()
-
-
-def _acks_in(metadata):
-    """The ``_Ack`` of every upstream entry an element carries."""
-    for m in metadata:
-        ref = m.get("ref")
-        if isinstance(ref, _Ack):
-            yield ref
-        elif isinstance(ref, _AckAll):
-            yield from ref.acks
-
-
-def _leaves(node):
-    """The nodes where ``node``'s elements end, each with the number of
-    paths from ``node`` that lead there."""
-    leaves = defaultdict(int)
-    todo = [node]
-    while todo:
-        node = todo.pop()
-        downstreams = [d for d in node.downstreams if d is not None]
-        if not downstreams:
-            leaves[node] += 1
-        todo.extend(downstreams)
-    return leaves
-
-
-# Elements and the acknowledgement of the upstream entries each carries, in one
-# script: as if each element ran a script of its own, together. KEYS[1] is
-# where the elements go, KEYS[2..] the stream (or processing list) of each
-# entry, in order. ARGV: the write's command, the number of elements, then for
-# each element how many arguments follow the key, those arguments and how many
-# entries it carries; then each entry's acknowledgement (XACK group id, or
-# LREM 1 item). Nothing is written unless every step can run: Redis does not
-# undo a script that fails half-way.
-# - An element whose first entry is no longer pending is left out with its
-#   entries: a script sent again after a lost reply (by us, or by the retries
-#   of a user's own client) writes nothing twice, and an entry another
-#   consumer took over and acknowledged is not written again.
-# - A missing group or a key of the wrong type fails the first XPENDING (or
-#   LPOS) before anything is written; Redis 7 checks the user's permissions
-#   for every step first. The reply is how many elements were written.
-WRITE_AND_ACKNOWLEDGE = """
-local elements, at = {}, 3
-for i = 1, tonumber(ARGV[2]) do
-    local n = tonumber(ARGV[at])
-    elements[i] = {at + 1, at + n, tonumber(ARGV[at + n + 1])}
-    at = at + n + 2
-end
-local key, run, taken = 2, {}, {}  -- taken: entries acknowledged by an earlier element
-for _, element in ipairs(elements) do
-    local pending, first = nil, KEYS[key] .. '\0' .. ARGV[at + 2]
-    if ARGV[at] == 'XACK' then
-        pending = not taken[first] and #redis.call('XPENDING', KEYS[key], ARGV[at + 1], ARGV[at + 2], ARGV[at + 2], 1) > 0
-    else
-        pending = redis.call('LPOS', KEYS[key], ARGV[at + 2], 'RANK', (taken[first] or 0) + 1)
-    end
-    if pending then
-        table.insert(run, {element[1], element[2], key, at, element[3]})
-        for j = 0, element[3] - 1 do
-            local entry = KEYS[key + j] .. '\0' .. ARGV[at + 3 * j + 2]
-            taken[entry] = (taken[entry] or 0) + 1
-        end
-    end
-    key, at = key + element[3], at + 3 * element[3]
-end
-if redis.acl_check_cmd then
-    for _, step in ipairs(run) do
-        local allowed = redis.acl_check_cmd(ARGV[1], KEYS[1], unpack(ARGV, step[1], step[2]))
-        for j = 0, step[5] - 1 do
-            local ack = step[4] + 3 * j
-            allowed = allowed and redis.acl_check_cmd(ARGV[ack], KEYS[step[3] + j], ARGV[ack + 1], ARGV[ack + 2])
-        end
-        if not allowed then
-            return redis.error_reply('NOPERM this user may not run ' .. ARGV[1] .. ' on ' .. KEYS[1] ..
-                ' and acknowledge its entries')
-        end
-    end
-end
-local pushed = {}  -- list pushes go in as one (the order is the same)
-for _, step in ipairs(run) do
-    if (ARGV[1] == 'RPUSH' or ARGV[1] == 'LPUSH') and step[1] == step[2] then
-        table.insert(pushed, ARGV[step[1]])
-    else
-        redis.call(ARGV[1], KEYS[1], unpack(ARGV, step[1], step[2]))
-    end
-end
-if #pushed > 0 then
-    redis.call(ARGV[1], KEYS[1], unpack(pushed))
-end
-for _, step in ipairs(run) do
-    for j = 0, step[5] - 1 do
-        local ack = step[4] + 3 * j
-        redis.call(ARGV[ack], KEYS[step[3] + j], ARGV[ack + 1], ARGV[ack + 2])
-    end
-end
-return #run
-"""
-WRITE_AND_ACKNOWLEDGE_SHA = hashlib.sha1(WRITE_AND_ACKNOWLEDGE.encode()).hexdigest()
-
-
-def _cannot_be_retried(exc):
-    """Connection errors that a retry cannot mend: a wrong password, a
-    missing permission, a certificate that does not verify."""
-    if isinstance(exc, (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError)):
-        return True
-    while exc is not None:
-        if isinstance(exc, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(exc):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    for ref in _references(metadata):
+        ref.fail()
 
 
 class _Write:
@@ -3022,15 +3196,44 @@ class _Write:
                 self.stored.set_exception(error)
 
 
+class _PlainWrites:
+    """The write plan of an at-least-once sink: each element's own command,
+    sent as it is; its upstream entries are acknowledged by their sources
+    once the sink lets go. ``streamz_redis_exactly_once.ExactlyOnce``
+    answers the same calls for ``exactly_once=True``; the sink never asks
+    which plan it has."""
+
+    def __init__(self, sink):
+        self.sink = sink
+
+    def check(self, write):
+        """When an element arrives: raise if the plan cannot write it."""
+
+    def prepare(self, writes):
+        """Once per round trip, before its first try."""
+
+    async def refused(self, client, writes):
+        """An error for each of ``writes`` the plan refuses, else None."""
+        return [None] * len(writes)
+
+    def commands(self, writes):
+        """The commands of one round trip, each with how many writes it carries."""
+        return self.sink.write_commands(writes)
+
+
 class _RedisSink(_RedisNode, Sink):
     """What every Redis sink shares: the connection, pipelining, back-off,
     holding references until Redis confirms, flush() and close().
 
     A subclass turns an element into a ``_Write`` (``_prepare_write``, which
     raises on an element it cannot write) and a ``_Write`` into its command
-    (``_command``); a round trip sends the commands of every write queued,
-    packed by hiredis, in one pipeline.
+    (``write_command``); a round trip sends the commands of every write
+    queued, packed by hiredis, in one pipeline. What those commands are, and
+    what is refused, the write plan says (``_PlainWrites``, or exactly-once).
     """
+
+    exit_order = 1
+    holds_writes = True
 
     def __init__(
         self,
@@ -3047,8 +3250,10 @@ class _RedisSink(_RedisNode, Sink):
         self._connection_args(url, client_kwargs, client, cluster)
         self.max_in_flight = _positive_int(max_in_flight, "max_in_flight")
         self.exactly_once = bool(exactly_once)
-        self._sources_checked = {}  # exactly_once: source -> None, or why it cannot hold
-        self._warned_held = False
+        if self.exactly_once:
+            self.plan = _optional("streamz_redis_exactly_once", "exactly_once=True").ExactlyOnce(self)
+        else:
+            self.plan = _PlainWrites(self)
         self._redis = None  # connected lazily, on the loop, by the first write
         self._queue = []  # writes that wait for the next round trip
         self._writing = []  # writes of the round trip under way
@@ -3067,8 +3272,16 @@ class _RedisSink(_RedisNode, Sink):
         """A snapshot of this sink's figures, counted since it was made;
         callable from any thread. ``written``: elements Redis stored;
         ``failed``: elements Redis refused (or that could not be written by
-        ``close()``); ``in_flight``: received and not yet confirmed."""
-        return {"written": self._written, "failed": self._refused_count, "in_flight": self._unconfirmed}
+        ``close()``); ``in_flight``: received and not yet confirmed;
+        ``writing``: of those, how many the round trip under way carries."""
+        return {"written": self._written, "failed": self._refused_count,
+                "in_flight": self._unconfirmed, "writing": len(self._writing)}
+
+    @property
+    def connected(self):
+        """Whether the sink holds a connection (from its first write until
+        ``close()``)."""
+        return self._redis is not None
 
     # ---- receiving ------------------------------------------------------
 
@@ -3076,18 +3289,14 @@ class _RedisSink(_RedisNode, Sink):
         # Anything wrong with the element raises here, in the emitter's call,
         # before the sink holds a reference to it.
         write = self._prepare_write(x, metadata or [])
-        if self.exactly_once:
-            for source in {ack.ledger.source for ack in _acks_in(write.metadata)}:
-                self._check_exactly_once(source)
+        self.plan.check(write)
         self._retain_refs(write.metadata)
         self._queue.append(write)
         self._unconfirmed += 1
         if self._writer is None or self._writer.done():
             self._writer = asyncio.ensure_future(self._write_queued())
-            _open_sinks.add(self)
-        if getattr(thread_state, "asynchronous", False) and not any(
-            isinstance(m.get("ref"), _Reference) for m in write.metadata
-        ):
+            _live_nodes.add(self)
+        if getattr(thread_state, "asynchronous", False) and not _references(write.metadata):
             # Through Stream.emit() (a script feeding the pipeline, rather
             # than a source of ours, which streamz's thread-wide flag may
             # cover meanwhile): emit() returns once this element is stored,
@@ -3106,150 +3315,23 @@ class _RedisSink(_RedisNode, Sink):
     def _prepare_write(self, element, metadata):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _check_exactly_once(self, source):
-        """Raise, at the first element from ``source``, if the script cannot
-        cover its entries: where they also reach another node that ends the
-        pipeline (another sink), or reach this one by more than one path."""
-        if source in self._sources_checked:
-            return
-        leaves = _leaves(source)
-        if leaves != {self: 1}:
-            others = [f"{node}" + (f" ({n} paths)" if n > 1 else "") for node, n in leaves.items()]
-            raise ValueError(
-                f"{self}: exactly_once needs every entry of {source} to end in this sink, "
-                f"by one path; they end in {', '.join(others)}. Drop exactly_once (at-least-once), "
-                "or give each branch its own source"
-            )
-        self._sources_checked[source] = None
-
-    # At most this many elements in one exactly-once script, and about this
-    # many entries acknowledged by it: a script runs alone on the server.
-    SCRIPT_ELEMENTS = 500
-    SCRIPT_ENTRIES = 1000
-    SCRIPT_ARGUMENTS = 4000  # of one element's command (Lua unpacks about 8,000 at most)
-
-    def _commands(self, writes):
-        """The commands of one round trip, in order, each with how many of
-        ``writes`` it carries."""
-        if self.exactly_once:
-            return self._scripts(writes)
-        return [(self._command(write), 1) for write in writes]
-
-    def _scripts(self, writes):
-        """Exactly once: consecutive writes to one key whose entries come
-        from one stream and group (or one processing list) go in one script
-        (WRITE_AND_ACKNOWLEDGE), which commits them and their acknowledgements
-        together. Their failures share one cause (the key, the group), so no
-        write fails for a neighbour's sake. A round trip leads with SCRIPT
-        LOAD, so that no EVALSHA meets a Redis that lost its scripts (on a
-        cluster, each script is an EVAL on its slot's node)."""
-        cluster = self._on_cluster()
-        commands = [] if cluster else [(("SCRIPT", "LOAD", WRITE_AND_ACKNOWLEDGE), 0)]
-        group, entries, source = [], 0, None  # (write, command) of the script being built
-        for write in writes + [None]:
-            command = self._command(write) if write is not None else None
-            write_source = {ack.command()[:3] for ack in write.acks} if write is not None else None
-            if group and (write is None or write.key != group[0][0].key or write_source != source
-                          or len(group) == self.SCRIPT_ELEMENTS
-                          or entries + len(write.acks) > self.SCRIPT_ENTRIES):
-                commands.append((self._script(group, cluster), len(group)))
-                group, entries = [], 0
-            if write is None:
-                break
-            if not write.acks:  # nothing to acknowledge with it (another node holds its entries)
-                commands.append((command, 1))
-            elif len(write_source) > 1 or len(command) > self.SCRIPT_ARGUMENTS:
-                # Entries of several streams or groups, or an element so large
-                # that Lua may not unpack it: alone, failing on its own.
-                commands.append((self._script([(write, command)], cluster), 1))
-            else:
-                group.append((write, command))
-                entries += len(write.acks)
-                source = write_source
-        return commands
-
-    def _script(self, group, cluster):
-        """The script that runs the commands of ``group``, ``(write,
-        command)`` pairs writing to one key, and acknowledges their entries."""
-        keys, args, steps = [group[0][0].key], [], []
-        for write, command in group:
-            args += [len(command) - 2, *command[2:], len(write.acks)]
-            for ack in write.acks:
-                step, key, first, second = ack.command()
-                keys.append(key)
-                steps += [step, first, second]
-        args = [command[0], len(group), *args, *steps]
-        if cluster:
-            return ("EVAL", WRITE_AND_ACKNOWLEDGE, len(keys), *keys, *args)
-        return ("EVALSHA", WRITE_AND_ACKNOWLEDGE_SHA, len(keys), *keys, *args)
-
-    async def _send(self, commands):
-        return await _execute_pipelined(self._redis, commands)
-
-    def _acks_to_settle(self, write):
-        """The entries the script may acknowledge with ``write``: those that
-        nothing but this write still holds. An entry another node still holds
-        (a ``sliding_window`` emits it again in its next window) is left to
-        its source, acknowledged when that node lets go: at-least-once."""
-        acks = []
-        for m in write.metadata:
-            ref = m.get("ref")
-            if not isinstance(ref, _Reference):
-                continue
-            # Besides this write's hold, the source's own while it awaits
-            # this very emit (back-pressure): it lets go as soon as we answer.
-            others = ref.count - 1 - (ref.ledger.source._awaiting is ref)
-            if others == 0:
-                acks.extend(ref.acks if isinstance(ref, _AckAll) else [ref])
-            elif not self._warned_held:
-                self._warned_held = True
-                log.warning(
-                    "%s: exactly_once: %s is still held by another node (a node that emits an "
-                    "entry more than once, such as sliding_window?); such entries are "
-                    "acknowledged by their source once let go: at-least-once", self, ref,
-                )
-        return acks
-
-    def _other_slots(self, write):
-        """On a cluster, a script runs in one slot: an error naming the keys
-        of ``write`` and their slots where they do not share one."""
-        keys = [write.key, *{ack.key for ack in write.acks}]
-        slots = {key: key_slot(key.encode() if isinstance(key, str) else key) for key in keys}
-        if len(set(slots.values())) <= 1:
-            return None
-        return ValueError(
-            f"{self}: exactly_once: CROSSSLOT, the output and its entries' keys are in different "
-            f"slots ({', '.join(f'{k!r} in slot {n}' for k, n in slots.items())}); give them one "
-            "hash tag, such as '{orders}' and '{orders}:out'"
-        )
-
-    async def _same_server(self, writes):
-        """Refuse the exactly-once writes whose sources read another Redis
-        server (or database) than this sink writes to: no script spans two."""
-        if self._on_cluster():
-            return [self._other_slots(write) for write in writes]
-        checked = self._sources_checked
-        for source in {ack.ledger.source for write in writes for ack in write.acks}:
-            if checked.get(source) is None and source._redis is not None:
-                here, there = await asyncio.gather(self._redis.info("server"), source._redis.info("server"))
-                db = [c.connection_pool.connection_kwargs.get("db", 0) for c in (self._redis, source._redis)]
-                checked[source] = "" if here["run_id"] == there["run_id"] and db[0] == db[1] else (
-                    f"exactly_once needs {source} and this sink on one Redis server and database"
-                )
-        refused = []
-        for write in writes:
-            reasons = [checked[ack.ledger.source] for ack in write.acks if checked.get(ack.ledger.source)]
-            refused.append(ValueError(f"{self}: {reasons[0]}") if reasons else None)
-        return refused
-
-    def _command(self, write):  # pragma: no cover - abstract
+    def write_command(self, write):  # pragma: no cover - abstract
+        """The command that writes ``write``, as an argument list."""
         raise NotImplementedError
+
+    def write_commands(self, writes):
+        """The commands of ``writes``, in order, each with how many of them
+        it carries: one each."""
+        return [(self.write_command(write), 1) for write in writes]
 
     def _target(self, element, what):
         """The key or channel for ``element``: fixed, or given by a function."""
         if not callable(self.target):
             return self.target  # checked by __init__
         return _key_name(self.target(element), what)
+
+    async def _send(self, commands):
+        return await self.topology.pipelined(self._redis, commands)
 
     # ---- writing --------------------------------------------------------
 
@@ -3263,26 +3345,11 @@ class _RedisSink(_RedisNode, Sink):
             if self._refusing:
                 await backoff.wait()
             self._writing, self._queue = self._queue, []
-            refused = []
             try:
-                replies = await self._round_trip(self._writing, backoff)
-                for write, reply in zip(self._writing, replies):
-                    if isinstance(reply, Exception):
-                        _fail_origins(write.metadata)
-                        refused.append((write, reply))
-                        write.settle(reply)
-                    else:
-                        for ack in write.acks:
-                            ack.settle()
-                        self._release_refs(write.metadata)
-                        write.settle()
-                self._written += len(self._writing) - len(refused)
+                refused = self._confirm(self._writing, await self._round_trip(self._writing, backoff))
             except Exception as exc:  # pragma: no cover - a bug here must not pass silently
                 log.exception("%s: writing failed", self)
-                refused = [(write, exc) for write in self._writing]
-                for write in self._writing:
-                    _fail_origins(write.metadata)
-                    write.settle(exc)
+                refused = self._confirm(self._writing, [exc] * len(self._writing))
             self._confirmed(len(self._writing))
             self._writing = []
             self._refusing = bool(refused)
@@ -3293,43 +3360,64 @@ class _RedisSink(_RedisNode, Sink):
             self._refused_count += len(refused)  # after the log line: metrics() never runs ahead of it
 
     async def _round_trip(self, writes, backoff):
-        """Send ``writes`` in one pipeline; the replies, an exception in place
-        of each command Redis refused. Connection errors are retried (an
-        exactly-once script sent twice writes once)."""
+        """Send ``writes`` in one pipeline: prepared once through the plan,
+        then sent under the back-off; the replies, an exception in place of
+        each write refused. Connection errors are retried (an exactly-once
+        script sent twice writes once)."""
+        # Once, before the first try: a write sent without its entries'
+        # acknowledgements (another node held them) must not be sent again
+        # with them after a lost reply, which would write it twice.
+        self.plan.prepare(writes)
         replies = [None] * len(writes)
-        todo = list(range(len(writes)))
-        if self.exactly_once:
-            # Once, before the first try: a write sent without its entries'
-            # acknowledgements (another node held them) must not be sent
-            # again with them after a lost reply, which would write it twice.
-            for write in writes:
-                write.acks = self._acks_to_settle(write)
         while True:
             try:
-                if self._redis is None:
-                    await self._connect()
-                if self.exactly_once:
-                    for i, refused in zip(todo, await self._same_server([writes[i] for i in todo])):
-                        replies[i] = refused
-                    todo = [i for i in todo if replies[i] is None]
-                if not todo:
-                    return replies
-                commands = self._commands([writes[i] for i in todo])
-                answers = iter(todo)
-                for (_, carried), answer in zip(commands, await self._send([c for c, _ in commands])):
-                    for _ in range(carried):
-                        replies[next(answers)] = answer
+                await self._send_unanswered(writes, replies)
                 return replies
             except CONNECTION_ERRORS as exc:
                 if _cannot_be_retried(exc):
-                    return [exc if i in todo else reply for i, reply in enumerate(replies)]
+                    return [exc if reply is None else reply for reply in replies]
                 log.warning(
                     "%s: Redis is unreachable (%s); %d element(s) wait, retrying in %.1f s",
-                    self, _error_text(exc), len(todo), backoff.delay,
+                    self, _error_text(exc), replies.count(None), backoff.delay,
                 )
                 await backoff.wait()
             except redis.exceptions.RedisError as exc:
-                return [exc if i in todo else reply for i, reply in enumerate(replies)]
+                return [exc if reply is None else reply for reply in replies]
+
+    async def _send_unanswered(self, writes, replies):
+        """One try: the writes without a reply yet, less those the plan
+        refuses, in one pipeline; their replies go into ``replies``."""
+        if self._redis is None:
+            self._redis = self._new_client()
+        todo = [i for i, reply in enumerate(replies) if reply is None]
+        for i, refused in zip(todo, await self.plan.refused(self._redis, [writes[i] for i in todo])):
+            replies[i] = refused
+        todo = [i for i in todo if replies[i] is None]
+        if not todo:
+            return
+        commands = self.plan.commands([writes[i] for i in todo])
+        answers = iter(todo)
+        for (_, carried), answer in zip(commands, await self._send([c for c, _ in commands])):
+            for _ in range(carried):
+                replies[next(answers)] = answer
+
+    def _confirm(self, writes, replies):
+        """Let go of each write Redis stored (acknowledging with it the
+        entries the plan wrote with it); fail the origins of the others.
+        Returns ``(write, error)`` of each refused."""
+        refused = []
+        for write, reply in zip(writes, replies):
+            if isinstance(reply, Exception):
+                _fail_origins(write.metadata)
+                refused.append((write, reply))
+                write.settle(reply)
+            else:
+                for ack in write.acks:
+                    ack.settle()
+                self._release_refs(write.metadata)
+                write.settle()
+        self._written += len(writes) - len(refused)
+        return refused
 
     def _refused(self, refused, retry_in):
         """One log line for the writes of a round trip that Redis refused:
@@ -3352,9 +3440,6 @@ class _RedisSink(_RedisNode, Sink):
             if not room.done():
                 room.set_result(None)
 
-    async def _connect(self):
-        self._redis = self._new_client()
-
     # ---- flush and close, from any thread -------------------------------
 
     def flush(self):
@@ -3371,6 +3456,12 @@ class _RedisSink(_RedisNode, Sink):
         loop it returns an awaitable."""
         return self._on_loop(self._close, timeout)
 
+    def finish_at_exit(self, left):
+        """Python is exiting: close within ``left`` seconds, or say what is lost."""
+        if not self._finish_within(left, self._close) and self._unconfirmed:
+            log.error("%s: %d element(s) not written at exit; their upstream entries "
+                      "are not acknowledged", self, self._unconfirmed)
+
     def _loop_ended(self):
         if self._unconfirmed:
             log.warning("%s: its event loop has ended; %d element(s) not written",
@@ -3384,29 +3475,33 @@ class _RedisSink(_RedisNode, Sink):
         try:
             await asyncio.wait_for(self._flush(), timeout)
         except asyncio.TimeoutError:
-            self._writer.cancel()
-            try:
-                await self._writer
-            except asyncio.CancelledError:
-                pass
-            left = self._writing + self._queue
-            self._writing, self._queue = [], []
-            for write in left:
-                _fail_origins(write.metadata)
-                write.settle(TimeoutError(f"{self}: not written within {timeout:.1f} s of close()"))
-            self._refused_count += len(left)
-            self._confirmed(len(left))
-            log.error(
-                "%s: %d element(s) not written within %.1f s of close(); their upstream "
-                "entries are not acknowledged", self, len(left), timeout,
-            )
+            await self._abandon(timeout)
         own, self._redis = self._redis, None
-        _open_sinks.discard(self)
+        _live_nodes.discard(self)
         if own is not None and own is not self.client:
             try:
                 await own.aclose()
             except Exception:  # pragma: no cover - closing a dead socket
                 pass
+
+    async def _abandon(self, timeout):
+        """close() ran out of time: what is held is not written."""
+        self._writer.cancel()
+        try:
+            await self._writer
+        except asyncio.CancelledError:
+            pass
+        left = self._writing + self._queue
+        self._writing, self._queue = [], []
+        for write in left:
+            _fail_origins(write.metadata)
+            write.settle(TimeoutError(f"{self}: not written within {timeout:.1f} s of close()"))
+        self._refused_count += len(left)
+        self._confirmed(len(left))
+        log.error(
+            "%s: %d element(s) not written within %.1f s of close(); their upstream "
+            "entries are not acknowledged", self, len(left), timeout,
+        )
 
 
 @Stream.register_api()
@@ -3513,7 +3608,7 @@ class to_redis_stream(_RedisSink):
             )
         return _Write(element, self._target(element, "stream"), fields, metadata)
 
-    def _command(self, write):
+    def write_command(self, write):
         trim = [] if self.maxlen is None else ["MAXLEN", "~" if self.approximate else "=", self.maxlen]
         return ["XADD", write.key, *trim, "*", *[part for pair in write.value.items() for part in pair]]
 
@@ -3557,12 +3652,10 @@ class to_redis_list(_RedisSink):
         value = _redis_value(element, "the element")
         return _Write(element, self._target(element, "key"), value, metadata)
 
-    def _command(self, write):
+    def write_command(self, write):
         return ["RPUSH" if self.side == "right" else "LPUSH", write.key, write.value]
 
-    def _commands(self, writes):
-        if self.exactly_once:
-            return self._scripts(writes)
+    def write_commands(self, writes):
         commands = []  # consecutive pushes to one key merged into one command
         for write in writes:
             if commands and commands[-1][0][1] == write.key:
@@ -3570,7 +3663,7 @@ class to_redis_list(_RedisSink):
                 command.append(write.value)
                 commands[-1] = (command, carried + 1)
             else:
-                commands.append((self._command(write), 1))
+                commands.append((self.write_command(write), 1))
         return commands
 
 
@@ -3608,429 +3701,22 @@ class to_redis_pubsub(_RedisSink):
         value = _redis_value(element, "the element")
         return _Write(element, self._target(element, "channel"), value, metadata)
 
-    def _command(self, write):
+    def write_command(self, write):
         return ["PUBLISH", write.key, write.value]
 
     async def _send(self, commands):
-        if not self._on_cluster():
-            return await super()._send(commands)
-        # redis-py refuses a pipelined PUBLISH on a cluster: one by one, and
-        # through execute_command (redis-py 5.0's RedisCluster has no publish()).
-        replies = []
-        for command in commands:
-            try:
-                replies.append(await self._redis.execute_command(*command))
-            except redis.exceptions.RedisError as exc:
-                if isinstance(exc, CONNECTION_ERRORS):
-                    raise
-                replies.append(exc)
-        return replies
+        return await self.topology.publish(self._redis, commands)
 
 
 # --------------------------------------------------------------------------
-# Operating a stream: figures Redis keeps, trimming, and the command line
+# 11. The command line: python -m streamz_redis --help
 # --------------------------------------------------------------------------
-
-# How often, at most, a consumer group asks Redis for its lag and pending
-# count (and trims, with trim_acknowledged): after a read, beside the loop.
-FIGURES_EVERY = 1.0
-
-# Where Redis does not say how far behind a group is (Redis 6.2 has no "lag";
-# Redis 7 has none after some deletions), the entries after its
-# last-delivered-id are counted, up to this many; beyond it the lag is None.
-LAG_COUNT_LIMIT = 10_000
-
-# Trim a stream up to the oldest entry that some group still needs: an entry
-# pending in a group, or the first entry after a group's last-delivered-id.
-# One script, so that no group moves (or appears) between the reckoning and
-# the XTRIM. Ids are compared as numbers written in decimal: by length, then
-# as text. Returns {minimum id kept, entries trimmed, the group that needs it},
-# or nil where the stream has no group (nothing says what may go).
-TRIM_TO_OLDEST_NEEDED = """
-local function before(a, b)
-    local a_ms, a_seq = string.match(a, '^(%d+)-(%d+)$')
-    local b_ms, b_seq = string.match(b, '^(%d+)-(%d+)$')
-    if a_ms ~= b_ms then
-        return #a_ms < #b_ms or (#a_ms == #b_ms and a_ms < b_ms)
-    end
-    return #a_seq < #b_seq or (#a_seq == #b_seq and a_seq < b_seq)
-end
-local keep, needed_by
-for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-    local info = {}
-    for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
-    local last = info['last-delivered-id']
-    local next_entry = redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', 1)[1]
-    local needed = next_entry and next_entry[1] or last
-    if info['pending'] > 0 then
-        local oldest = redis.call('XPENDING', KEYS[1], info['name'])[2]
-        if before(oldest, needed) then needed = oldest end
-    end
-    if not keep or before(needed, keep) then keep, needed_by = needed, info['name'] end
-end
-if not keep then return nil end
-return {keep, redis.call('XTRIM', KEYS[1], 'MINID', keep), needed_by}
-"""
-
-
-def _info_field(info, name):
-    """A field of an XINFO reply as redis-py parses it (``str`` keys; bytes
-    keys from a raw reply)."""
-    return info.get(name, info.get(name.encode()))
-
-
-async def _group_lag(client, stream, group_info):
-    """How many entries of ``stream`` the group (its XINFO GROUPS row) has
-    not been delivered yet: Redis 7's ``lag``, else counted after its
-    last-delivered-id, or None beyond LAG_COUNT_LIMIT."""
-    lag = _info_field(group_info, "lag")
-    if lag is not None:
-        return lag
-    after, counted = "(" + _text(_info_field(group_info, "last-delivered-id")), 0
-    while counted <= LAG_COUNT_LIMIT:
-        page = await client.xrange(stream, after, "+", count=1000)
-        if not page:
-            return counted
-        counted += len(page)
-        after = "(" + _text(page[-1][0])
-    return None
-
-
-async def _trim_to_oldest_needed(client, stream):
-    """XTRIM ``stream`` with MINID up to the oldest entry some group still
-    needs, never further: ``(id kept from, entries trimmed, group)``, or None
-    where the stream has no group."""
-    reply = await client.eval(TRIM_TO_OLDEST_NEEDED, 1, stream)
-    if not reply:
-        return None
-    keep, trimmed, group = reply
-    return _text(keep), trimmed, _text(group)
-
-
-# The command line: python -m streamz_redis --help
-
-
-class _CommandError(Exception):
-    """Bad input, said in one line on stderr."""
-
-
-def _shown(value):
-    """A name or value from Redis, fit to print: UTF-8 where it is, escapes
-    where not."""
-    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
-
-
-def _flat_fields(flat):
-    """An entry's ``[field, value, ...]`` as printable ``{field: value}``."""
-    return {_shown(flat[i]): _shown(flat[i + 1]) for i in range(0, len(flat), 2)}
-
-
-DEAD_LETTER_FIELDS = (b"source_stream", b"source_id", b"deliveries")
-
-# Redrive one dead-letter entry: add its fields back to its source stream,
-# then delete it from the dead-letter stream, in one script. An entry that is
-# no longer there (redriven meanwhile) is not added again.
-REDRIVE_ENTRY = """
-if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return false end
-local added = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
-redis.call('XDEL', KEYS[1], ARGV[1])
-return added
-"""
-
-
-def _original_fields(flat):
-    """``(source stream, its original flat fields)`` of a dead-letter entry.
-    The dead-letter move appends source_stream, source_id and deliveries
-    last; an entry written otherwise loses those fields wherever they are."""
-    names = flat[0::2]
-    if tuple(names[-3:]) == DEAD_LETTER_FIELDS:
-        original, extra = flat[:-6], flat[-6:]
-    else:
-        original = [v for i in range(0, len(flat), 2) if flat[i] not in DEAD_LETTER_FIELDS
-                    for v in flat[i:i + 2]]
-        extra = flat
-    fields = dict(zip(extra[0::2], extra[1::2]))
-    return fields.get(b"source_stream"), original
-
-
-async def _existing_stream(client, stream):
-    kind = _text(await client.type(stream))
-    if kind == "none":
-        raise _CommandError(f"no such stream: {stream!r}")
-    if kind != "stream":
-        raise _CommandError(f"key {stream!r} holds a {kind}, not a stream")
-
-
-async def _cli_info(client, args):
-    await _existing_stream(client, args.stream)
-    stream_info = await client.xinfo_stream(args.stream)
-    first, last = stream_info.get("first-entry"), stream_info.get("last-entry")
-    groups = []
-    for group in await client.xinfo_groups(args.stream):
-        name = _text(group["name"])
-        consumers = await client.xinfo_consumers(args.stream, name)
-        groups.append({
-            "name": name,
-            "lag": await _group_lag(client, args.stream, group),
-            "pending": group["pending"],
-            "last_delivered_id": _text(group["last-delivered-id"]),
-            "consumers": [
-                {"name": _shown(c["name"]), "pending": c["pending"], "idle_ms": c["idle"]}
-                for c in consumers
-            ],
-        })
-    figures = {
-        "stream": args.stream,
-        "length": stream_info["length"],
-        "first_id": _text(first[0]) if first else None,
-        "last_id": _text(last[0]) if last else None,
-        "groups": groups,
-    }
-    if args.json:
-        print(json.dumps(figures))
-        return
-    print(f"stream {args.stream}: {figures['length']} entries, "
-          f"first {figures['first_id']}, last {figures['last_id']}")
-    for group in groups:
-        lag = "unknown" if group["lag"] is None else group["lag"]
-        print(f"  group {group['name']}: lag {lag}, pending {group['pending']}, "
-              f"last delivered {group['last_delivered_id']}")
-        for consumer in group["consumers"]:
-            print(f"    consumer {consumer['name']}: pending {consumer['pending']}, "
-                  f"idle {consumer['idle_ms']} ms")
-
-
-async def _cli_pending(client, args):
-    await _existing_stream(client, args.stream)
-    rows = await client.xpending_range(args.stream, args.group, "-", "+", args.count)
-    for row in rows:
-        print(f"{_text(row['message_id'])}  consumer {_shown(row['consumer'])}  "
-              f"idle {row['time_since_delivered']} ms  deliveries {row['times_delivered']}")
-    summary = await client.xpending(args.stream, args.group)
-    print(f"{summary['pending']} pending in group {args.group} of stream {args.stream}"
-          + (f", the oldest {len(rows)} shown" if summary["pending"] > len(rows) else ""))
-
-
-async def _cli_dead_letters(client, args):
-    dead_letters = args.stream + ":dead-letter"
-    if _text(await client.type(dead_letters)) == "none":
-        await _existing_stream(client, args.stream)  # a typo is an error, not "none"
-        print(f"{dead_letters} holds no entries")
-        return
-    await _existing_stream(client, dead_letters)
-    entries = await client.xrange(dead_letters, count=args.count)
-    for entry_id, flat in entries:
-        fields = _flat_fields(flat)
-        source = (fields.pop("source_stream", "?"), fields.pop("source_id", "?"))
-        deliveries = fields.pop("deliveries", "?")
-        print(f"{_text(entry_id)}  source {source[0]} {source[1]}  deliveries {deliveries}  "
-              f"{json.dumps(fields, ensure_ascii=False)}")
-    print(f"{await client.xlen(dead_letters)} entries in {dead_letters}")
-
-
-async def _cli_redrive(client, args):
-    await _existing_stream(client, args.dead_letter_stream)
-    redrive = client.register_script(REDRIVE_ENTRY)
-    done = skipped = refused = 0
-    after = "-"
-    interrupted = False
-    while (args.count is None or done < args.count) and not interrupted:
-        page = await client.xrange(args.dead_letter_stream, after, "+", count=100)
-        if not page:
-            break
-        after = "(" + _text(page[-1][0])
-        for entry_id, flat in page:
-            interrupted = args.stopping.is_set()
-            if args.count is not None and done >= args.count or interrupted:
-                break
-            source, original = _original_fields(flat)
-            if source is None or not original:
-                print(f"{_text(entry_id)}: no source_stream or no fields; left in place",
-                      file=sys.stderr)
-                skipped += 1
-                continue
-            if args.dry_run:
-                print(f"{_text(entry_id)} would go back to {_shown(source)}: "
-                      f"{json.dumps(_flat_fields(original), ensure_ascii=False)}")
-                done += 1
-                continue
-            try:
-                added = await redrive(keys=[args.dead_letter_stream, source], args=[entry_id, *original])
-            except redis.exceptions.ResponseError as exc:
-                if "WRONGTYPE" not in str(exc):  # Redis 6.2 puts it after the script's name
-                    raise  # not this entry's doing (NOPERM, say): one line, and stop
-                print(f"{_text(entry_id)}: {_shown(source)} is not a stream; left in place",
-                      file=sys.stderr)
-                refused += 1
-                continue
-            if added is None:
-                continue  # redriven by someone else meanwhile
-            print(f"{_text(entry_id)} -> {_shown(source)} {_text(added)}")
-            done += 1
-    verb = "would redrive" if args.dry_run else "redrove"
-    print(("interrupted: " if interrupted else "") + f"{verb} {done} entries from "
-          f"{args.dead_letter_stream}" + (f"; {skipped + refused} left in place"
-                                          if skipped + refused else ""))
-    return 128 + args.stopped_by if interrupted else 1 if refused else 0
-
-
-# How long one read of `tail` waits: SIGINT is honoured between reads.
-TAIL_BLOCK = 0.5
-
-
-async def _cli_tail(client, args):
-    await _existing_stream(client, args.stream)
-    stopping = args.stopping
-    last = await client.xrevrange(args.stream, count=1)
-    after = _text(last[0][0]) if last else "0-0"
-    print(f"tailing {args.stream} after {after} (Ctrl-C to stop)", file=sys.stderr, flush=True)
-    while not stopping.is_set():
-        reply = await client.xread({args.stream: after}, count=100, block=int(TAIL_BLOCK * 1000))
-        for _, entries in _stream_entries(reply):
-            for entry_id, flat in entries:
-                print(entry_id, json.dumps(_flat_fields(flat), ensure_ascii=False), flush=True)
-                after = entry_id
-
-
-async def _cli_trim(client, args):
-    await _existing_stream(client, args.stream)
-    trimmed = await _trim_to_oldest_needed(client, args.stream)
-    if trimmed is None:
-        print(f"{args.stream} has no consumer group: nothing says what may go; not trimmed")
-        return
-    keep, count, group = trimmed
-    print(f"trimmed {count} entries from {args.stream}: kept from {keep}, "
-          f"which group {group} still needs")
-
-
-# The exit code of a command interrupted by Ctrl-C (128 + SIGINT, as shells say).
-EXIT_INTERRUPTED = 128 + signal.SIGINT
-
-
-def _count_argument(text):
-    try:
-        number = int(text)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, not {text!r}")
-    return number
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _parser():
-    parser = _ArgumentParser(
-        prog="python -m streamz_redis",
-        description="Look into Redis Streams and consumer groups, redrive dead letters, trim.",
-    )
-    parser.add_argument("--url", default=None, help="Redis URL (default: REDIS_URL, else "
-                        f"{DEFAULT_URL}); the password is never printed")
-    parser.add_argument("--cluster", action="store_true",
-                        help="--url names a node (any) of a Redis Cluster: each command goes "
-                        "to the node that owns its key's slot")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
-    info = commands.add_parser("info", help="length, first and last id, groups and consumers")
-    info.add_argument("stream")
-    info.add_argument("--json", action="store_true", help="print one JSON object")
-    info.set_defaults(run=_cli_info)
-    pending = commands.add_parser("pending", help="the oldest pending entries of a group")
-    pending.add_argument("stream")
-    pending.add_argument("group")
-    pending.add_argument("--count", type=_count_argument, default=10)
-    pending.set_defaults(run=_cli_pending)
-    dead = commands.add_parser("dead-letters", help="what STREAM:dead-letter holds")
-    dead.add_argument("stream")
-    dead.add_argument("--count", type=_count_argument, default=100)
-    dead.set_defaults(run=_cli_dead_letters)
-    redrive = commands.add_parser("redrive", help="put dead letters back on their streams")
-    redrive.add_argument("dead_letter_stream")
-    redrive.add_argument("--count", type=_count_argument, default=None, help="at most this many")
-    redrive.add_argument("--dry-run", action="store_true", help="say what would go back")
-    redrive.set_defaults(run=_cli_redrive, stops_between_steps=True)
-    tail = commands.add_parser("tail", help="print entries as they arrive, until Ctrl-C")
-    tail.add_argument("stream")
-    tail.set_defaults(run=_cli_tail, stops_between_steps=True)
-    trim = commands.add_parser("trim", help="trim up to the oldest entry a group still needs")
-    trim.add_argument("stream")
-    trim.set_defaults(run=_cli_trim)
-    return parser
-
-
-async def _cli(args):
-    url = args.url or os.environ.get("REDIS_URL") or DEFAULT_URL
-    try:
-        _check_url(url)
-    except ValueError as exc:
-        raise _CommandError(str(exc)) from None
-    make = redis.asyncio.RedisCluster.from_url if args.cluster else redis.asyncio.from_url
-    where = ("Redis Cluster " if args.cluster else "Redis ") + f"at {_safe_url(url)}"
-    try:
-        client = make(url, socket_connect_timeout=5, socket_timeout=10, retry=Retry(NoBackoff(), 0))
-    except redis.exceptions.RedisError as exc:  # a RedisCluster refuses a db number
-        raise _CommandError(f"{where}: {_error_text(exc)}") from None
-    for command in ("XRANGE", "XREAD"):
-        client.set_response_callback(command, _raw_reply)  # flat fields, as Redis keeps them
-    args.stopping = asyncio.Event()
-    if getattr(args, "stops_between_steps", False):
-        # Ctrl-C (or SIGTERM) ends tail and redrive between two steps, never
-        # inside one (a cancel can be lost inside redis-py's reads on Python
-        # 3.11). A second one interrupts at once, as usual.
-        loop = asyncio.get_running_loop()
-        signals = (signal.SIGINT, signal.SIGTERM)
-
-        def stop(signal_number):
-            args.stopped_by = signal_number
-            args.stopping.set()
-            for number in signals:
-                loop.remove_signal_handler(number)
-
-        for signal_number in signals:
-            try:
-                loop.add_signal_handler(signal_number, stop, signal_number)
-            except (NotImplementedError, RuntimeError):  # pragma: no cover - Windows
-                pass
-    try:
-        return await args.run(client, args)
-    except CONNECTION_ERRORS as exc:
-        raise _CommandError(f"cannot reach {where} ({_error_text(exc)})") from None
-    except redis.exceptions.RedisError as exc:
-        hint = ("; it is a node of a Redis Cluster: add --cluster"
-                if not args.cluster and (isinstance(exc, redis.exceptions.AskError)  # and MOVED
-                                         or str(exc).startswith(("MOVED ", "ASK ")))  # redis-py 5
-                else "")
-        raise _CommandError(f"{where} says: {_error_text(exc)}{hint}") from None
-    except (_CommandError, asyncio.CancelledError):
-        raise
-    except Exception as exc:  # a surprise is still one line, not a traceback
-        raise _CommandError(f"{args.command} failed: {_error_text(exc)}") from None
-    finally:
-        try:
-            await client.aclose()
-        except Exception:  # pragma: no cover - closing a dead socket
-            pass
 
 
 def main(argv=None):
-    """``python -m streamz_redis``: run one command; the exit code (0; 1 for
-    an error said on stderr in one line, or a redrive that left entries it
-    could not put back; 2 for a bad command line; 130 when Ctrl-C
-    interrupted it; 143 for SIGTERM; tail ends with 0 on either)."""
-    args = _parser().parse_args(argv)
-    try:
-        return asyncio.run(_cli(args)) or 0
-    except _CommandError as exc:
-        print(f"python -m streamz_redis: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # Ctrl-C where no handler was installed
-        print("python -m streamz_redis: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:  # `... | head`: the reader went away
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    """``python -m streamz_redis``: the operator's command line, which lives
+    in ``streamz_redis_operations`` (see its ``main``)."""
+    return _optional("streamz_redis_operations", "the command line").main(argv)
 
 
 if __name__ == "__main__":

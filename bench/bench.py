@@ -634,11 +634,11 @@ async def same_work_group(ctx, n, count):
         if queued and (sending is None or sending.done()):
             ids, queued = queued, []
             sending = asyncio.ensure_future(
-                sr._execute_packed(pooled, "XACK", ctx.stream, group, *ids))
+                sr._Wire.pipelined(pooled, [("XACK", ctx.stream, group, *ids)]))
     if sending is not None:
         await sending
     if queued:
-        await sr._execute_packed(pooled, "XACK", ctx.stream, group, *queued)
+        await sr._Wire.pipelined(pooled, [("XACK", ctx.stream, group, *queued)])
     elapsed = span(t0)
     await reader.aclose()
     await pooled.aclose()

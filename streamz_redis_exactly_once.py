@@ -1,0 +1,233 @@
+"""Exactly-once writes for streamz-redis: ``exactly_once=True`` on
+``to_redis_stream`` and ``to_redis_list``.
+
+``streamz_redis`` imports this module when a sink is made with
+``exactly_once=True``, and never otherwise. ``ExactlyOnce`` is the sink's
+write plan, in place of ``streamz_redis._PlainWrites``: it writes each element
+and acknowledges the consumer-group entries (or reliable-list items) it came
+from in one script, so that after a crash the output holds each input once.
+
+- ``check``: at the first element from a source, the pipeline must end in
+  this sink alone, by one path (one walk of the streamz graph).
+- ``prepare``: once per round trip, which entries each write acknowledges:
+  those nothing but this write still holds (the source's ledger says).
+- ``refused``: a source on another server, or keys in several slots of a
+  Redis Cluster, are refused with a clear error (no script spans them).
+- ``commands``: consecutive writes to one key from one stream and group go in
+  one script (``WRITE_AND_ACKNOWLEDGE``), as if each ran its own.
+"""
+
+import hashlib
+
+from streamz_redis import _leaves, _references, log
+
+__all__ = ["ExactlyOnce"]
+
+# At most this many elements in one script, and about this many entries
+# acknowledged by it: a script runs alone on the server.
+SCRIPT_ELEMENTS = 500
+SCRIPT_ENTRIES = 1000
+SCRIPT_ARGUMENTS = 4000  # of one element's command (Lua unpacks about 8,000 at most)
+
+# Elements and the acknowledgement of the upstream entries each carries, in one
+# script: as if each element ran a script of its own, together. KEYS[1] is
+# where the elements go, KEYS[2..] the stream (or processing list) of each
+# entry, in order. ARGV: the write's command, the number of elements, then for
+# each element how many arguments follow the key, those arguments and how many
+# entries it carries; then each entry's acknowledgement (XACK group id, or
+# LREM 1 item). Nothing is written unless every step can run: Redis does not
+# undo a script that fails half-way.
+# - An element whose first entry is no longer pending is left out with its
+#   entries: a script sent again after a lost reply (by us, or by the retries
+#   of a user's own client) writes nothing twice, and an entry another
+#   consumer took over and acknowledged is not written again.
+# - A missing group or a key of the wrong type fails the first XPENDING (or
+#   LPOS) before anything is written; Redis 7 checks the user's permissions
+#   for every step first. The reply is how many elements were written.
+WRITE_AND_ACKNOWLEDGE = """
+local elements, at = {}, 3
+for i = 1, tonumber(ARGV[2]) do
+    local n = tonumber(ARGV[at])
+    elements[i] = {at + 1, at + n, tonumber(ARGV[at + n + 1])}
+    at = at + n + 2
+end
+local key, run, taken = 2, {}, {}  -- taken: entries acknowledged by an earlier element
+for _, element in ipairs(elements) do
+    local pending, first = nil, KEYS[key] .. '\\0' .. ARGV[at + 2]
+    if ARGV[at] == 'XACK' then
+        pending = not taken[first] and #redis.call('XPENDING', KEYS[key], ARGV[at + 1], ARGV[at + 2], ARGV[at + 2], 1) > 0
+    else
+        pending = redis.call('LPOS', KEYS[key], ARGV[at + 2], 'RANK', (taken[first] or 0) + 1)
+    end
+    if pending then
+        table.insert(run, {element[1], element[2], key, at, element[3]})
+        for j = 0, element[3] - 1 do
+            local entry = KEYS[key + j] .. '\\0' .. ARGV[at + 3 * j + 2]
+            taken[entry] = (taken[entry] or 0) + 1
+        end
+    end
+    key, at = key + element[3], at + 3 * element[3]
+end
+if redis.acl_check_cmd then
+    for _, step in ipairs(run) do
+        local allowed = redis.acl_check_cmd(ARGV[1], KEYS[1], unpack(ARGV, step[1], step[2]))
+        for j = 0, step[5] - 1 do
+            local ack = step[4] + 3 * j
+            allowed = allowed and redis.acl_check_cmd(ARGV[ack], KEYS[step[3] + j], ARGV[ack + 1], ARGV[ack + 2])
+        end
+        if not allowed then
+            return redis.error_reply('NOPERM this user may not run ' .. ARGV[1] .. ' on ' .. KEYS[1] ..
+                ' and acknowledge its entries')
+        end
+    end
+end
+local pushed = {}  -- list pushes go in as one (the order is the same)
+for _, step in ipairs(run) do
+    if (ARGV[1] == 'RPUSH' or ARGV[1] == 'LPUSH') and step[1] == step[2] then
+        table.insert(pushed, ARGV[step[1]])
+    else
+        redis.call(ARGV[1], KEYS[1], unpack(ARGV, step[1], step[2]))
+    end
+end
+if #pushed > 0 then
+    redis.call(ARGV[1], KEYS[1], unpack(pushed))
+end
+for _, step in ipairs(run) do
+    for j = 0, step[5] - 1 do
+        local ack = step[4] + 3 * j
+        redis.call(ARGV[ack], KEYS[step[3] + j], ARGV[ack + 1], ARGV[ack + 2])
+    end
+end
+return #run
+"""
+WRITE_AND_ACKNOWLEDGE_SHA = hashlib.sha1(WRITE_AND_ACKNOWLEDGE.encode()).hexdigest()
+
+
+class ExactlyOnce:
+    """The write plan of an exactly-once sink (see the module's docstring)."""
+
+    def __init__(self, sink):
+        self.sink = sink
+        self.sources_checked = {}  # source -> None, or why it cannot hold (another server)
+        self.warned_held = False
+
+    # ---- when an element arrives ------------------------------------------
+
+    def check(self, write):
+        """Raise, at the first element from a source, if the script cannot
+        cover its entries: where they also reach another node that ends the
+        pipeline (another sink), or reach this one by more than one path."""
+        for source in {ack.ledger.source for ref in _references(write.metadata) for ack in ref.entries()}:
+            if source in self.sources_checked:
+                continue
+            leaves = _leaves(source)
+            if leaves != {self.sink: 1}:
+                others = [f"{node}" + (f" ({n} paths)" if n > 1 else "") for node, n in leaves.items()]
+                raise ValueError(
+                    f"{self.sink}: exactly_once needs every entry of {source} to end in this sink, "
+                    f"by one path; they end in {', '.join(others)}. Drop exactly_once "
+                    "(at-least-once), or give each branch its own source"
+                )
+            self.sources_checked[source] = None
+
+    # ---- once per round trip ----------------------------------------------
+
+    def prepare(self, writes):
+        for write in writes:
+            write.acks = self._acks_to_settle(write)
+
+    def _acks_to_settle(self, write):
+        """The entries the script may acknowledge with ``write``: those that
+        nothing but this write still holds. An entry another node still holds
+        (a ``sliding_window`` emits it again in its next window) is left to
+        its source, acknowledged when that node lets go: at-least-once."""
+        acks = []
+        for ref in _references(write.metadata):
+            if ref.ledger.held_only_by_one(ref):
+                acks.extend(ref.entries())
+            elif not self.warned_held:
+                self.warned_held = True
+                log.warning(
+                    "%s: exactly_once: %s is still held by another node (a node that emits an "
+                    "entry more than once, such as sliding_window?); such entries are "
+                    "acknowledged by their source once let go: at-least-once", self.sink, ref,
+                )
+        return acks
+
+    async def refused(self, client, writes):
+        """Refuse the writes that no one script can cover: keys in several
+        slots of a Redis Cluster, or sources that read another Redis server
+        (or database) than this sink writes to."""
+        topology = self.sink.topology
+        await self._check_servers(client, writes)
+        refused = []
+        for write in writes:
+            apart = topology.slots_apart([write.key, *{ack.key for ack in write.acks}])
+            reasons = [self.sources_checked[ack.ledger.source] for ack in write.acks
+                       if self.sources_checked.get(ack.ledger.source)]
+            if apart:
+                refused.append(ValueError(
+                    f"{self.sink}: exactly_once: CROSSSLOT, the output and its entries' keys are in "
+                    f"different slots ({apart}); give them one hash tag, such as '{{orders}}' and "
+                    "'{orders}:out'"))
+            else:
+                refused.append(ValueError(f"{self.sink}: {reasons[0]}") if reasons else None)
+        return refused
+
+    async def _check_servers(self, client, writes):
+        """Once per source that is connected: which server it reads."""
+        unchecked = {ack.ledger.source for write in writes for ack in write.acks
+                     if self.sources_checked.get(ack.ledger.source) is None}
+        for source in unchecked:
+            there = await source.server_identity()
+            if there is None:
+                continue  # not connected (or a cluster: checked by slot)
+            here = await self.sink.topology.server_identity(client)
+            self.sources_checked[source] = "" if here == there else (
+                f"exactly_once needs {source} and this sink on one Redis server and database"
+            )
+
+    def commands(self, writes):
+        """Consecutive writes to one key whose entries come from one stream
+        and group (or one processing list) go in one script, which commits
+        them and their acknowledgements together. Their failures share one
+        cause (the key, the group), so no write fails for a neighbour's sake.
+        A round trip leads with what the topology sends before its scripts."""
+        commands = self.sink.topology.script_preamble(WRITE_AND_ACKNOWLEDGE)
+        group, entries, source = [], 0, None  # (write, command) of the script being built
+        for write in writes:
+            command = self.sink.write_command(write)
+            write_source = {ack.command()[:3] for ack in write.acks}
+            if group and (write.key != group[0][0].key or write_source != source
+                          or len(group) == SCRIPT_ELEMENTS
+                          or entries + len(write.acks) > SCRIPT_ENTRIES):
+                commands.append((self._script(group), len(group)))
+                group, entries = [], 0
+            if not write.acks:  # nothing to acknowledge with it (another node holds its entries)
+                commands.append((command, 1))
+            elif len(write_source) > 1 or len(command) > SCRIPT_ARGUMENTS:
+                # Entries of several streams or groups, or an element so large
+                # that Lua may not unpack it: alone, failing on its own.
+                commands.append((self._script([(write, command)]), 1))
+            else:
+                group.append((write, command))
+                entries += len(write.acks)
+                source = write_source
+        if group:
+            commands.append((self._script(group), len(group)))
+        return commands
+
+    def _script(self, group):
+        """The script that runs the commands of ``group``, ``(write,
+        command)`` pairs writing to one key, and acknowledges their entries."""
+        keys, args, steps = [group[0][0].key], [], []
+        for write, command in group:
+            args += [len(command) - 2, *command[2:], len(write.acks)]
+            for ack in write.acks:
+                step, key, first, second = ack.command()
+                keys.append(key)
+                steps += [step, first, second]
+        args = [command[0], len(group), *args, *steps]
+        call = self.sink.topology.script_call(WRITE_AND_ACKNOWLEDGE, WRITE_AND_ACKNOWLEDGE_SHA)
+        return (*call, len(keys), *keys, *args)
+
