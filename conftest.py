@@ -163,14 +163,13 @@ def stop_sources_and_close_sinks():
 def stop_sources_and_sinks():
     import streamz_redis
 
-    for source in list(streamz_redis._running_sources):
+    nodes = sorted(list(streamz_redis._live_nodes), key=lambda node: node.exit_order)
+    for node in nodes:  # sources first, then sinks
         try:
-            source.stop()
-        except Exception:
-            pass
-    for sink in list(streamz_redis._open_sinks):
-        try:
-            sink.close(timeout=1)
+            if isinstance(node, streamz_redis._RedisSource):
+                node.stop()
+            else:
+                node.close(timeout=1)
         except Exception:
             pass
 

@@ -264,9 +264,12 @@ def _stream_entries(reply):
 
 def _autoclaimed(reply):
     """A raw XAUTOCLAIM reply as ``(next cursor, [(id, flat), ...], ids of
-    pending entries no longer in the stream)``; the last is Redis 7's (6.2
-    answers such entries with nil fields instead)."""
-    entries = [(raw_id.decode(), flat) for raw_id, flat in reply[1] if raw_id is not None]
+    pending entries no longer in the stream)``; the last is Redis 7's. Redis
+    6.2 answers such an entry with a nil in its place (it is left out here:
+    claimed, it is pending under this consumer, and acknowledged without
+    being emitted when this consumer replays its pending entries)."""
+    entries = [(entry[0].decode(), entry[1]) for entry in reply[1]
+               if entry is not None and entry[0] is not None]
     deleted = [_text(i) for i in reply[2]] if len(reply) > 2 else []
     return _text(reply[0]), entries, deleted
 

@@ -218,10 +218,6 @@ def test_an_xautoclaim_reply_of_redis_6_2_has_two_elements_and_no_deleted_ids():
     )
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "_autoclaimed unpacks each element as (id, fields): Redis 6.2's nil in place "
-    "of a deleted entry raises TypeError, and a claiming consumer's reads fail "
-    "and are retried for as long as that entry is pending"))
 def test_an_xautoclaim_reply_of_redis_6_2_leaves_out_the_nil_of_a_deleted_entry():
     # What Redis 6.2.14 answers (RESP2 and RESP3) when a pending entry it
     # would claim was deleted from the stream: nil in place of the whole
@@ -464,7 +460,8 @@ def test_a_wrong_password_is_a_clear_error_that_never_shows_the_password(private
 
 
 # --------------------------------------------------------------------------
-# Installation: the quickstart needs nothing but `from streamz import Stream`
+# Installation and layers: the quickstart needs nothing but `from streamz
+# import Stream`, and the core needs none of the optional modules
 # --------------------------------------------------------------------------
 
 
@@ -520,6 +517,138 @@ def test_without_hiredis_the_first_start_says_reading_is_slower(server, tmp_path
                           timeout=60, env={**os.environ, "REDIS_URL": server.url})
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("hiredis is not installed") == 1
+
+
+
+# ---- The layers: the core alone, vendored, and without hiredis's packing ----
+
+# A consumer group end to end, a list and a stream, as a user's script: every
+# entry's result stored, nothing left pending.
+END_TO_END = '''
+import os, time
+from redis import Redis
+from streamz import Stream
+
+url = os.environ["REDIS_URL"]
+with Redis.from_url(url) as r:
+    for n in range(20):
+        r.xadd("orders", {"n": n})
+    r.rpush("jobs", *range(5))
+group = Stream.from_redis_consumer_group("orders", "billing", "worker-1", start_id="0")
+group.map(lambda e: e.fields["n"]).to_redis_list("done")
+jobs = Stream.from_redis_list("jobs")
+popped = jobs.sink_to_list()
+stream = Stream.from_redis_streams("orders", start_id="0", batch=True)
+read = stream.flatten().sink_to_list()
+for source in (group, jobs, stream):
+    source.start()
+deadline = time.monotonic() + 20
+with Redis.from_url(url) as r:
+    while time.monotonic() < deadline and (
+            r.llen("done") < 20 or r.xpending("orders", "billing")["pending"]
+            or len(popped) < 5 or len(read) < 20):
+        time.sleep(0.01)
+    for source in (group, jobs, stream):
+        source.stop()
+    print("done", r.llen("done"), "pending", r.xpending("orders", "billing")["pending"],
+          "popped", len(popped), "read", len(read))
+'''
+
+# Runs a script with the optional modules blocked (as if they were not
+# there), then says which of this project's modules it loaded, and whether
+# each option that needs one names the missing file.
+WITHOUT_OPTIONAL_MODULES = '''
+import importlib.abc, runpy, sys
+
+class Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.startswith("streamz_redis_"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, Blocked())
+runpy.run_path(sys.argv[1], run_name="__main__")
+import streamz_redis
+from streamz import Stream
+print("core:", streamz_redis.__file__)
+print("loaded:", " ".join(sorted(m for m in sys.modules if m.startswith("streamz_redis"))))
+for option, make in [
+    ("cluster", lambda: Stream.from_redis_list("k", cluster=True)),
+    ("exactly_once", lambda: Stream().to_redis_stream("out", exactly_once=True)),
+    ("trim_acknowledged", lambda: Stream.from_redis_consumer_group("s", "g", "c", trim_acknowledged=True)),
+    ("main", lambda: streamz_redis.main(["--help"])),
+]:
+    try:
+        make()
+        print(option, "made")
+    except ImportError as exc:
+        print(option, "refused:", exc)
+'''
+
+
+def run_without_optional_modules(tmp_path, script, server, core=None):
+    """Run ``script`` (a file's text) from ``tmp_path`` with the optional
+    modules blocked, with ``core`` (a copy of streamz_redis.py) beside it."""
+    (tmp_path / "script.py").write_text(script)
+    (tmp_path / "runner.py").write_text(WITHOUT_OPTIONAL_MODULES)
+    if core is not None:
+        shutil.copy(core, tmp_path / "streamz_redis.py")
+    out = subprocess.run(
+        [sys.executable, str(tmp_path / "runner.py"), str(tmp_path / "script.py")],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env=dict(os.environ, REDIS_URL=server.url),
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_the_core_runs_a_consumer_group_with_the_optional_modules_blocked(server, tmp_path):
+    printed = run_without_optional_modules(tmp_path, END_TO_END, server)
+    assert "done 20 pending 0 popped 5 read 20" in printed
+    assert "loaded: streamz_redis\n" in printed
+    for option, module in [("cluster", "streamz_redis_cluster.py"),
+                           ("exactly_once", "streamz_redis_exactly_once.py"),
+                           ("trim_acknowledged", "streamz_redis_operations.py"),
+                           ("main", "streamz_redis_operations.py")]:
+        line = next(line for line in printed.splitlines() if line.startswith(option + " "))
+        assert "refused:" in line and module in line, line
+
+
+def test_the_core_copied_alone_into_an_empty_folder_runs_the_quickstart_and_a_consumer_group(
+        server, tmp_path):
+    quickstart = readme_code_blocks()[0]
+    printed = run_without_optional_modules(tmp_path, quickstart, server, core=HERE / "streamz_redis.py")
+    assert "['0', '1', '2', '3', '4']" in printed
+    assert f"core: {tmp_path / 'streamz_redis.py'}" in printed  # the copy, not the installed one
+    with server.client() as client:
+        client.flushall()
+    printed = run_without_optional_modules(tmp_path, END_TO_END, server)
+    assert "done 20 pending 0 popped 5 read 20" in printed and "loaded: streamz_redis\n" in printed
+
+
+def test_importing_the_core_loads_no_optional_module_and_no_argparse():
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys, streamz_redis; print(sorted(m for m in sys.modules "
+         "if m.startswith('streamz_redis') or m == 'argparse'))"],
+        capture_output=True, text=True, timeout=60, cwd=HERE,
+    )
+    assert out.stdout.strip() == "['streamz_redis']", out.stderr
+
+
+@pytest.mark.parametrize("missing", ["pack_command", "hiredis"])
+def test_without_hiredis_packing_sources_and_sinks_go_through_redis_py_public_api(server, missing):
+    """The transport's fallback: where hiredis has no pack_command (older
+    than 2.2.1), or there is no hiredis at all (redis-py parses in Python)."""
+    if missing == "pack_command":
+        code = "import streamz_redis\nstreamz_redis._pack_command = None\n"
+    else:
+        code = ("import sys\nsys.modules['hiredis'] = None\nimport streamz_redis\n"
+                "assert streamz_redis._pack_command is None\n")
+    code += END_TO_END
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, REDIS_URL=server.url))
+    assert out.returncode == 0, out.stderr
+    assert "done 20 pending 0 popped 5 read 20" in out.stdout
+
 
 
 # --------------------------------------------------------------------------
@@ -648,7 +777,7 @@ def test_items_read_but_not_emitted_go_back_to_the_head_of_their_list_on_stop(se
 
     source.sink(process)
     source.start()
-    wait_for(lambda: source._task is None)
+    wait_for(lambda: not source.running)
     assert len(seen) == 3
     left = [int(x) for x in r.lrange("queue", 0, -1)]
     assert [int(x) for x in seen] + left == list(range(300))
@@ -659,7 +788,7 @@ def test_a_key_of_the_wrong_type_is_a_clear_error_from_start(server, r):
     source = Stream.from_redis_list("not-a-list")
     with pytest.raises(TypeError, match="'not-a-list' holds a string, not a list"):
         source.start()
-    assert source._task is None
+    assert not source.running
 
 
 # ---- From the tail (side="right") ------------------------------------------
@@ -849,7 +978,7 @@ def test_a_stop_mid_batch_resumes_at_the_first_entry_not_emitted(server, r):
 
     source.sink(process)
     source.start()
-    wait_for(lambda: source._task is None and len(seen) == 3)
+    wait_for(lambda: not source.running and len(seen) == 3)
     source.start()
     wait_for(lambda: len(seen) == 300)
     assert seen == list(range(300))
@@ -1490,13 +1619,14 @@ def test_a_failing_batch_stays_pending_as_a_whole(server, r, caplog):
 
 
 @pytest.mark.parametrize("kind", SOURCES)
-def test_start_twice_runs_one_read_loop(server, r, kind):
+def test_start_twice_runs_one_read_loop(server, r, kind, caplog):
     source = SOURCES[kind]()
     seen = source.sink_to_list()
-    source.start()
-    task = source._task
-    source.start()
-    assert source._task is task
+    with caplog.at_level(logging.INFO, logger="streamz_redis"):
+        source.start()
+        source.start()
+    assert source.running
+    assert len([r for r in caplog.records if ": started, " in r.getMessage()]) == 1
     for i in range(20):
         add(r, kind, str(i))
     wait_for(lambda: len(seen) == 20)
@@ -1528,37 +1658,36 @@ def test_stop_interrupts_a_blocking_read_at_once_and_start_resumes(server, r, ki
 def test_blocking_reads_never_trip_a_short_socket_timeout(server, r, kind, caplog):
     source = SOURCES[kind](timeout=5, client_kwargs={"socket_timeout": 0.2})
     seen = source.sink_to_list()
-    idle_reads = []
-    read = source._read
 
-    async def counting_read(reader):
-        batch = await read(reader)
-        if not batch:
-            idle_reads.append(batch)
-        return batch
+    def idle_reads():
+        return [r for r in caplog.records if r.getMessage().endswith(": read 0")]
 
-    source._read = counting_read
-    with caplog.at_level(logging.WARNING, logger="streamz_redis"):
+    with caplog.at_level(logging.DEBUG, logger="streamz_redis"):
         source.start()
-        # Several blocking reads time out on an idle server. Counted here, not
-        # by polling Redis: any command wakes Redis's event loop, which then
-        # answers a timed-out read at once instead of on its next cron tick.
-        wait_for(lambda: len(idle_reads) >= 4)
+        # Several blocking reads time out on an idle server. Counted by the
+        # source's DEBUG lines, not by polling Redis: any command wakes
+        # Redis's event loop, which then answers a timed-out read at once
+        # instead of on its next cron tick.
+        wait_for(lambda: len(idle_reads()) >= 4)
         add(r, kind, "x")
         wait_for(lambda: seen)
-    assert caplog.records == []  # ...and none timed out
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []  # ...and none timed out
 
 
-def test_blocking_reads_stay_below_redis_py_default_socket_timeout(server):
+def test_blocking_reads_stay_below_redis_py_default_socket_timeout(server, r):
     source = Stream.from_redis_list("k", timeout=8)
-    source.start()
+    with r.monitor() as monitor:  # the BLPOP as Redis receives it
+        source.start()
+        command = next(c["command"] for c in iter(monitor.next_command, None)
+                       if c["command"].upper().startswith("BLPOP"))
+    block = float(command.split()[-1])
     # redis-py 8 applies socket_timeout=5 s by default without naming it;
     # earlier versions have none, and the whole timeout is kept.
     default = redis.asyncio.Connection().socket_timeout
     if default:
-        assert source._block_seconds() < default
+        assert block < default
     else:
-        assert source._block_seconds() == 8
+        assert block == 8
 
 
 # ---- stop() while an entry is still on its way -----------------------------
@@ -1657,13 +1786,13 @@ def test_stopping_one_source_leaves_the_others_feeding_a_shared_sink_running(
     try:
         first.start()
         second.start()
-        wait_for(lambda: sink._room is not None)
+        wait_for(lambda: sink.metrics()["in_flight"] >= sink.max_in_flight)
         first.stop()  # abandons its emit, which waits on the shared room
     finally:
         os.kill(target.process.pid, signal.SIGCONT)
     with target.client() as t:
         wait_for(lambda: t.xlen("copies") >= 19, timeout=20)
-    assert not second._task.done()
+    assert second.running
 
 
 def test_an_async_sink_may_await_stop_of_its_own_source(server, r):
@@ -1678,7 +1807,7 @@ def test_an_async_sink_may_await_stop_of_its_own_source(server, r):
     source.sink(stop_after_two)
     r.rpush("k", *range(5))
     source.start()
-    wait_for(lambda: source._task is None and len(seen) == 2, timeout=3)
+    wait_for(lambda: not source.running and len(seen) == 2, timeout=3)
     assert r.lrange("k", 0, -1) == [b"2", b"3", b"4"]
     source.start()  # and it starts again
     wait_for(lambda: len(seen) == 5)
@@ -1789,16 +1918,19 @@ def test_stop_after_the_event_loop_has_ended_returns_with_a_warning(server, capl
     sys.version_info < (3, 11),
     reason="Python 3.10 cannot tell a cancel that redis-py's asyncio.wait_for swallowed",
 )
-def test_a_source_still_running_when_its_event_loop_ends_closes_its_blocking_connection(server):
+def test_a_source_still_running_when_its_event_loop_ends_closes_its_blocking_connection(server, r):
     async def main():
         source = Stream.from_redis_list("k", asynchronous=True, loop=IOLoop.current())
         await source.start()
         return source
 
+    before = {c["id"] for c in r.client_list()}  # other tests' may linger
     source = asyncio.run(main())
     # Closed while the loop ran: collected later, redis-py would close it on
     # a closed loop ("Event loop is closed", an unraisable exception).
-    assert [reader.client for reader in source._readers] == [None]
+    # The blocking connection's commands were LPOP, BLPOP and CLIENT ID.
+    wait_for(lambda: not [c for c in r.client_list() if c["id"] not in before
+                          and c.get("cmd") in ("blpop", "lpop", "client|id", "client")])
 
 
 HUNG_AT_EXIT = textwrap.dedent(
@@ -1982,7 +2114,7 @@ def test_unreachable_redis_is_a_clear_error_from_start(kind, monkeypatch):
     source = SOURCES[kind](url=url)
     with pytest.raises(redis.exceptions.ConnectionError, match=re.escape(f"127.0.0.1:{url.split(':')[2].split('/')[0]}")):
         source.start()
-    assert source._task is None
+    assert not source.running
 
 
 @pytest.mark.parametrize("kind", SOURCES)
@@ -2569,7 +2701,7 @@ def test_stopping_the_source_waits_for_the_sink_and_acknowledges(server, r, priv
     os.kill(target.process.pid, signal.SIGSTOP)
     try:
         source.start()
-        wait_for(lambda: len(sink._writing) == 10)
+        wait_for(lambda: sink.metrics()["writing"] == 10)
         stopping = threading.Thread(target=source.stop)
         stopping.start()
     finally:
@@ -2702,7 +2834,7 @@ def test_close_writes_what_is_held_and_a_later_element_reconnects(server, r):
         source.emit(i)
     sink.close()
     assert r.llen("jobs") == 1000
-    assert sink._redis is None
+    assert not sink.connected
     source.emit("one more")
     sink.flush()
     assert r.llen("jobs") == 1001
@@ -2714,7 +2846,7 @@ def test_close_gives_up_on_a_redis_that_does_not_answer(server, r, private_serve
     os.kill(target.process.pid, signal.SIGSTOP)
     try:
         source.start()
-        wait_for(lambda: len(sink._writing) == 5)
+        wait_for(lambda: sink.metrics()["writing"] == 5)
         with caplog.at_level(logging.ERROR, logger="streamz_redis"):
             started = time.monotonic()
             sink.close(timeout=0.2)
@@ -2950,7 +3082,6 @@ def test_a_consumer_group_follows_a_sentinel_failover_and_loses_no_confirmed_ent
     seen = []
     source.sink(lambda entry: seen.append(int(entry.fields["n"])))
     source.start()
-    task = source._task
     producer = ConfirmedProducer(redis_sentinel, "orders")
     producer.start()
     try:
@@ -2969,7 +3100,8 @@ def test_a_consumer_group_follows_a_sentinel_failover_and_loses_no_confirmed_ent
     duplicates = len(seen) - len(set(seen))
     print(f"confirmed {len(confirmed)}, lost 0, emitted {len(seen)}, duplicates {duplicates}, "
           f"reconnects {source.metrics()['reconnects']}")
-    assert source._task is task and not task.done()  # no restart
+    assert source.running  # never restarted:
+    assert len([r for r in caplog.records if ": started, " in r.getMessage()]) == 1
     assert source.metrics()["reconnects"] >= 1
     assert f"Sentinel service {redis_sentinel.service!r}" in str(source)
     assert not [r for r in caplog.records if "previous master" in r.getMessage()][3:]

@@ -233,7 +233,7 @@ def exactly_once_script_runs(r, sink, elements, acks):
         write = streamz_redis._Write(element, "out", element, [])
         write.acks = [ack]
         writes.append(write)
-    for command, _ in sink._scripts(writes):
+    for command, _ in sink.plan.commands(writes):
         try:
             r.execute_command(*command)
         except redis.ResponseError:
