@@ -60,6 +60,7 @@ The sections, in dependency order (nothing refers to a later one):
 import asyncio
 import atexit
 import codecs
+import functools
 import importlib
 import inspect
 import logging
@@ -279,6 +280,16 @@ def _delivery_counts(rows):
     return {_text(row["message_id"]): row["times_delivered"] for row in rows}
 
 
+def _field_decoder(encoding):
+    """A function of an entry's flat ``[field, value, ...]`` that iterates
+    over it decoded with ``encoding`` (``None``: bytes as they are)."""
+    if encoding is None:
+        return iter
+    if encoding == "utf-8":
+        return functools.partial(map, bytes.decode)  # twice as fast as a comprehension
+    return functools.partial(map, methodcaller("decode", encoding))
+
+
 def _entry_fields(flat, encoding):
     """The fields of a stream entry from Redis's flat ``[field, value, ...]``,
     decoded with ``encoding`` (``None``: bytes as they are). ``None`` if Redis
@@ -286,12 +297,7 @@ def _entry_fields(flat, encoding):
     trimmed from the stream since it was delivered."""
     if not flat:
         return None
-    if encoding is None:
-        pairs = iter(flat)
-    elif encoding == "utf-8":
-        pairs = map(bytes.decode, flat)  # twice as fast as a comprehension
-    else:
-        pairs = map(methodcaller("decode", encoding), flat)
+    pairs = _field_decoder(encoding)(flat)
     return dict(zip(pairs, pairs))
 
 
@@ -958,9 +964,6 @@ class _Ack(_Reference):
         if self.state == _PENDING:
             self.ledger.fail(self)
 
-    def track(self):
-        self.ledger.track(self)
-
     def settle(self):
         """An exactly-once sink acknowledged the entry in the same script
         that stored its result: the ledger must not acknowledge it again."""
@@ -1003,9 +1006,6 @@ class _AckAll(_Reference):
     def fail(self):
         if self.state == _PENDING:
             self.ledger.fail_all(self)
-
-    def track(self):
-        self.ledger.batches.add(self)
 
     def entries(self):
         return self.acks
@@ -1067,8 +1067,12 @@ class _AckLedger:
     def batch(self, acks):
         return _AckAll(self, acks)
 
-    def track(self, ack):
-        self.in_flight[ack.key, ack.item] = weakref.ref(ack)
+    def track(self, ref):
+        """``ref`` (an ``_Ack``, or a batch's ``_AckAll``) is being emitted."""
+        if ref.__class__ is _Ack:
+            self.in_flight[ref.key, ref.item] = weakref.ref(ref)
+        else:
+            self.batches.add(ref)
 
     def done(self, ack):
         ack.state = _DONE
@@ -1936,6 +1940,7 @@ class _RedisSource(_SourceLifecycle):
         back. With ``batch=True`` the values go out as one list, tracked as one.
         """
         pairs = self._track(read)
+        track = self._ledger.track if self._ledger is not None else None
         for position, (value, origin) in enumerate(pairs):
             if self.stopped:
                 _never_emitted(pairs[position:])
@@ -1945,7 +1950,7 @@ class _RedisSource(_SourceLifecycle):
             tracked = isinstance(origin, _Reference)
             try:
                 if tracked:
-                    origin.track()
+                    track(origin)
                     futures = self._emit(value, metadata=[{"ref": origin}])
                 else:
                     futures = self._emit(value)
@@ -2419,17 +2424,16 @@ class from_redis_streams(_RedisSource):
         ))
         for name, entries in reply:
             self.last_ids[name] = entries[-1][0]
-        if self._encoding == "utf-8":
-            try:  # the common case, inline: it runs once per entry
-                decode = bytes.decode
-                return [
-                    (_new_tuple(Entry, (name, entry_id, dict(zip(pairs, pairs)))), None)
-                    for name, entries in reply
-                    for entry_id, flat in entries
-                    for pairs in (map(decode, flat),)
-                ]
-            except UnicodeDecodeError:
-                pass  # the loop below says which entry
+        try:  # the common case, inline: it runs once per entry
+            decode = _field_decoder(self._encoding)
+            return [
+                (_new_tuple(Entry, (name, entry_id, dict(zip(pairs, pairs)))), None)
+                for name, entries in reply
+                for entry_id, flat in entries
+                for pairs in (decode(flat),)
+            ]
+        except UnicodeDecodeError:
+            pass  # the loop below says which entry
         batch = []
         for name, entries in reply:
             for entry_id, flat in entries:
@@ -2910,7 +2914,7 @@ class from_redis_consumer_group(_RedisSource):
 
         ``counts`` has the delivery counts of replayed and claimed entries;
         entries read with ``>`` are on their first delivery."""
-        if counts is None and self._encoding == "utf-8":
+        if counts is None:
             try:
                 return self._first_deliveries(reply)
             except UnicodeDecodeError:
@@ -2924,7 +2928,7 @@ class from_redis_consumer_group(_RedisSource):
                     continue  # replayed while still on its way through the pipeline
                 entry = self._entry(name, entry_id, flat, counts, gone, dead)
                 if entry is not None:
-                    batch.append((entry, ledger.ack(name, entry_id)))
+                    batch.append((entry, _Ack(ledger, name, entry_id)))
         if dead:
             self._dead_lettered += await self._dead_letters.move(self._redis, dead)
         for ack in gone:
@@ -2962,14 +2966,14 @@ class from_redis_consumer_group(_RedisSource):
         return entry
 
     def _first_deliveries(self, reply):
-        """``_batch_of`` for entries read with ``>`` and decoded as UTF-8, the
-        common case: inline, as it runs once per entry. Raises
-        ``UnicodeDecodeError`` for an entry that cannot be decoded."""
-        batch, ledger, decode = [], self._ledger, bytes.decode
+        """``_batch_of`` for entries read with ``>``, the common case: inline,
+        as it runs once per entry. Raises ``UnicodeDecodeError`` for an entry
+        that cannot be decoded."""
+        batch, ledger, decode = [], self._ledger, _field_decoder(self._encoding)
         append = batch.append
         for name, entries in reply:
             for entry_id, flat in entries:
-                pairs = map(decode, flat)
+                pairs = decode(flat)
                 entry = _new_tuple(_FirstDelivery, (name, entry_id, dict(zip(pairs, pairs))))
                 append((entry, _Ack(ledger, name, entry_id)))
         return batch
