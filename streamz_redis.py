@@ -2458,14 +2458,26 @@ class from_redis_streams(_RedisSource):
 # ---- The consumer group's parts: figures, claims, dead letters --------------
 
 
-async def _group_lag(client, stream, group_info):
+def _id_order(entry_id):
+    """A stream id as ``(milliseconds, sequence)``, to compare ids."""
+    ms, _, seq = _text(entry_id).partition("-")
+    return int(ms), int(seq or 0)
+
+
+async def _group_lag(client, stream, group_info, last_id):
     """How many entries of ``stream`` the group (its XINFO GROUPS row) has
-    not been delivered yet: Redis 7's ``lag``, else counted after its
-    last-delivered-id, or None beyond LAG_COUNT_LIMIT."""
+    not been delivered yet: 0 when it has delivered ``last_id`` (the
+    stream's last-generated-id), whatever Redis's ``lag`` says (after a
+    forced failover on Redis 7.0 it can stay above 1,000 with nothing left);
+    else Redis 7's ``lag``, else counted after its last-delivered-id, or None
+    beyond LAG_COUNT_LIMIT."""
+    last_delivered = _info_field(group_info, "last-delivered-id")
+    if _id_order(last_delivered) >= _id_order(last_id):
+        return 0
     lag = _info_field(group_info, "lag")
     if lag is not None:
         return lag
-    after, counted = "(" + _text(_info_field(group_info, "last-delivered-id")), 0
+    after, counted = "(" + _text(last_delivered), 0
     while counted <= LAG_COUNT_LIMIT:
         page = await client.xrange(stream, after, "+", count=1000)
         if not page:
@@ -2529,7 +2541,10 @@ class _GroupFigures:
     async def _lag(self, client, name):
         group = self.source.group
         groups = [g for g in await client.xinfo_groups(name) if _text(g["name"]) == group]
-        return await _group_lag(client, name, groups[0]) if groups else None
+        if not groups:
+            return None
+        last_id = (await client.xinfo_stream(name))["last-generated-id"]
+        return await _group_lag(client, name, groups[0], last_id)
 
 
 class _ClaimSweep:

@@ -241,7 +241,7 @@ async def _cli_info(client, args):
         consumers = await client.xinfo_consumers(args.stream, name)
         groups.append({
             "name": name,
-            "lag": await _group_lag(client, args.stream, group),
+            "lag": await _group_lag(client, args.stream, group, stream_info["last-generated-id"]),
             "pending": group["pending"],
             "last_delivered_id": _text(group["last-delivered-id"]),
             "consumers": [

@@ -52,7 +52,7 @@ from tornado.ioloop import IOLoop
 
 import streamz_redis
 from conftest import (
-    acl_user, add_numbers, backlog, call_count, entries_read, free_port, GroupWorkers, pending,
+    acl_user, add_numbers, backlog, call_count, cli, entries_read, free_port, GroupWorkers, pending,
     redis_server_binary, requires_redis_7, user_url, wait_for,
 )
 from streamz_redis import Entry
@@ -2916,6 +2916,24 @@ def test_a_consumer_group_says_how_far_behind_it_is_and_how_long_it_holds_an_ent
     assert (figures["in_flight"], figures["oldest_in_flight_seconds"]) == (0, 0.0)
     wait_for(lambda: (source.metrics()["lag"], source.metrics()["pending"]) == (0, 0))
     assert [entry.id for entry in held.received] == ids
+
+
+@requires_redis_7
+def test_lag_is_0_when_the_group_has_delivered_the_streams_last_entry_whatever_redis_says(server, r):
+    # After a forced failover on Redis 7.0, the promoted replica's
+    # entries-read is off and XINFO GROUPS's lag stays above 1,000 with
+    # nothing left to deliver; ENTRIESREAD sets the same contradiction here.
+    add_numbers(r, "orders", 10)
+    r.xgroup_create("orders", "billing", "$")
+    r.execute_command("XGROUP", "SETID", "orders", "billing", "$", "ENTRIESREAD", 0)
+    [group] = r.xinfo_groups("orders")
+    assert group["lag"] == 10  # what Redis says
+    source = Stream.from_redis_consumer_group("orders", "billing", "c")
+    source.sink(lambda entry: None)
+    source.start()
+    r.xadd("orders", {"n": "new"})  # a read, and the figures' refresh after it
+    wait_for(lambda: source.metrics()["lag"] == 0)
+    assert json.loads(cli("info", "orders", "--json").stdout)["groups"][0]["lag"] == 0
 
 
 def test_in_flight_counts_entries_emitted_not_entries_read(server, r):
