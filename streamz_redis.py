@@ -2593,9 +2593,10 @@ class _ClaimSweep:
             cursor, "COUNT", source.count, **NEVER_DECODE,
         ))
         if deleted:  # Redis 7 drops deleted entries itself
+            shown = ", ".join(deleted[:3]) + (f" and {len(deleted) - 3} more" if len(deleted) > 3 else "")
             log.warning(
-                "%s: pending entries %s of stream %r are no longer in the stream; "
-                "Redis removed them from the group", source, deleted, name,
+                "%s: %d pending entries of stream %r are no longer in the stream (%s); "
+                "Redis removed them from the group", source, len(deleted), name, shown,
             )
         if next_cursor == "0-0":
             del self.cursors[name]
@@ -2946,20 +2947,27 @@ class from_redis_consumer_group(_RedisSource):
                     batch.append((entry, _Ack(ledger, name, entry_id)))
         if dead:
             self._dead_lettered += await self._dead_letters.move(self._redis, dead)
-        for ack in gone:
-            ack()  # acknowledged without emitting it
+        if gone:
+            self._acknowledge_gone(gone)
         return batch
+
+    def _acknowledge_gone(self, gone):
+        """Pending entries deleted or trimmed from their stream since they
+        were delivered: acknowledged without emitting them, one log line a
+        read."""
+        for name in dict.fromkeys(ack.key for ack in gone):
+            ids = [ack.item for ack in gone if ack.key == name]
+            shown = ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
+            log.warning("%s: %d pending entries of stream %r are no longer in the stream (%s); "
+                        "acknowledged without emitting them", self, len(ids), name, shown)
+        for ack in gone:
+            ack()
 
     def _entry(self, name, entry_id, flat, counts, gone, dead):
         """The ``Entry`` to emit, or None: for an entry deleted from the
         stream (its ack goes to ``gone``), delivered too often (it goes to
         ``dead``), or that cannot be decoded (it stays pending)."""
-        if not flat:
-            # Deleted or trimmed from the stream since it was delivered.
-            log.warning(
-                "%s: pending entry %s of stream %r is no longer in the "
-                "stream; acknowledged without emitting it", self, entry_id, name,
-            )
+        if not flat:  # deleted or trimmed from the stream since it was delivered
             gone.append(self._ledger.ack(name, entry_id))
             return None
         deliveries = 1 if counts is None else counts.get((name, entry_id), 1)

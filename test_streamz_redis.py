@@ -1262,6 +1262,20 @@ def test_pending_entries_trimmed_from_the_stream_are_acked_not_emitted(server, r
     assert all(entry_id in caplog.text for entry_id in gone)
 
 
+def test_pending_entries_trimmed_away_are_one_warning_per_read_with_their_count(server, r, caplog):
+    r.xgroup_create("s", "g", "0", mkstream=True)
+    add_numbers(r, "s", 31)
+    r.xreadgroup("g", "c", {"s": ">"})
+    r.xtrim("s", maxlen=0)  # what trimming by MAXLEN does to a consumer away
+    source = Stream.from_redis_consumer_group("s", "g", "c", count=100)
+    source.sink(lambda entry: None)
+    with caplog.at_level(logging.WARNING, logger="streamz_redis"):
+        source.start()
+        wait_for(lambda: pending(r, "s", "g") == 0)
+    lines = [m for m in caplog.messages if "no longer in the stream" in m]
+    assert len(lines) == 1 and "31 pending entries" in lines[0], lines
+
+
 def test_a_deleted_group_is_recreated_and_reading_goes_on(server, r, caplog):
     source = Stream.from_redis_consumer_group("s", "g", "c")
     seen = source.sink_to_list()
