@@ -67,6 +67,7 @@ import logging
 import math
 import os
 import re
+import signal
 import ssl
 import sys
 import threading
@@ -133,6 +134,14 @@ FLUSH_DEADLINE = 5.0
 # When Python exits, stopping every source and closing every sink takes at
 # most this long altogether: what cannot be flushed by then is logged.
 EXIT_DEADLINE = 2.0
+
+# SIGTERM (docker stop, Kubernetes) ends a process at once by default, before
+# any acknowledgement is flushed. While this is True, a start() in streamz's
+# default mode, from the main thread of a process whose SIGTERM is untouched
+# (SIG_DFL), makes SIGTERM exit as Ctrl-C does: SystemExit(143), so that the
+# sources stop and flush at exit. A handler the application installed is never
+# replaced; inside an event loop of your own, use loop.add_signal_handler.
+STOP_ON_SIGTERM = True
 
 # Redis checks the timeouts of blocked clients on its cron tick (hz 10 by
 # default): when nothing else wakes it, a blocking read that timed out is
@@ -1352,6 +1361,21 @@ class _RedisNode:
         return False
 
 
+def _exit_on_sigterm(signal_number, frame):
+    raise SystemExit(128 + signal_number)
+
+
+def _stop_on_sigterm():
+    """See STOP_ON_SIGTERM. Only the main thread may set a handler."""
+    if not STOP_ON_SIGTERM or threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    except (ValueError, OSError):  # pragma: no cover - no signals here (an embedded interpreter)
+        pass
+
+
 def _warn_without_hiredis():
     global _hiredis_checked
     if not _hiredis_checked:
@@ -1568,6 +1592,7 @@ class _SourceLifecycle(_RedisNode, Source):
         """
         if self._on_loop_thread():
             return asyncio.ensure_future(self._start())
+        _stop_on_sigterm()  # streamz's default mode: the main thread is the user's
         sync(self.loop, self._start)
 
     def stop(self):

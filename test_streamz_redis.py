@@ -1948,6 +1948,53 @@ def test_a_source_still_running_when_its_event_loop_ends_closes_its_blocking_con
                           and c.get("cmd") in ("blpop", "lpop", "client|id", "client")])
 
 
+SIGTERMED_WORKER = textwrap.dedent(
+    """
+    import sys, threading, time
+    from streamz import Stream
+    import streamz_redis  # noqa: F401
+
+    source = Stream.from_redis_consumer_group("jobs", "workers", "w1", start_id="0",
+                                              url=sys.argv[1], count=20)
+    def work(entry):
+        time.sleep(0.001)
+        return {"job": entry.id}
+    source.map(work).to_redis_stream("done")
+    source.start()
+    print("started", flush=True)
+    threading.Event().wait()
+    """
+)
+
+
+@pytest.mark.parametrize("own_handler", [False, True])
+def test_sigterm_stops_a_worker_as_ctrl_c_does_unless_it_has_a_handler_of_its_own(
+        server, r, tmp_path, own_handler):
+    add_numbers(r, "jobs", 3000)
+    script = tmp_path / "worker.py"
+    prelude = ("import signal, sys\nsignal.signal(signal.SIGTERM, lambda *_: sys.exit(7))\n"
+               if own_handler else "")
+    script.write_text(prelude + SIGTERMED_WORKER)
+    worker = subprocess.Popen([sys.executable, str(script), server.url], cwd=HERE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert worker.stdout.readline() == b"started\n"
+        wait_for(lambda: r.xlen("done") >= 300, timeout=30)
+        worker.send_signal(signal.SIGTERM)
+        code = worker.wait(timeout=30)
+    finally:
+        worker.kill()
+        worker.wait()
+    assert code == (7 if own_handler else 143), worker.stderr.read().decode()
+    done = {fields[b"job"].decode() for _, fields in r.xrange("done")}
+    still_pending = {row["message_id"].decode()
+                     for row in r.xpending_range("jobs", "workers", "-", "+", 5000)}
+    print(f"processed {len(done)}, pending {len(still_pending)}, "
+          f"processed and still pending (done again after a restart) {len(done & still_pending)}")
+    if not own_handler:
+        assert not done & still_pending  # what was stored was acknowledged
+
+
 HUNG_AT_EXIT = textwrap.dedent(
     """
     import logging, sys, time
