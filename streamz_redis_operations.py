@@ -186,8 +186,12 @@ class _CommandError(Exception):
 
 def _shown(value):
     """A name or value from Redis, fit to print: UTF-8 where it is, escapes
-    where not."""
-    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
+    where not, and every control character escaped (a name holding an escape
+    sequence or a newline must not rewrite what the operator reads)."""
+    text = value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _flat_fields(flat):
@@ -304,6 +308,7 @@ class _Redrive:
 
     def __init__(self, client, args):
         self.client, self.args = client, args
+        self.targets = _redrive_targets(args)
         self.script = client.register_script(REDRIVE_ENTRY)
         self.done = self.left = 0
         self.refused = False
@@ -339,6 +344,14 @@ class _Redrive:
             print(f"{_text(entry_id)}: no source_stream or no fields; left in place", file=sys.stderr)
             self.left += 1
             return
+        if source not in self.targets:
+            # Whoever may write the dead-letter stream must not choose where
+            # an operator's redrive writes.
+            print(f"{_text(entry_id)}: its source_stream {_shown(source)} is not "
+                  f"{' or '.join(sorted(map(_shown, self.targets)))}; left in place", file=sys.stderr)
+            self.left += 1
+            self.refused = True
+            return
         if self.args.dry_run:
             print(f"{_text(entry_id)} would go back to {_shown(source)}: "
                   f"{json.dumps(_flat_fields(original), ensure_ascii=False)}")
@@ -356,6 +369,24 @@ class _Redrive:
         if added is not None:  # else redriven by someone else meanwhile
             print(f"{_text(entry_id)} -> {_shown(source)} {_text(added)}")
             self.done += 1
+
+
+def _redrive_targets(args):
+    """The streams a redrive may write to, as bytes: those given with --to,
+    else the one the dead-letter stream's name implies (``S:dead-letter``
+    belongs to ``S``)."""
+    dead_letters = args.dead_letter_stream
+    if args.to:
+        targets = set(args.to)
+    elif dead_letters.endswith(":dead-letter") and len(dead_letters) > len(":dead-letter"):
+        targets = {dead_letters[:-len(":dead-letter")]}
+    else:
+        raise _CommandError(
+            f"{_shown(dead_letters)} is not named <stream>:dead-letter: say which streams its "
+            "entries may go back to with --to STREAM (once for each)")
+    if dead_letters in targets:
+        raise _CommandError("--to: a dead-letter stream is never redriven into itself")
+    return {target.encode() for target in targets}
 
 
 async def _cli_redrive(client, args):
@@ -430,6 +461,9 @@ def _parser():
     redrive.add_argument("dead_letter_stream")
     redrive.add_argument("--count", type=_count_argument, default=None, help="at most this many")
     redrive.add_argument("--dry-run", action="store_true", help="say what would go back")
+    redrive.add_argument("--to", action="append", metavar="STREAM",
+                         help="a stream entries may go back to (default: S for S:dead-letter); "
+                         "entries naming another are left in place")
     redrive.set_defaults(run=_cli_redrive, stops_between_steps=True)
     tail = commands.add_parser("tail", help="print entries as they arrive, until Ctrl-C")
     tail.add_argument("stream")

@@ -132,12 +132,49 @@ def test_a_redrive_leaves_an_entry_whose_source_is_not_a_stream_and_goes_on(serv
     for n, source in enumerate(["orders", "not-a-stream", "orders"]):
         r.xadd("orders:dead-letter", {"n": n, "source_stream": source, "source_id": f"{n + 1}-0",
                                       "deliveries": 4})
-    out = cli("redrive", "orders:dead-letter", check=False)
+    out = cli("redrive", "orders:dead-letter", "--to", "orders", "--to", "not-a-stream", check=False)
     assert out.returncode == 1
     assert out.stderr.count("\n") == 1 and "not-a-stream is not a stream; left in place" in out.stderr
     assert "redrove 2 entries from orders:dead-letter; 1 left in place" in out.stdout
     assert [fields[b"n"] for _, fields in r.xrange("orders")] == [b"0", b"2"]
     assert [fields[b"n"] for _, fields in r.xrange("orders:dead-letter")] == [b"1"]
+
+
+def test_a_redrive_writes_only_to_the_streams_its_dead_letter_stream_belongs_to(server, r):
+    # Whoever may write the dead-letter stream names the key a redrive writes
+    # to: another stream, a key of another application, the dead-letter
+    # stream itself. Only orders is orders:dead-letter's, unless --to says.
+    r.set("config", "precious")
+    for n, source in enumerate(["orders", "config", "orders:dead-letter", "payments", "orders"]):
+        r.xadd("orders:dead-letter", {"n": n, "source_stream": source, "source_id": f"{n + 1}-0",
+                                      "deliveries": 4})
+    out = cli("redrive", "orders:dead-letter", check=False)
+    assert out.returncode == 1
+    assert out.stderr.count("is not orders; left in place") == 3, out.stderr
+    assert "redrove 2 entries from orders:dead-letter; 3 left in place" in out.stdout
+    assert [fields[b"n"] for _, fields in r.xrange("orders")] == [b"0", b"4"]
+    assert r.get("config") == b"precious" and not r.exists("payments")
+    assert r.xlen("orders:dead-letter") == 3
+    out = cli("redrive", "orders:dead-letter", "--to", "payments", check=False)
+    assert "redrove 1 entries" in out.stdout and r.xlen("payments") == 1
+    out = cli("redrive", "orders:dead-letter", "--to", "orders:dead-letter", check=False)
+    assert out.returncode == 1 and "never redriven into itself" in out.stderr
+    r.xadd("parked", {"n": 9, "source_stream": "orders", "source_id": "9-0", "deliveries": 4})
+    out = cli("redrive", "parked", check=False)  # no name to tell where its entries belong
+    assert out.returncode == 1 and "--to STREAM" in out.stderr and r.xlen("parked") == 1
+
+
+def test_names_and_values_are_printed_with_control_characters_escaped(server, r):
+    sneaky = "orders\x1b[2J\rgone"  # clear the screen, go back to the line's start
+    r.xadd("orders:dead-letter", {"note": "a\nb", "source_stream": sneaky, "source_id": "1-0",
+                                  "deliveries": 4})
+    r.xgroup_create("orders", "billing", "0", mkstream=True)
+    r.xadd("orders", {"n": 1})
+    r.xreadgroup("billing", "worker\x1b]0;owned\x07", {"orders": ">"})
+    out = cli("redrive", "orders:dead-letter", "--dry-run", "--to", sneaky, check=False)
+    printed = out.stdout + out.stderr + cli("pending", "orders", "billing").stdout
+    assert "\x1b" not in printed and "\r" not in printed and "\x07" not in printed
+    assert "orders\\x1b[2J\\rgone" in out.stdout and "worker\\x1b]0;owned\\x07" in printed
 
 
 @pytest.mark.parametrize("signal_number, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
