@@ -36,6 +36,9 @@ __all__ = ["Housekeeper", "main"]
 # How long one read of `tail` waits: SIGINT is honoured between reads.
 TAIL_BLOCK = 0.5
 
+# The largest --count: Redis's COUNT is a signed 64-bit number.
+COUNT_MAX = 2**63 - 1
+
 # The exit code of a command interrupted by Ctrl-C (128 + SIGINT, as shells say).
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 
@@ -423,8 +426,8 @@ def _count_argument(text):
         number = int(text)
     except ValueError:
         number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, not {text!r}")
+    if not 1 <= number <= COUNT_MAX:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number up to {COUNT_MAX}, not {text!r}")
     return number
 
 
@@ -512,6 +515,15 @@ def _stop_between_steps(args):
             pass
 
 
+def _refused_login(exc, where):
+    """A refused login in plain words: redis-py 8 says what HELLO answered."""
+    words = str(exc)
+    if "NOAUTH" in words or "HELLO must be called" in words or "required" in words.lower():
+        return (f"{where} needs a password: give it in the URL (redis://:PASSWORD@host:port, "
+                "or redis://USER:PASSWORD@... for an ACL user), with --url or REDIS_URL")
+    return f"{where} refused the login ({_error_text(exc)})"
+
+
 def _said_by_redis(exc, args, where):
     """A Redis error as one line: what the server said, and a hint."""
     moved = isinstance(exc, redis.exceptions.AskError) or str(exc).startswith(("MOVED ", "ASK "))  # redis-py 5
@@ -526,6 +538,10 @@ async def _cli(args):
         _stop_between_steps(args)
     try:
         return await args.run(client, args)
+    except BrokenPipeError:
+        raise  # `... | head`: the reader went away; main() ends quietly
+    except redis.exceptions.AuthenticationError as exc:
+        raise _CommandError(_refused_login(exc, where)) from None
     except CONNECTION_ERRORS as exc:
         raise _CommandError(f"cannot reach {where} ({_error_text(exc)})") from None
     except redis.exceptions.RedisError as exc:

@@ -206,10 +206,25 @@ def test_ctrl_c_ends_a_redrive_between_two_entries(server, r, signal_number, cod
 
 def test_a_count_that_is_not_a_positive_number_is_a_usage_error(server, r):
     for args in (["redrive", "dl", "--count", "0"], ["pending", "s", "g", "--count", "-1"],
-                 ["dead-letters", "s", "--count", "x"]):
+                 ["dead-letters", "s", "--count", "x"],
+                 ["pending", "s", "g", "--count", "99999999999999999999"]):  # more than Redis counts
         out = cli(*args, check=False)
         assert out.returncode == 2 and out.stderr.count("\n") == 1, (args, out.stderr)
         assert "expected a positive whole number" in out.stderr
+
+
+def test_output_cut_short_by_a_closed_pipe_ends_quietly(server, r, tmp_path):
+    for n in range(5000):  # more than a pipe holds, once head has gone
+        r.xadd("orders:dead-letter", {"n": n, "source_stream": "orders", "source_id": f"{n + 1}-0",
+                                      "deliveries": 4})
+    out = subprocess.run(
+        ["bash", "-c", f"{sys.executable} -m streamz_redis dead-letters orders --count 5000 "
+         "2>stderr.txt | head -1; echo ${PIPESTATUS[0]}; cat stderr.txt"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(HERE)),
+    )
+    first, status, *stderr = out.stdout.splitlines()
+    assert "source orders" in first and status == "0" and stderr == [], out.stdout
 
 
 def test_tail_prints_entries_as_they_arrive_until_ctrl_c(server, r):
@@ -250,6 +265,9 @@ def test_bad_input_is_one_line_on_stderr_and_a_non_zero_exit(server, r, private_
         assert out.returncode == 1, (args, out.stderr)
         assert out.stderr.count("\n") == 1 and expected in out.stderr, (args, out.stderr)
         assert "wrong-secret" not in out.stderr
+    out = cli("info", "orders", url=f"redis://127.0.0.1:{locked.port}/0", check=False)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert "needs a password" in out.stderr and "HELLO" not in out.stderr, out.stderr
     r.xadd("orders", {"n": 1})
     out = cli("pending", "orders", "no-group", url=server.url, check=False)
     assert out.returncode == 1 and "NOGROUP" in out.stderr and out.stderr.count("\n") == 1
