@@ -87,6 +87,7 @@ from redis.backoff import NoBackoff
 from redis.utils import HIREDIS_AVAILABLE
 from streamz import RefCounter, Stream
 import streamz.core
+from streamz.core import _io_loops as _streamz_io_loops  # no public way to reset it
 from streamz.core import sync, thread_state
 from streamz.sinks import Sink
 from streamz.sources import Source
@@ -1242,6 +1243,19 @@ _live_nodes = weakref.WeakSet()
 _hiredis_checked = False
 
 
+def _after_fork_in_child():
+    """streamz runs its event loop in one thread it keeps in a module-level
+    list; a forked child has that loop object without its thread, and
+    anything waiting on it would block forever. The child gets a loop of its
+    own for the nodes it makes; the parent's nodes are the parent's (their
+    start() in the child says so at once, and exit leaves them alone)."""
+    _streamz_io_loops.clear()
+    _live_nodes.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 @atexit.register
 def _exit_cleanly():
     """When Python exits: finish every live node (stop the sources, flushing
@@ -1287,6 +1301,7 @@ class _RedisNode:
     holds_writes = False  # a sink: what it holds, flush() writes
 
     def _connection_args(self, url, client_kwargs, client, cluster=False):
+        self.made_in_process = os.getpid()
         self.url = url or os.environ.get("REDIS_URL") or DEFAULT_URL
         self.cluster = bool(cluster)
         _check_client(client)
@@ -1328,6 +1343,16 @@ class _RedisNode:
         except Exception:
             return f"a {type(self.client).__name__} client"
 
+    def _check_process(self):
+        """A node made before a fork cannot run in the child: its event loop
+        (streamz's thread, or the parent's asyncio loop) is not there."""
+        if self.made_in_process != os.getpid():
+            raise RuntimeError(
+                f"{self} was made in process {self.made_in_process}, and this is process "
+                f"{os.getpid()}, forked from it: the event loop it runs on did not survive the "
+                "fork. Make the pipeline in the process that runs it (after the fork, or with "
+                "multiprocessing's 'spawn' or 'forkserver' start method)")
+
     def _on_loop_thread(self):
         try:
             return asyncio.get_running_loop() is self.loop.asyncio_loop
@@ -1345,6 +1370,7 @@ class _RedisNode:
         the loop, return it as a future to await; elsewhere, block until it
         is done. If that loop has ended (a finished ``asyncio.run``) nothing
         can run: ``_loop_ended()`` says so."""
+        self._check_process()
         if self._on_loop_thread():
             return asyncio.ensure_future(coroutine_function(*args))
         if self._loop_runs_elsewhere():
@@ -1590,6 +1616,7 @@ class _SourceLifecycle(_RedisNode, Source):
         event loop (``asynchronous=True``) it returns an awaitable that does
         the same: ``await source.start()``.
         """
+        self._check_process()
         if self._on_loop_thread():
             return asyncio.ensure_future(self._start())
         _stop_on_sigterm()  # streamz's default mode: the main thread is the user's

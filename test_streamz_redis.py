@@ -1995,6 +1995,53 @@ def test_sigterm_stops_a_worker_as_ctrl_c_does_unless_it_has_a_handler_of_its_ow
         assert not done & still_pending  # what was stored was acknowledged
 
 
+FORKED = textwrap.dedent(
+    """
+    import os, time
+    from redis import Redis
+    from streamz import Stream
+    import streamz_redis  # noqa: F401
+
+    url = os.environ["REDIS_URL"]
+    parent = Stream.from_redis_list("parent-jobs")
+    parent.sink(print)
+    parent.start()  # streamz's loop thread now runs, in the parent only
+    pid = os.fork()
+    if pid == 0:
+        try:
+            try:
+                parent.start()
+                print("child: the parent's source started", flush=True)
+            except RuntimeError as exc:
+                print("child: the parent's source refused:", "fork" in str(exc), flush=True)
+            child = Stream.from_redis_list("child-jobs")
+            seen = child.sink_to_list()
+            child.start()
+            Redis.from_url(url).rpush("child-jobs", "x")
+            deadline = time.monotonic() + 10
+            while not seen and time.monotonic() < deadline:
+                time.sleep(0.01)
+            child.stop()
+            print("child: emitted", seen, flush=True)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    parent.stop()
+    print("parent: done", flush=True)
+    """
+)
+
+
+def test_a_forked_child_runs_the_sources_it_makes_and_refuses_its_parents(server):
+    # multiprocessing's default start method on Linux is fork; before,
+    # start() in the child blocked forever on the parent's loop object.
+    out = subprocess.run([sys.executable, "-c", FORKED], capture_output=True, text=True,
+                         timeout=60, env=dict(os.environ, REDIS_URL=server.url))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "child: the parent's source refused: True", "child: emitted ['x']", "parent: done"]
+
+
 HUNG_AT_EXIT = textwrap.dedent(
     """
     import logging, sys, time
