@@ -171,6 +171,12 @@ LAG_COUNT_LIMIT = 10_000
 # before it makes the upstream wait.
 MAX_IN_FLIGHT = 1000
 
+# A source that acknowledges warns, at most once per this many seconds, while
+# its oldest entry in flight was read longer ago than this and has still not
+# left the pipeline (a wedged node downstream, a dead Dask scheduler). None:
+# never.
+STUCK_AFTER = 60.0
+
 
 # --------------------------------------------------------------------------
 # 2. Values
@@ -1589,6 +1595,7 @@ class _SourceLifecycle(_RedisNode, Source):
         self._stopping = None  # an asyncio.Event, set by stop()
         self._reading = False  # the read loop is waiting on Redis
         self._giving_up = False  # stop() is cancelling the read loop
+        self._watch = None  # see _watch_in_flight()
         super().__init__(**kwargs)
         if start:
             starting = self.start()
@@ -1688,6 +1695,8 @@ class _SourceLifecycle(_RedisNode, Source):
                 self._ledger.open(self._stopping)
             _live_nodes.add(self)
             self._task = asyncio.ensure_future(self._run())
+            if self._ledger is not None:
+                self._watch = asyncio.ensure_future(self._watch_in_flight(self._stopping))
             log.info("%s: started, %s", self, self._reading_what())
 
     def _explain(self, exc):
@@ -1715,6 +1724,9 @@ class _SourceLifecycle(_RedisNode, Source):
 
         self.stopped = True
         self._stopping.set()
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         await self._end(task, left)
         await self._readers.give_back_reads(self._give_back)
         self._task = None
@@ -1792,6 +1804,25 @@ class _SourceLifecycle(_RedisNode, Source):
     def _reading_what(self):
         """For the log line of start(): what the source reads, and from where."""
         return f"reading {self._describe()}"
+
+    async def _watch_in_flight(self, stopping):
+        """Say when entries stop leaving the pipeline: nothing else would (the
+        read loop itself waits on them, as back-pressure)."""
+        warned_at = -math.inf
+        while STUCK_AFTER is not None:
+            try:
+                await asyncio.wait_for(stopping.wait(), min(1.0, STUCK_AFTER / 2))
+                return
+            except asyncio.TimeoutError:
+                pass
+            age, now = self._ledger.oldest_in_flight_seconds(), time.monotonic()
+            if age > STUCK_AFTER and now - warned_at >= STUCK_AFTER:
+                warned_at = now
+                log.warning(
+                    "%s: the oldest entry in flight was read %.0f s ago and has not left the "
+                    "pipeline (%d in flight): a node downstream may be stuck (a dead Dask "
+                    "scheduler, say); its entries stay pending until it lets go", self, age,
+                    self._ledger.in_flight_count())
 
 
 

@@ -3044,6 +3044,29 @@ def test_lag_is_0_when_the_group_has_delivered_the_streams_last_entry_whatever_r
     assert json.loads(cli("info", "orders", "--json").stdout)["groups"][0]["lag"] == 0
 
 
+def test_a_source_whose_entries_stop_leaving_the_pipeline_says_so_now_and_then(
+        server, r, caplog, monkeypatch):
+    monkeypatch.setattr(streamz_redis, "STUCK_AFTER", 0.4)
+    r.xadd("orders", {"n": 1})
+    source = Stream.from_redis_consumer_group("orders", "billing", "biller-1", start_id="0")
+    held = HeldSink(source)  # a wedged node: it never lets go
+    with caplog.at_level(logging.WARNING, logger="streamz_redis"):
+        source.start()
+        wait_for(lambda: held.received)
+
+        def stuck():
+            return [m for m in caplog.messages if "has not left the pipeline" in m]
+
+        wait_for(stuck)
+        started = time.monotonic()
+        wait_for(lambda: len(stuck()) >= 2)  # again, once STUCK_AFTER has passed
+        assert time.monotonic() - started >= 0.75 * streamz_redis.STUCK_AFTER  # rate-limited
+        assert str(source) in stuck()[0] and "1 in flight" in stuck()[0]
+        held.let_go(source)
+        wait_for(lambda: pending(r, "orders", "billing") == 0)
+    assert len(stuck()) <= 4
+
+
 def test_in_flight_counts_entries_emitted_not_entries_read(server, r):
     for i in range(50):
         r.xadd("s", {"i": i})
