@@ -1275,17 +1275,19 @@ def _exit_cleanly():
             log.error("%s: could not finish cleanly at exit (%s)", node, _error_text(exc))
 
 
-def _below(node, every_path=False):
+def _below(node, every_path=False, direction="downstreams"):
     """The nodes downstream of ``node``, each once (or, with
-    ``every_path``, once per path that leads there)."""
-    seen, todo = set(), list(node.downstreams)
+    ``every_path``, once per path that leads there); with
+    ``direction="upstreams"``, those upstream of it. The one walk of the
+    streamz graph."""
+    seen, todo = set(), list(getattr(node, direction))
     while todo:
         node = todo.pop()
         if node is None or (not every_path and id(node) in seen):
             continue
         seen.add(id(node))
         yield node
-        todo.extend(node.downstreams)
+        todo.extend(getattr(node, direction))
 
 
 def _leaves(node):
@@ -1308,6 +1310,7 @@ class _RedisNode:
 
     def _connection_args(self, url, client_kwargs, client, cluster=False):
         self.made_in_process = os.getpid()
+        self.server_given = url is not None or client is not None
         self.url = url or os.environ.get("REDIS_URL") or DEFAULT_URL
         self.cluster = bool(cluster)
         _check_client(client)
@@ -1331,14 +1334,14 @@ class _RedisNode:
         return self.topology.new_client(self.url, kwargs)
 
     def __str__(self):
-        return f"<{type(self).__name__} {self._describe()} at {self._where()}>"
+        return f"<{type(self).__name__} {self._describe()} at {self.where()}>"
 
     __repr__ = __str__
 
     def _describe(self):  # pragma: no cover - overridden
         return ""
 
-    def _where(self):
+    def where(self):
         """Where this node's Redis is, for its repr and log lines: a URL, a
         Redis Cluster or a Sentinel service. Never raises, never shows a
         password."""
@@ -3377,6 +3380,21 @@ class _RedisSink(_RedisNode, Sink):
         self._refusing = False  # Redis refused the last round trip: back off before the next
         self._room = None  # what upstream awaits while max_in_flight are held
         super().__init__(upstream, ensure_io_loop=True, **kwargs)
+        self._warn_if_elsewhere()
+
+    def _warn_if_elsewhere(self):
+        """A sink given no url= nor client= writes to REDIS_URL (or
+        localhost), as every node does; where a source upstream was told to
+        read another server, say so once: it is rarely what was meant."""
+        if self.server_given:
+            return
+        for node in _below(self, direction="upstreams"):
+            if isinstance(node, _RedisSource) and node.server_given and node.where() != self.where():
+                log.warning(
+                    "%s: no url= or client= was given, so it writes to %s, while %s upstream "
+                    "reads %s; give the sink url= (or client=) to say where it writes",
+                    self, self.where(), node, node.where())
+                return
 
     def _describe(self):
         return "<routed>" if callable(self.target) else repr(_text(self.target))
@@ -3668,7 +3686,11 @@ class to_redis_stream(_RedisSink):
         How many elements may await Redis before upstream must wait.
     url : str, optional
         Redis URL; default the ``REDIS_URL`` environment variable, else
-        ``redis://localhost:6379/0``. The sink connects at its first write.
+        ``redis://localhost:6379/0``, as for every node: a sink does not
+        take its source's server. When neither ``url`` nor ``client`` is
+        given and a Redis source upstream was told another server, the sink
+        logs a WARNING saying so when it is made. It connects at its first
+        write.
     client_kwargs : dict, optional
         Extra keyword arguments for ``redis.asyncio.Redis``.
     client : redis.asyncio.Redis, optional

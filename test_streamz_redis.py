@@ -2617,6 +2617,20 @@ def test_values_redis_cannot_store_are_type_errors_naming_the_field(server):
         other.emit({"a": 1})
 
 
+def test_a_sink_without_url_says_so_when_its_source_reads_another_server(
+        server, private_server, caplog, monkeypatch):
+    other = private_server()
+    monkeypatch.setenv("REDIS_URL", server.url)  # where sinks without url= write
+    with caplog.at_level(logging.WARNING, logger="streamz_redis"):
+        source = Stream.from_redis_consumer_group("orders", "billing", "c", url=other.url)
+        source.map(dict).to_redis_stream("out")  # writes to REDIS_URL, not to other
+        source.map(dict).to_redis_stream("out", url=other.url)  # said where: no warning
+        Stream.from_redis_list("jobs").to_redis_list("done")  # both at REDIS_URL: none
+    lines = [m for m in caplog.messages if "no url= or client= was given" in m]
+    assert len(lines) == 1, lines
+    assert server.url in lines[0] and other.url in lines[0]
+
+
 def test_misconfigured_sinks_fail_when_made():
     with pytest.raises(ValueError, match="side"):
         Stream().to_redis_list("k", side="middle")
