@@ -423,6 +423,12 @@ def _id_before(entry_id):
     return f"{int(ms) - 1}-{_UINT64_MAX}" if int(ms) > 0 else "0-0"
 
 
+def _id_order(entry_id):
+    """A stream id as ``(milliseconds, sequence)``, to compare ids."""
+    ms, _, seq = _text(entry_id).partition("-")
+    return int(ms), int(seq or 0)
+
+
 def _encoding_of(decode):
     """The encoding a source decodes values with: ``decode`` is True (UTF-8),
     False (``None``: bytes unchanged) or an encoding name."""
@@ -2472,6 +2478,7 @@ class from_redis_streams(_RedisSource):
     ):
         self.start_ids = _streams_with_ids(streams, start_id)
         self.last_ids = {}
+        self._next_check = 0.0  # see _check_went_back()
         super().__init__(timeout=timeout, count=count, **kwargs)
 
     def _describe(self):
@@ -2510,6 +2517,8 @@ class from_redis_streams(_RedisSource):
         ))
         for name, entries in reply:
             self.last_ids[name] = entries[-1][0]
+        if not reply:
+            await self._check_went_back(names)
         try:  # the common case, inline: it runs once per entry
             decode = _field_decoder(self._encoding)
             return [
@@ -2534,6 +2543,26 @@ class from_redis_streams(_RedisSource):
                 batch.append((_new_tuple(Entry, (name, entry_id, fields)), None))
         return batch
 
+    async def _check_went_back(self, names):
+        """While idle, about once a second: a stream deleted and made again
+        with lower ids (restored, recreated by hand) would never be read past
+        the last id read; it is read from its start instead, and said so."""
+        now = asyncio.get_running_loop().time()
+        if now < self._next_check:
+            return
+        self._next_check = now + FIGURES_EVERY
+        for name in names:
+            try:
+                last = await self._redis.xrevrange(name, count=1)
+            except redis.exceptions.ResponseError:  # no permission for XREVRANGE: no check
+                self._next_check = math.inf
+                return
+            if last and _id_order(last[0][0]) < _id_order(self.last_ids[name]):
+                log.warning("%s: stream %r went back: its last entry %s is before the last one "
+                            "read, %s (deleted and made again?); reading it from its start",
+                            self, name, _text(last[0][0]), self.last_ids[name])
+                self.last_ids[name] = "0-0"
+
     async def _give_back(self, rest):
         # Read but not emitted: start() after stop() reads them again, from
         # just before the first of them in each stream.
@@ -2542,12 +2571,6 @@ class from_redis_streams(_RedisSource):
 
 
 # ---- The consumer group's parts: figures, claims, dead letters --------------
-
-
-def _id_order(entry_id):
-    """A stream id as ``(milliseconds, sequence)``, to compare ids."""
-    ms, _, seq = _text(entry_id).partition("-")
-    return int(ms), int(seq or 0)
 
 
 async def _group_lag(client, stream, group_info, last_id):
@@ -3102,12 +3125,31 @@ class from_redis_consumer_group(_RedisSource):
         # Recreate the group just after the last entry this source read, so
         # that entries added since it vanished are neither skipped nor read
         # twice.
-        log.warning("%s: %s; recreating the group after the last entry read", self, _error_text(exc))
         for name in self.start_ids:
-            await self._create_group(name, self._last_read.get(name, "0"))
+            await self._create_group(name, await self._recreate_from(name, exc))
         self._replay_from = {name: "0" for name in self.start_ids}
         self._recreated = True
         return True
+
+    async def _recreate_from(self, name, exc):
+        """Where a vanished group starts again: just after the last entry
+        this source read, so that entries added since it vanished are neither
+        skipped nor read twice; but at the stream's start where the stream is
+        new (gone, or its last entry before the last one read: its ids went
+        back), or its entries would never be delivered."""
+        last_read = self._last_read.get(name, "0")
+        try:
+            last = await self._redis.xrevrange(name, count=1)
+        except redis.exceptions.ResponseError:  # no permission: as if the group alone went
+            last = [(last_read, None)]
+        if last and _id_order(last[0][0]) >= _id_order(last_read):
+            log.warning("%s: %s; recreating the group on stream %r after the last entry read",
+                        self, _error_text(exc), name)
+            return last_read
+        log.warning("%s: %s; stream %r was deleted, or recreated with ids before the last "
+                    "entry read (%s): recreating the group at its start, so that every entry "
+                    "of the new stream is delivered", self, _error_text(exc), name, last_read)
+        return "0"
 
     def _on_disconnect(self):
         # Entries delivered just before the connection dropped may never have

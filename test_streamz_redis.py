@@ -1276,6 +1276,34 @@ def test_pending_entries_trimmed_away_are_one_warning_per_read_with_their_count(
     assert len(lines) == 1 and "31 pending entries" in lines[0], lines
 
 
+def test_a_stream_deleted_and_recreated_with_lower_ids_is_read_from_its_start(server, r, caplog):
+    add_numbers(r, "s", 10)  # ids of now, in milliseconds
+    source = Stream.from_redis_consumer_group("s", "g", "c", start_id="0", timeout=0.2)
+    seen = source.sink_to_list()
+    with caplog.at_level(logging.WARNING, logger="streamz_redis"):
+        source.start()
+        wait_for(lambda: len(seen) == 10 and pending(r, "s", "g") == 0)
+        r.delete("s")  # and made again, its ids going backwards (a restore, a test rig)
+        wait_for(lambda: r.exists("s") and r.xinfo_groups("s"))  # the source recreated its group
+        new = [r.xadd("s", {"n": n}, id=f"1-{n + 1}").decode() for n in range(100)]
+        wait_for(lambda: [e.id for e in seen[10:]] == new and pending(r, "s", "g") == 0)
+    assert any("recreated" in m and "its start" in m for m in caplog.messages), caplog.messages
+
+
+def test_a_stream_read_with_xread_that_is_recreated_with_lower_ids_is_read_from_its_start(
+        server, r, caplog):
+    add_numbers(r, "s", 10)
+    source = Stream.from_redis_streams("s", start_id="0", timeout=0.2)
+    seen = source.sink_to_list()
+    with caplog.at_level(logging.WARNING, logger="streamz_redis"):
+        source.start()
+        wait_for(lambda: len(seen) == 10)
+        r.delete("s")
+        new = [r.xadd("s", {"n": n}, id=f"1-{n + 1}").decode() for n in range(10)]
+        wait_for(lambda: [e.id for e in seen[10:]] == new)
+    assert any("went back" in m for m in caplog.messages), caplog.messages
+
+
 def test_a_deleted_group_is_recreated_and_reading_goes_on(server, r, caplog):
     source = Stream.from_redis_consumer_group("s", "g", "c")
     seen = source.sink_to_list()
