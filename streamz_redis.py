@@ -77,7 +77,7 @@ from collections import defaultdict, deque
 from collections.abc import Mapping
 from operator import methodcaller
 from typing import Any, Callable, List, NamedTuple, Optional, Union
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio
 import redis.asyncio.sentinel
@@ -166,6 +166,10 @@ FIGURES_EVERY = 1.0
 # Redis 7 has none after some deletions), the entries after its
 # last-delivered-id are counted, up to this many; beyond it the lag is None.
 LAG_COUNT_LIMIT = 10_000
+
+# A consumer group's blocking connections are named CLIENT_NAME_PREFIX +
+# "<group>/<consumer>" (percent-encoded), so that others can tell it alive.
+CLIENT_NAME_PREFIX = "streamz-redis/"
 
 # How many elements a sink holds, received and not yet confirmed by Redis,
 # before it makes the upstream wait.
@@ -731,10 +735,11 @@ class _Wire:
     pool asks Sentinel.
     """
 
-    def __init__(self, pooled, keys, topology):
+    def __init__(self, pooled, keys, topology, name=None):
         self.pooled = pooled
         self.keys = keys  # what it reads: on a Redis Cluster, keys of one slot
         self.topology = topology
+        self.name = name  # CLIENT SETNAME, where the source has one: who reads
         self.node = pooled  # where CLIENT UNBLOCK goes
         self.read = None  # the read under way, where a source has several connections
         self.client = None
@@ -749,7 +754,7 @@ class _Wire:
         try:
             await client.initialize()
             client.connection.register_connect_callback(self._on_connect)
-            self.id = await client.client_id()
+            await self._on_connect(client.connection)
         except BaseException:
             await self._discard(client)
             raise
@@ -761,6 +766,23 @@ class _Wire:
     async def _on_connect(self, connection):
         await connection.send_command("CLIENT", "ID")
         self.id = await connection.read_response()
+        if self.name is not None:
+            await connection.send_command("CLIENT", "SETNAME", self.name)
+            try:
+                await connection.read_response()
+            except redis.exceptions.ResponseError:  # not allowed: nobody learns who reads
+                self.name = None
+
+    async def others(self):
+        """The other connections of this connection's server, as CLIENT LIST
+        rows (``name`` as ``str``); None where this user may not list them."""
+        try:
+            rows = await self.node.client_list()
+        except redis.exceptions.ResponseError:
+            return None
+        for row in rows:
+            row["name"] = _text(row.get("name") or "")
+        return [row for row in rows if int(row["id"]) != self.id]
 
     def block_seconds(self, timeout):
         """How long one blocking read may wait on the server, for a source's
@@ -1513,8 +1535,8 @@ class _Readers:
     def first(self):
         return self.wires[0] if self.wires else None
 
-    async def open(self, client, topology, keys):
-        self.wires = [_Wire(client, group, topology) for group in topology.key_groups(client, keys)]
+    async def open(self, client, topology, keys, name=None):
+        self.wires = [_Wire(client, group, topology, name) for group in topology.key_groups(client, keys)]
         for wire in self.wires:
             await wire.open()
 
@@ -1910,11 +1932,15 @@ class _RedisSource(_SourceLifecycle):
         self._redis = self._new_client()
         await self._redis.ping()
         if self.uses_blocking_reads:
-            await self._readers.open(self._redis, self.topology, self._read_keys())
+            await self._readers.open(self._redis, self.topology, self._read_keys(), self._client_name())
 
     def _read_keys(self):
         """The keys this source's blocking reads wait on."""
         return []
+
+    def _client_name(self):
+        """The CLIENT SETNAME of the blocking connections, if any."""
+        return None
 
     async def _check_permissions(self):
         """Raise at start() if the user may not run a command reading needs,
@@ -2831,8 +2857,10 @@ class from_redis_consumer_group(_RedisSource):
         (XGROUP DELCONSUMER, checked and done in one script). A dead
         consumer's entries are claimed first (after ``claim_idle``), so
         nothing is lost, and a group whose consumers have generated names
-        does not grow without bound. A consumer removed while alive is
-        recreated by Redis at its next read. Needs ``eval`` (or
+        does not grow without bound. A live consumer, one that a
+        streamz-redis source reads as (its connections are named after it),
+        is never removed; before Redis 7.2, which cannot tell otherwise,
+        nothing is removed without ``client|list``. Needs ``eval`` (or
         ``evalsha``), ``xinfo`` and ``xgroup|delconsumer``.
     max_deliveries : int, optional
         An entry that Redis has delivered more than ``max_deliveries`` times
@@ -2941,7 +2969,42 @@ class from_redis_consumer_group(_RedisSource):
     def _read_keys(self):
         return list(self.start_ids)
 
+    def _client_name(self):
+        """Its blocking connections are named after the group and the
+        consumer, so that a consumer can be told alive (CLIENT LIST) where
+        Redis before 7.2 does not say so (a blocking read that returns
+        nothing leaves the consumer's ``idle`` growing)."""
+        return f"{CLIENT_NAME_PREFIX}{quote(self.group, safe='')}/{quote(self.consumer, safe='')}"
+
+    async def live_consumers(self):
+        """The names of this group's consumers that some streamz-redis source
+        reads as right now (their connections' CLIENT SETNAME), this one
+        included; None where this user may not run CLIENT LIST."""
+        prefix = f"{CLIENT_NAME_PREFIX}{quote(self.group, safe='')}/"
+        live = {self.consumer}
+        for wire in self._readers.wires:
+            others = await wire.others()
+            if others is None:
+                return None
+            live.update(unquote(row["name"][len(prefix):]) for row in others
+                        if row["name"].startswith(prefix))
+        return live
+
+    async def _say_if_name_taken(self):
+        """Two processes reading as one consumer share its entries and replay
+        each other's pending ones, silently: say so at start()."""
+        for wire in self._readers.wires:
+            others = [row for row in await wire.others() or () if row["name"] == self._client_name()]
+            if others:
+                where = ", ".join(f"{row.get('addr')} (client {row['id']})" for row in others[:3])
+                log.error("%s: another process already reads as consumer %r of group %r (%s): "
+                          "the two share its entries, and each replays the other's pending "
+                          "ones; give each process a name of its own", self, self.consumer,
+                          self.group, where)
+                return
+
     async def _prepare(self):
+        await self._say_if_name_taken()
         if self.max_deliveries is not None:
             self._dead_letters.check_slots(self.topology, self._redis, self.start_ids)
         await self._check_key_types(self.start_ids, "stream")

@@ -91,16 +91,22 @@ async def _trim_to_oldest_needed(client, stream):
     return _text(keep), trimmed, _text(group)
 
 
-# remove_idle_consumers: delete the group's consumers (other than the caller,
-# ARGV[3]) idle for at least ARGV[2] ms that hold no pending entry. One script,
-# so that a consumer cannot read an entry between the check and XGROUP
-# DELCONSUMER, which would drop that entry from the group for good.
+# remove_idle_consumers: delete the group's consumers idle for at least
+# ARGV[2] ms that hold no pending entry, other than the caller (ARGV[3]) and
+# the live ones (ARGV[5..], those with a connection named after them). One
+# script, so that a consumer cannot read an entry between the check and XGROUP
+# DELCONSUMER, which would drop that entry from the group for good. Before
+# Redis 7.2 (no 'inactive' field) a blocked read that returns nothing does
+# not reset 'idle', so a live consumer of an idle stream looks idle: there,
+# nothing is removed unless the live ones are known (ARGV[4] is '1').
 REMOVE_IDLE_CONSUMERS = """
-local removed = {}
+local removed, live = {}, {}
+for i = 5, #ARGV do live[ARGV[i]] = true end
 for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
     local info = {}
     for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
-    if info['name'] ~= ARGV[3] and info['pending'] == 0
+    local told = info['inactive'] ~= nil or ARGV[4] == '1'
+    if told and info['name'] ~= ARGV[3] and not live[info['name']] and info['pending'] == 0
             and info['idle'] >= tonumber(ARGV[2]) then
         redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
         table.insert(removed, info['name'])
@@ -162,11 +168,12 @@ class Housekeeper:
         if self.remove_after is None:
             return
         source = self.source
+        live = await source.live_consumers()
         for name in source.start_ids:
             try:
                 removed = await client.eval(
-                    REMOVE_IDLE_CONSUMERS, 1, name, source.group,
-                    int(self.remove_after * 1000), source.consumer,
+                    REMOVE_IDLE_CONSUMERS, 1, name, source.group, int(self.remove_after * 1000),
+                    source.consumer, "0" if live is None else "1", *sorted(live or ()),
                 )
             except redis.exceptions.ResponseError as exc:
                 log.warning("%s: removing idle consumers of stream %r failed (%s)",

@@ -8,6 +8,7 @@ The servers are the tests' own (see conftest.py).
 """
 
 import json
+import logging
 import os
 import random
 import re
@@ -347,6 +348,42 @@ def test_an_idle_consumer_is_removed_only_once_nothing_is_pending_under_its_name
     wait_for(lambda: [c["name"] for c in r.xinfo_consumers("jobs", "workers")] == [b"alive"])
     assert source.metrics()["removed_consumers"] == 2
     assert len(seen) == 10  # the four "gone" held were claimed, not dropped
+
+
+def test_live_consumers_of_an_idle_stream_are_never_removed(server, r):
+    # Before Redis 7.2 a blocked XREADGROUP that returns nothing leaves the
+    # consumer's idle growing: three live consumers of an idle stream looked
+    # idle, and were removed for as long as it stayed idle.
+    r.xgroup_create("jobs", "workers", "$", mkstream=True)
+    live = [Stream.from_redis_consumer_group("jobs", "workers", f"live {n}", timeout=0.2)
+            for n in range(3)]
+    for source in live:
+        source.sink(lambda entry: None)
+        source.start()
+    r.xgroup_createconsumer("jobs", "workers", "dead")  # no connection reads as it
+    remover = Stream.from_redis_consumer_group("jobs", "workers", "remover", timeout=0.2,
+                                               claim_idle=0.2, remove_idle_consumers=0.5)
+    remover.start()
+
+    def names():
+        return {c["name"].decode() for c in r.xinfo_consumers("jobs", "workers")}
+
+    wait_for(lambda: "dead" not in names())  # several sweeps, everyone idle for 0.5 s
+    assert names() == {"live 0", "live 1", "live 2", "remover"}
+    assert remover.metrics()["removed_consumers"] == 1
+
+
+def test_a_second_process_reading_as_the_same_consumer_is_said_at_start(server, r, caplog):
+    first = Stream.from_redis_consumer_group("jobs", "workers", "worker-1")
+    first.start()
+    second = Stream.from_redis_consumer_group("jobs", "workers", "worker-1")  # a copy-paste
+    other = Stream.from_redis_consumer_group("jobs", "workers", "worker-2")
+    with caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        other.start()
+        assert not caplog.messages
+        second.start()
+    [line] = [m for m in caplog.messages if "already reads as consumer 'worker-1'" in m]
+    assert "give each process a name of its own" in line
 
 
 @pytest.mark.slow
