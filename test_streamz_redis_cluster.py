@@ -463,6 +463,37 @@ def test_exactly_once_on_a_cluster_where_the_keys_share_a_slot(cluster, caplog):
     writer.close()
 
 
+@pytest.mark.parametrize("exactly_once", [False, True])
+def test_a_sink_retries_writes_whose_connection_was_cut_mid_pipeline(cluster, caplog, exactly_once):
+    # redis-py's cluster pipeline returns a lost connection as each command's
+    # reply instead of raising it: those writes were refused, not retried.
+    writer = cluster.client()
+    for n in range(40):
+        writer.xadd("{orders}", {"n": n})
+    source = Stream.from_redis_consumer_group("{orders}", "billing", "biller", start_id="0",
+                                              url=cluster.url, cluster=True, count=1)
+    gate = threading.Event()
+    sink = source.map(lambda e: gate.wait(10) and {"order": e.id}).to_redis_stream(
+        "{orders}:invoices", exactly_once=exactly_once, url=cluster.url, cluster=True)
+    owner = cluster.owner("{orders}:invoices")
+    with caplog.at_level(logging.WARNING, logger="streamz_redis"):
+        source.start()
+        gate.set()
+        wait_for(lambda: writer.xlen("{orders}:invoices") >= 5)
+        with owner.client() as node:  # cut every connection to the node that owns the output
+            node.client_kill_filter(_type="normal", skipme=True)
+        wait_for(lambda: pending(writer, "{orders}", "billing") == 0
+                 and writer.xlen("{orders}:invoices") >= 40, timeout=20)
+    invoices = [fields[b"order"] for _, fields in writer.xrange("{orders}:invoices")]
+    print(f"written {len(invoices)}, failed {sink.metrics()['failed']}, "
+          f"duplicates {len(invoices) - len(set(invoices))}")
+    assert sink.metrics()["failed"] == 0
+    assert not [m for m in caplog.messages if "refused" in m], caplog.messages
+    if exactly_once:
+        assert len(invoices) == len(set(invoices)) == 40
+    writer.close()
+
+
 # --------------------------------------------------------------------------
 # The command line on a cluster (--cluster)
 # --------------------------------------------------------------------------
