@@ -671,6 +671,10 @@ class _OneServer:
     def check_pubsub(self, client, node):
         """Pub/Sub works on any one server."""
 
+    # A source on one server has one blocking connection: its read loop backs
+    # off as a whole, up to BACKOFF_CAP.
+    slot_backoff_cap = None
+
 
 _ONE_SERVER = _OneServer()
 
@@ -682,18 +686,24 @@ _ONE_SERVER = _OneServer()
 
 class _Backoff:
     """Capped exponential back-off between retries: ``BACKOFF_FIRST`` seconds,
-    doubling up to ``BACKOFF_CAP``; ``reset()`` after a success."""
+    doubling up to ``cap`` (``BACKOFF_CAP``); ``reset()`` after a success."""
 
-    def __init__(self):
+    def __init__(self, cap=None):
         self.delay = BACKOFF_FIRST
+        self.cap = cap
 
     def reset(self):
         self.delay = BACKOFF_FIRST
 
+    def step(self):
+        """The delay to wait now; the next one doubles."""
+        delay, self.delay = self.delay, min(self.delay * 2, self.cap or BACKOFF_CAP)
+        return delay
+
     async def wait(self, stopping=None):
         """Sleep the current delay, or until ``stopping`` (an
         ``asyncio.Event``) is set, and double the next one."""
-        delay, self.delay = self.delay, min(self.delay * 2, BACKOFF_CAP)
+        delay = self.step()
         if stopping is None:
             await asyncio.sleep(delay)
             return
@@ -742,6 +752,8 @@ class _Wire:
         self.name = name  # CLIENT SETNAME, where the source has one: who reads
         self.node = pooled  # where CLIENT UNBLOCK goes
         self.read = None  # the read under way, where a source has several connections
+        self.backoff = _Backoff(topology.slot_backoff_cap)  # where it has several: its own
+        self.retry_at = 0.0  # (loop time) after a failed read, where it has several
         self.client = None
         self.id = None
         self.socket_timeout = None
@@ -1551,20 +1563,56 @@ class _Readers:
     def unblock(self):
         return [asyncio.ensure_future(wire.unblock()) for wire in self.wires]
 
+    def retry_in(self):
+        """How long until the next read of the connection that failed last."""
+        now = asyncio.get_running_loop().time()
+        return max([wire.retry_at - now for wire in self.wires], default=0.0)
+
+    def back_off_alone(self):
+        """Whether each connection backs off on its own (there are several):
+        one that fails (its node died, say) holds up none of the others."""
+        return len(self.wires) > 1
+
     async def read_any(self, read):
         """One batch, ``await read(wire)``, from whichever connection answers
         first. With several, each has one read under way; the others keep
         theirs for the next call, so that every slot's entries come through
-        the one emit path."""
+        the one emit path. A connection whose read failed raises that error
+        once, then reads again after its own back-off (at once where the
+        error named another server: a MOVED, a failover), while the others go
+        on."""
         if len(self.wires) <= 1:
             return await read(self.first)
-        for wire in self.wires:
-            if wire.read is None:
-                wire.read = asyncio.ensure_future(read(wire))
-        await asyncio.wait([wire.read for wire in self.wires], return_when=asyncio.FIRST_COMPLETED)
-        wire = next(wire for wire in self.wires if wire.read.done())
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            for wire in self.wires:
+                if wire.read is None and wire.retry_at <= now:
+                    wire.read = asyncio.ensure_future(read(wire))
+            reads = [wire.read for wire in self.wires if wire.read is not None]
+            later = min([wire.retry_at - now for wire in self.wires if wire.read is None], default=None)
+            if reads:
+                await asyncio.wait(reads, timeout=later, return_when=asyncio.FIRST_COMPLETED)
+            else:
+                await asyncio.sleep(later)
+            for wire in self.wires:
+                if wire.read is not None and wire.read.done():
+                    return self._result(wire, loop.time())
+
+    @staticmethod
+    def _result(wire, now):
         done, wire.read = wire.read, None
-        return done.result()
+        try:
+            result = done.result()
+        except Exception as exc:
+            if _on_wrong_server(exc):
+                wire.backoff.reset()  # another server serves the keys now: at once
+                wire.retry_at = now
+            else:
+                wire.retry_at = now + wire.backoff.step()
+            raise
+        wire.backoff.reset()
+        return result
 
     async def give_back_reads(self, give_back):
         """On stop(), with several connections: what the reads not yet
@@ -1995,7 +2043,9 @@ class _RedisSource(_SourceLifecycle):
             except Exception as exc:
                 if self.stopped:
                     break
-                if not await self._handle_read_error(exc, backoff.delay):
+                if self._readers.back_off_alone():
+                    await self._handle_read_error(exc, self._readers.retry_in())
+                elif not await self._handle_read_error(exc, backoff.delay):
                     await backoff.wait(self._stopping)
                 continue
             finally:

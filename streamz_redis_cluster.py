@@ -29,6 +29,11 @@ class ClusterTopology:
     """How nodes of ``streamz_redis`` find the servers of their keys on a
     Redis Cluster."""
 
+    # Each slot's blocking connection backs off on its own, up to this many
+    # seconds: a failover takes a few seconds, and its slot reads again within
+    # about this long of it; the other slots never wait.
+    slot_backoff_cap = 1.0
+
     def new_client(self, url, kwargs):
         return redis.asyncio.RedisCluster.from_url(url, **kwargs)
 
