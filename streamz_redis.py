@@ -675,6 +675,9 @@ class _OneServer:
     # off as a whole, up to BACKOFF_CAP.
     slot_backoff_cap = None
 
+    # start() raises at once when the server does not answer.
+    start_wait = 0.0
+
 
 _ONE_SERVER = _OneServer()
 
@@ -1757,10 +1760,7 @@ class _SourceLifecycle(_RedisNode, Source):
             _warn_without_hiredis()
             _check_dask_client(self)
             try:
-                await self._connect()
-                await self._check_permissions()
-                self._forget_last_emitted()
-                await self._prepare()
+                await self._ready()
             except BaseException as exc:
                 await self._close()
                 if isinstance(exc, Exception):
@@ -1777,6 +1777,30 @@ class _SourceLifecycle(_RedisNode, Source):
             if self._ledger is not None:
                 self._watch = asyncio.ensure_future(self._watch_in_flight(self._stopping))
             log.info("%s: started, %s", self, self._reading_what())
+
+    async def _ready(self):
+        """Connect, check and prepare. Where the topology rides through a
+        failover in progress (a Redis Cluster: one master down, its replica
+        not yet promoted), an unreachable node or a moved slot is tried again
+        with back-off for up to ``topology.start_wait`` seconds, each time
+        said in a WARNING; then the last error is raised."""
+        loop = asyncio.get_running_loop()
+        backoff, end = _Backoff(), loop.time() + self.topology.start_wait
+        while True:
+            try:
+                await self._connect()
+                await self._check_permissions()
+                self._forget_last_emitted()
+                await self._prepare()
+                return
+            except Exception as exc:
+                if not _reconnect_after(exc) or _cannot_be_retried(exc) or loop.time() + backoff.delay > end:
+                    raise
+                log.warning("%s: not every server of its keys answers (%s); start() tries again in "
+                            "%.1f s, for up to %.0f s in all (a failover in progress?)", self,
+                            _error_text(exc), backoff.delay, self.topology.start_wait)
+                await self._close()
+                await asyncio.sleep(backoff.step())
 
     def _explain(self, exc):
         """``exc`` with a message that names this source and its server."""

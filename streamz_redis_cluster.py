@@ -34,6 +34,12 @@ class ClusterTopology:
     # about this long of it; the other slots never wait.
     slot_backoff_cap = 1.0
 
+    # start() while a master is down (a failover in progress takes a few
+    # seconds) tries again for up to this long before it raises, so that a
+    # supervisor that restarts a failed service does not crash-loop through
+    # every failover.
+    start_wait = 30.0
+
     def new_client(self, url, kwargs):
         return redis.asyncio.RedisCluster.from_url(url, **kwargs)
 

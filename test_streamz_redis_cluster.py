@@ -453,6 +453,26 @@ def test_a_master_killed_stalls_only_its_own_slot_and_that_one_briefly(cluster_w
     assert source.running and source.metrics()["reconnects"] >= 1
 
 
+@pytest.mark.slow
+def test_start_rides_through_a_failover_in_progress(cluster_with_replicas, caplog):
+    cluster = cluster_with_replicas
+    master = cluster.owner("a")
+    replica = cluster.replica_of(master)
+    healthy = next(node for node in cluster.nodes if node.port not in (master.port, replica.port))
+    master.kill()  # and start() comes before the cluster has promoted its replica
+    source = Stream.from_redis_consumer_group(["a", "b"], "g", "c", start_id="0", timeout=0.5,
+                                              url=healthy.url, cluster=True)
+    seen = source.sink_to_list()
+    with caplog.at_level(logging.WARNING, logger="streamz_redis"):
+        source.start()  # raised ConnectionError, on every call while the master was down
+    assert cluster.role(replica) == "master"
+    assert any("start() tries again" in m for m in caplog.messages), caplog.messages
+    with cluster.client() as writer:
+        writer.xadd("a", {"n": 1})
+        writer.xadd("b", {"n": 2})
+    wait_for(lambda: sorted(e.stream for e in seen) == ["a", "b"], timeout=20)
+
+
 @pytest.mark.parametrize("how", [
     pytest.param(how, marks=pytest.mark.skipif(
         REDIS_PY_MAJOR < 8, reason="redis-py 8 gave its asyncio RedisCluster pubsub()"))
