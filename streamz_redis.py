@@ -1538,6 +1538,13 @@ def _name_of(value):
     return f"item {text[:80]}{'...' if len(text) > 80 else ''}"
 
 
+def _retrieve(task):
+    """A done callback: the task's outcome is taken, and left (a task of our
+    own whose result nobody needs)."""
+    if not task.cancelled():
+        task.exception()
+
+
 class _Readers:
     """A source's blocking connections: one ``_Wire`` per group of keys that
     one blocking read can wait on together (on a Redis Cluster, the keys of
@@ -1564,7 +1571,13 @@ class _Readers:
         return refused
 
     def unblock(self):
-        return [asyncio.ensure_future(wire.unblock()) for wire in self.wires]
+        """CLIENT UNBLOCK for each blocked read, as tasks that stop() may
+        cancel: whatever they end with is retrieved here, so that asyncio
+        never logs "Task exception was never retrieved" for them."""
+        tasks = [asyncio.ensure_future(wire.unblock()) for wire in self.wires]
+        for task in tasks:
+            task.add_done_callback(_retrieve)
+        return tasks
 
     def retry_in(self):
         """How long until the next read of the connection that failed last."""
