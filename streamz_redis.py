@@ -1594,9 +1594,8 @@ class _Readers:
         first. With several, each has one read under way; the others keep
         theirs for the next call, so that every slot's entries come through
         the one emit path. A connection whose read failed raises that error
-        once, then reads again after its own back-off (at once where the
-        error named another server: a MOVED, a failover), while the others go
-        on."""
+        once, then reads again after its own back-off (at once after a MOVED
+        or ASK, which names the new owner), while the others go on."""
         if len(self.wires) <= 1:
             return await read(self.first)
         loop = asyncio.get_running_loop()
@@ -1621,8 +1620,8 @@ class _Readers:
         try:
             result = done.result()
         except Exception as exc:
-            if _on_wrong_server(exc):
-                wire.backoff.reset()  # another server serves the keys now: at once
+            if isinstance(exc, redis.exceptions.AskError):  # and MOVED: the new owner is known
+                wire.backoff.reset()
                 wire.retry_at = now
             else:
                 wire.retry_at = now + wire.backoff.step()
