@@ -257,6 +257,25 @@ def test_two_elements_carrying_one_entry_are_written_once_as_two_scripts_would(s
     assert r.lrange("out", 0, -1) == [b"a"] and r.llen("processing") == 0
 
 
+def test_an_element_too_large_for_lua_is_refused_saying_why_and_goes_to_the_dead_letters(
+        server, r, caplog):
+    r.xadd("orders", {"n": 0})
+    r.xadd("orders", {"n": 1})
+    source = Stream.from_redis_consumer_group("orders", "billing", "c", start_id="0",
+                                              claim_idle=0.2, max_deliveries=2)
+    huge = {f"f{i}": "v" for i in range(5000)}  # 10,000 arguments
+    sink = source.map(lambda e: huge if e.fields["n"] == "1" else dict(e.fields)).to_redis_stream(
+        "out", exactly_once=True)
+    with caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        source.start()
+        # Refused each time it comes back (claimed again), until max_deliveries.
+        wait_for(lambda: r.exists("orders:dead-letter") and pending(r, "orders", "billing") == 0,
+                 timeout=20)
+    assert r.xlen("out") == 1 and sink.metrics()["failed"] >= 1
+    assert any("cannot be written by a script" in m for m in caplog.messages)
+    assert not any("too many results to unpack" in m for m in caplog.messages)
+
+
 def test_an_element_too_large_for_a_script_fails_alone(server, r):
     ids = [r.xadd("orders", {"n": n}).decode() for n in range(2)]
     r.xgroup_create("orders", "billing", "0")
