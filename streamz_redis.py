@@ -2826,6 +2826,48 @@ class _ClaimSweep:
         return entries
 
 
+class _ConsumerNames:
+    """Who reads as which consumer of a group. A consumer group source names
+    its blocking connections after its group and consumer (CLIENT SETNAME),
+    so that a consumer can be told alive (CLIENT LIST) where Redis before 7.2
+    does not say so (a blocking read that returns nothing leaves the
+    consumer's ``idle`` growing), and a second process reading as the same
+    consumer can be noticed."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def client_name(self):
+        return f"{self.prefix()}{quote(self.source.consumer, safe='')}"
+
+    def prefix(self):
+        return f"{CLIENT_NAME_PREFIX}{quote(self.source.group, safe='')}/"
+
+    async def live(self, wires):
+        prefix, live = self.prefix(), {self.source.consumer}
+        for wire in wires:
+            others = await wire.others()
+            if others is None:
+                return None
+            live.update(unquote(row["name"][len(prefix):]) for row in others
+                        if row["name"].startswith(prefix))
+        return live
+
+    async def say_if_taken(self, wires):
+        """Two processes reading as one consumer share its entries and replay
+        each other's pending ones, silently: say so at start()."""
+        source, name = self.source, self.client_name()
+        for wire in wires:
+            others = [row for row in await wire.others() or () if row["name"] == name]
+            if others:
+                where = ", ".join(f"{row.get('addr')} (client {row['id']})" for row in others[:3])
+                log.error("%s: another process already reads as consumer %r of group %r (%s): "
+                          "the two share its entries, and each replays the other's pending "
+                          "ones; give each process a name of its own", source, source.consumer,
+                          source.group, where)
+                return
+
+
 class _DeadLetterStream:
     """``max_deliveries``: where entries delivered too often go, and the
     script that moves one there and acknowledges it (both or neither). Redis
@@ -3001,6 +3043,7 @@ class from_redis_consumer_group(_RedisSource):
         self._figures = _GroupFigures(self, self._housekeeper)
         self._claims = None if self.claim_idle is None else _ClaimSweep(self, self.claim_idle)
         self._dead_letters = _DeadLetterStream(self, self.dead_letter_stream, self.max_deliveries)
+        self._names = _ConsumerNames(self)
         self._replay_from = None  # stream -> id while replaying pending entries
         self._last_read = {}  # stream -> id of the last new entry read
         self._recreated = False  # the group was recreated since the last read
@@ -3056,41 +3099,16 @@ class from_redis_consumer_group(_RedisSource):
         return list(self.start_ids)
 
     def _client_name(self):
-        """Its blocking connections are named after the group and the
-        consumer, so that a consumer can be told alive (CLIENT LIST) where
-        Redis before 7.2 does not say so (a blocking read that returns
-        nothing leaves the consumer's ``idle`` growing)."""
-        return f"{CLIENT_NAME_PREFIX}{quote(self.group, safe='')}/{quote(self.consumer, safe='')}"
+        return self._names.client_name()
 
     async def live_consumers(self):
         """The names of this group's consumers that some streamz-redis source
         reads as right now (their connections' CLIENT SETNAME), this one
         included; None where this user may not run CLIENT LIST."""
-        prefix = f"{CLIENT_NAME_PREFIX}{quote(self.group, safe='')}/"
-        live = {self.consumer}
-        for wire in self._readers.wires:
-            others = await wire.others()
-            if others is None:
-                return None
-            live.update(unquote(row["name"][len(prefix):]) for row in others
-                        if row["name"].startswith(prefix))
-        return live
-
-    async def _say_if_name_taken(self):
-        """Two processes reading as one consumer share its entries and replay
-        each other's pending ones, silently: say so at start()."""
-        for wire in self._readers.wires:
-            others = [row for row in await wire.others() or () if row["name"] == self._client_name()]
-            if others:
-                where = ", ".join(f"{row.get('addr')} (client {row['id']})" for row in others[:3])
-                log.error("%s: another process already reads as consumer %r of group %r (%s): "
-                          "the two share its entries, and each replays the other's pending "
-                          "ones; give each process a name of its own", self, self.consumer,
-                          self.group, where)
-                return
+        return await self._names.live(self._readers.wires)
 
     async def _prepare(self):
-        await self._say_if_name_taken()
+        await self._names.say_if_taken(self._readers.wires)
         if self.max_deliveries is not None:
             self._dead_letters.check_slots(self.topology, self._redis, self.start_ids)
         await self._check_key_types(self.start_ids, "stream")
