@@ -104,6 +104,8 @@ __all__ = [
     "to_redis_stream",
 ]
 
+__version__ = "0.1.0"  # the distribution's version (pyproject.toml)
+
 log = logging.getLogger("streamz_redis")
 
 
@@ -4058,8 +4060,9 @@ class to_redis_pubsub(_RedisSink):
 
 
 def main(argv=None):
-    """``python -m streamz_redis``: the operator's command line, which lives
-    in ``streamz_redis_operations`` (see its ``main``)."""
+    """``python -m streamz_redis`` (or the ``streamz-redis`` command): the
+    operator's command line, which lives in ``streamz_redis_operations`` (see
+    its ``main``)."""
     return _optional("streamz_redis_operations", "the command line").main(argv)
 
 

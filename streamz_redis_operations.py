@@ -27,7 +27,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from streamz_redis import (
-    CONNECTION_ERRORS, DEFAULT_URL, _check_url, _error_text, _group_lag, _raw_reply,
+    CONNECTION_ERRORS, DEFAULT_URL, __version__, _check_url, _error_text, _group_lag, _raw_reply,
     _safe_url, _stream_entries, _text, log,
 )
 
@@ -443,31 +443,51 @@ class _ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _parser():
-    parser = _ArgumentParser(
-        prog="python -m streamz_redis",
-        description="Look into Redis Streams and consumer groups, redrive dead letters, trim.",
-    )
-    parser.add_argument("--url", default=None, help="Redis URL (default: REDIS_URL, else "
+def _prog():
+    """How the command was called: ``streamz-redis`` (the console script), or
+    ``python -m streamz_redis``."""
+    return "streamz-redis" if os.path.basename(sys.argv[0]) == "streamz-redis" else "python -m streamz_redis"
+
+
+def _global_options(parser, defaults):
+    """--url and --cluster, before the command or after it (``defaults``:
+    the top level's; a command's leave the top level's value alone)."""
+    parser.add_argument("--url", default=None if defaults else argparse.SUPPRESS,
+                        help="Redis URL (default: REDIS_URL, else "
                         f"{DEFAULT_URL}); the password is never printed")
-    parser.add_argument("--cluster", action="store_true",
+    parser.add_argument("--cluster", action="store_true", default=False if defaults else argparse.SUPPRESS,
                         help="--url names a node (any) of a Redis Cluster: each command goes "
                         "to the node that owns its key's slot")
+
+
+def _parser():
+    parser = _ArgumentParser(
+        prog=_prog(),
+        description="Look into Redis Streams and consumer groups, redrive dead letters, trim.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _global_options(parser, defaults=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, defaults=False)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
-    info = commands.add_parser("info", help="length, first and last id, groups and consumers")
+
+    def command(name, help):
+        return commands.add_parser(name, help=help, parents=[common])
+
+    info = command("info", help="length, first and last id, groups and consumers")
     info.add_argument("stream")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(run=_cli_info)
-    pending = commands.add_parser("pending", help="the oldest pending entries of a group")
+    pending = command("pending", help="the oldest pending entries of a group")
     pending.add_argument("stream")
     pending.add_argument("group")
     pending.add_argument("--count", type=_count_argument, default=10)
     pending.set_defaults(run=_cli_pending)
-    dead = commands.add_parser("dead-letters", help="what STREAM:dead-letter holds")
+    dead = command("dead-letters", help="what STREAM:dead-letter holds")
     dead.add_argument("stream")
     dead.add_argument("--count", type=_count_argument, default=100)
     dead.set_defaults(run=_cli_dead_letters)
-    redrive = commands.add_parser("redrive", help="put dead letters back on their streams")
+    redrive = command("redrive", help="put dead letters back on their streams")
     redrive.add_argument("dead_letter_stream")
     redrive.add_argument("--count", type=_count_argument, default=None, help="at most this many")
     redrive.add_argument("--dry-run", action="store_true", help="say what would go back")
@@ -475,10 +495,10 @@ def _parser():
                          help="a stream entries may go back to (default: S for S:dead-letter); "
                          "entries naming another are left in place")
     redrive.set_defaults(run=_cli_redrive, stops_between_steps=True)
-    tail = commands.add_parser("tail", help="print entries as they arrive, until Ctrl-C")
+    tail = command("tail", help="print entries as they arrive, until Ctrl-C")
     tail.add_argument("stream")
     tail.set_defaults(run=_cli_tail, stops_between_steps=True)
-    trim = commands.add_parser("trim", help="trim up to the oldest entry a group still needs")
+    trim = command("trim", help="trim up to the oldest entry a group still needs")
     trim.add_argument("stream")
     trim.set_defaults(run=_cli_trim)
     return parser
@@ -573,10 +593,10 @@ def main(argv=None):
     try:
         return asyncio.run(_cli(args)) or 0
     except _CommandError as exc:
-        print(f"python -m streamz_redis: error: {exc}", file=sys.stderr)
+        print(f"{_prog()}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C where no handler was installed
-        print("python -m streamz_redis: interrupted", file=sys.stderr)
+        print(f"{_prog()}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # `... | head`: the reader went away
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

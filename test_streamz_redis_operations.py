@@ -214,6 +214,25 @@ def test_a_count_that_is_not_a_positive_number_is_a_usage_error(server, r):
         assert "expected a positive whole number" in out.stderr
 
 
+def test_the_streamz_redis_command_says_its_version_and_takes_url_before_or_after_the_command(
+        server, r):
+    import streamz_redis
+    from importlib.metadata import version
+
+    script = Path(sys.executable).with_name("streamz-redis")  # the console script, beside python
+    out = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == f"streamz-redis {streamz_redis.__version__}"
+    assert streamz_redis.__version__ == version("streamz-redis")
+    r.xadd("orders", {"n": 1})
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}  # only --url says where
+    for args in (["--url", server.url, "info", "orders"], ["info", "orders", "--url", server.url]):
+        out = subprocess.run([str(script), *args], capture_output=True, text=True, timeout=60, env=env)
+        assert out.returncode == 0 and "stream orders: 1 entries" in out.stdout, (args, out.stderr)
+    out = subprocess.run([str(script), "info", "missing", "--url", server.url],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.stderr.startswith("streamz-redis: error: no such stream"), out.stderr
+
+
 def test_output_cut_short_by_a_closed_pipe_ends_quietly(server, r, tmp_path):
     for n in range(5000):  # more than a pipe holds, once head has gone
         r.xadd("orders:dead-letter", {"n": n, "source_stream": "orders", "source_id": f"{n + 1}-0",
