@@ -170,7 +170,8 @@ FIGURES_EVERY = 1.0
 LAG_COUNT_LIMIT = 10_000
 
 # A consumer group's blocking connections are named CLIENT_NAME_PREFIX +
-# "<group>/<consumer>" (percent-encoded), so that others can tell it alive.
+# "<group>/<consumer>/<stream>,..." (percent-encoded), so that others can
+# tell it alive (see _ConsumerNames).
 CLIENT_NAME_PREFIX = "streamz-redis/"
 
 # How many elements a sink holds, received and not yet confirmed by Redis,
@@ -2830,39 +2831,51 @@ class _ClaimSweep:
 
 class _ConsumerNames:
     """Who reads as which consumer of a group. A consumer group source names
-    its blocking connections after its group and consumer (CLIENT SETNAME),
-    so that a consumer can be told alive (CLIENT LIST) where Redis before 7.2
-    does not say so (a blocking read that returns nothing leaves the
-    consumer's ``idle`` growing), and a second process reading as the same
-    consumer can be noticed."""
+    its blocking connections after its group, its consumer and its streams
+    (CLIENT SETNAME ``streamz-redis/<group>/<consumer>/<stream>,...``, each
+    percent-encoded), so that a consumer can be told alive (CLIENT LIST) where
+    Redis before 7.2 does not say so (a blocking read that returns nothing
+    leaves the consumer's ``idle`` growing), and a second process reading a
+    stream as the same consumer can be noticed. (A group is a stream's: one
+    name on two streams is two consumers.)"""
 
     def __init__(self, source):
         self.source = source
 
-    def client_name(self):
-        return f"{self.prefix()}{quote(self.source.consumer, safe='')}"
-
     def prefix(self):
         return f"{CLIENT_NAME_PREFIX}{quote(self.source.group, safe='')}/"
 
+    def client_name(self):
+        streams = ",".join(quote(name, safe="") for name in sorted(self.source.start_ids))
+        return f"{self.prefix()}{quote(self.source.consumer, safe='')}/{streams}"
+
+    def readers(self, rows):
+        """``(consumer, streams, row)`` of the connections in ``rows`` (CLIENT
+        LIST) that read this group as some consumer."""
+        prefix = self.prefix()
+        for row in rows:
+            if row["name"].startswith(prefix):
+                consumer, _, streams = row["name"][len(prefix):].partition("/")
+                yield unquote(consumer), {unquote(name) for name in streams.split(",")}, row
+
     async def live(self, wires):
-        prefix, live = self.prefix(), {self.source.consumer}
+        live = {self.source.consumer}
         for wire in wires:
             others = await wire.others()
             if others is None:
                 return None
-            live.update(unquote(row["name"][len(prefix):]) for row in others
-                        if row["name"].startswith(prefix))
+            live.update(consumer for consumer, _, _ in self.readers(others))
         return live
 
     async def say_if_taken(self, wires):
-        """Two processes reading as one consumer share its entries and replay
-        each other's pending ones, silently: say so at start()."""
-        source, name = self.source, self.client_name()
+        """Two processes reading one stream as one consumer share its entries
+        and replay each other's pending ones, silently: say so at start()."""
+        source = self.source
         for wire in wires:
-            others = [row for row in await wire.others() or () if row["name"] == name]
-            if others:
-                where = ", ".join(f"{row.get('addr')} (client {row['id']})" for row in others[:3])
+            taken = [row for consumer, streams, row in self.readers(await wire.others() or ())
+                     if consumer == source.consumer and streams & set(source.start_ids)]
+            if taken:
+                where = ", ".join(f"{row.get('addr')} (client {row['id']})" for row in taken[:3])
                 log.error("%s: another process already reads as consumer %r of group %r (%s): "
                           "the two share its entries, and each replays the other's pending "
                           "ones; give each process a name of its own", source, source.consumer,

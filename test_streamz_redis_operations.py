@@ -395,10 +395,12 @@ def test_live_consumers_of_an_idle_stream_are_never_removed(server, r):
 def test_a_second_process_reading_as_the_same_consumer_is_said_at_start(server, r, caplog):
     first = Stream.from_redis_consumer_group("jobs", "workers", "worker-1")
     first.start()
-    second = Stream.from_redis_consumer_group("jobs", "workers", "worker-1")  # a copy-paste
+    second = Stream.from_redis_consumer_group(["mail", "jobs"], "workers", "worker-1")  # a copy-paste
     other = Stream.from_redis_consumer_group("jobs", "workers", "worker-2")
+    elsewhere = Stream.from_redis_consumer_group("mail", "workers", "worker-1")  # another stream's group
     with caplog.at_level(logging.ERROR, logger="streamz_redis"):
         other.start()
+        elsewhere.start()
         assert not caplog.messages
         second.start()
     [line] = [m for m in caplog.messages if "already reads as consumer 'worker-1'" in m]
