@@ -46,6 +46,14 @@ HERE = Path(__file__).parent
 
 
 
+def readers_on(node):
+    """How many connections of our sources' blocking reads ``node`` has
+    (they are named after their group and consumer)."""
+    with node.client() as client:
+        return sum(1 for c in client.client_list()
+                   if c.get("name", "").startswith(streamz_redis.CLIENT_NAME_PREFIX))
+
+
 def blocked_reads(node, command="xreadgroup"):
     """How many clients of ``node`` (a server of the cluster) wait in a
     blocking ``command``: the blocking reads of our sources."""
@@ -433,6 +441,10 @@ def test_a_master_killed_stalls_only_its_own_slot_and_that_one_briefly(cluster_w
         dying.wait_replicas = False
         wait_for(lambda: cluster.role(replica) == "master", timeout=30, interval=0.05)
         promoted = time.monotonic()
+        # The killed slot's reads move to the promoted replica: the source's
+        # connection, named after it, is there.
+        wait_for(lambda: readers_on(replica), timeout=30, interval=0.01)
+        moved = time.monotonic() - promoted
         after = len(dying.confirmed)
         wait_for(lambda: len(dying.confirmed) >= after + 100, timeout=30)
     finally:
@@ -446,13 +458,16 @@ def test_a_master_killed_stalls_only_its_own_slot_and_that_one_briefly(cluster_w
     resumed = min(arrived[key] for key in confirmed_a if key[1] >= after) - promoted
     print(f"replica promoted {promoted - killed:.1f} s after the kill; healthy slots: "
           f"{len(during)} entries added meanwhile, the slowest emitted {max(during):.2f} s after it "
-          f"was added; the killed slot emitted again {resumed:.2f} s after the promotion")
+          f"was added; the killed slot read from the replica {moved:.2f} s after the promotion, "
+          f"and emitted again {resumed:.2f} s after it (that waits on the producer too)")
     # Before, one back-off shared by every slot climbed towards BACKOFF_CAP on
     # the dead one and held up the others (3.7 s here; 16 to 19 s with 20
     # streams); the killed slot read again 4.4 s after the promotion.
     cap = streamz_redis_cluster.ClusterTopology.slot_backoff_cap
-    assert max(during) < cap  # healthy slots: within about a second of their producer
-    assert resumed < 3 * cap  # the killed one: its own back-off, and the producer's retry
+    # Healthy slots: within about a second of their producer (while a slot has
+    # no master every node answers CLUSTERDOWN, which each slot backs off from).
+    assert max(during) < 2 * cap
+    assert moved < 2 * cap  # the killed one: within its own back-off of the promotion
     assert source.running and source.metrics()["reconnects"] >= 1
 
 
