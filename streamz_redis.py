@@ -65,6 +65,7 @@ import importlib
 import inspect
 import logging
 import math
+import numbers
 import os
 import re
 import signal
@@ -3674,10 +3675,22 @@ class _RedisSink(_RedisNode, Sink):
         """The command that writes ``write``, as an argument list."""
         raise NotImplementedError
 
+    def write_steps(self, write):
+        """The commands that write ``write``, in order, all on ``write.key``
+        (a counter of several fields, then its EXPIRE): an exactly-once
+        script runs them all. One, for most sinks."""
+        return [self.write_command(write)]
+
     def write_commands(self, writes):
         """The commands of ``writes``, in order, each with how many of them
-        it carries: one each."""
-        return [(self.write_command(write), 1) for write in writes]
+        it carries: one each, and 0 for the later steps of a write, whose
+        error is that write's too."""
+        commands = []
+        for write in writes:
+            first, *rest = self.write_steps(write)
+            commands.append((first, 1))
+            commands.extend((step, 0) for step in rest)
+        return commands
 
     def _target(self, element, what):
         """The key or channel for ``element``: fixed, or given by a function."""
@@ -3751,10 +3764,15 @@ class _RedisSink(_RedisNode, Sink):
         if not todo:
             return
         commands = self.plan.commands([writes[i] for i in todo])
-        answers = iter(todo)
+        answers, carrying = iter(todo), []
         for (_, carried), answer in zip(commands, await self._send([c for c, _ in commands])):
-            for _ in range(carried):
-                replies[next(answers)] = answer
+            if carried:
+                carrying = [next(answers) for _ in range(carried)]
+                answer = True if answer is None else answer  # None: no reply yet
+            elif not isinstance(answer, Exception):
+                continue  # a later step of the writes before it (or a SCRIPT LOAD)
+            for i in carrying:
+                replies[i] = answer
 
     def _confirm(self, writes, replies):
         """Let go of each write Redis stored (acknowledging with it the
@@ -4065,6 +4083,328 @@ class to_redis_pubsub(_RedisSink):
 
     async def _send(self, commands):
         return await self.topology.publish(self._redis, commands)
+
+
+# ---- Sinks of keys: hashes, keys, sorted sets, sets, any command ---------
+
+
+def _ttl(ttl):
+    """``ttl=``: None, or a whole number of seconds above 0."""
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, numbers.Integral) or ttl <= 0:
+        raise ValueError(f"ttl must be a whole number of seconds above 0, not {ttl!r}")
+    return int(ttl)
+
+
+def _number(value, what):
+    """An increment, or a score: an int (within Redis's 64 bits) or a finite
+    float; anything else raises naming ``what``."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        if not -2**63 <= value < 2**63:
+            raise ValueError(f"{what} is {value}, beyond Redis's 64-bit integers")
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError(f"{what} is {value!r}; Redis adds finite numbers only")
+        return float(value)
+    raise TypeError(f"{what} is a {type(value).__name__} ({_name_of(value)}), not a number "
+                    "(an int or a float)")
+
+
+def _adds(number):
+    """The suffix of the command that adds ``number``: INCRBY or INCRBYFLOAT."""
+    return "FLOAT" if type(number) is float else ""
+
+
+class _KeySink(_RedisSink):
+    """What the sinks of keys share. An element's key is ``key`` if it is a
+    str, the return of ``key(element)`` if it is a function, and otherwise
+    (``key=None``) the element is a ``(key, value)`` pair. ``ttl`` adds an
+    EXPIRE of the key after each write, in the same round trip. A subclass
+    turns a value into what its commands send (``_value``) and that into its
+    commands on the key (``_steps``)."""
+
+    shape = "value"  # what a value is, for the error of a wrong element
+
+    def __init__(self, upstream, key=None, *, ttl=None, increment=False, **kwargs):
+        if key is not None and not callable(key):
+            _key_name(key, "key")
+        self.target = key
+        self.ttl = _ttl(ttl)
+        self.increment = bool(increment)
+        super().__init__(upstream, **kwargs)
+
+    def _describe(self):
+        return "<(key, value) elements>" if self.target is None else super()._describe()
+
+    def _prepare_write(self, element, metadata):
+        if self.target is not None:
+            return _Write(element, self._target(element, "key"), self._value(element), metadata)
+        if not isinstance(element, (tuple, list)) or len(element) != 2:
+            raise TypeError(f"{self}: with no key given, an element is a (key, {self.shape}) "
+                            f"pair, not {_name_of(element)}")
+        key, value = element
+        return _Write(element, _key_name(key, f"{self}: the key of an element"), self._value(value), metadata)
+
+    def _value(self, value):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _steps(self, key, value):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def write_steps(self, write):
+        steps = self._steps(write.key, write.value)
+        if self.ttl is not None:
+            steps.append(["EXPIRE", write.key, self.ttl])
+        return steps
+
+
+@Stream.register_api()
+class to_redis_hash(_KeySink):
+    """Write each element, a mapping of field -> value, into a Redis hash
+    (HSET); with ``increment=True`` add each value to its field (HINCRBY,
+    HINCRBYFLOAT for a float): counters.
+
+    Field names and values must be ``str``, ``bytes``, ``int`` or ``float``;
+    with ``increment=True`` each value must be an int (within 64 bits) or a
+    finite float. Anything else raises ``TypeError`` (or ``ValueError``)
+    naming the sink and the field, in the emit that brought it: the upstream
+    entry is not acknowledged. Pipelining, holding references until Redis
+    confirms, back-pressure, retries and failures are as for
+    ``to_redis_stream``: at-least-once, so a retried round trip may add an
+    increment twice, unless ``exactly_once=True``.
+
+    Parameters
+    ----------
+    key : str or callable, optional
+        The hash's key, or a function of the element that returns it. Without
+        it, each element is a ``(key, mapping)`` pair.
+    increment : bool
+        Add the values to the fields instead of setting them. A field that
+        holds a fraction takes only floats (Redis's HINCRBY refuses it).
+    ttl : int, optional
+        Seconds: an EXPIRE of the key after each write, in the same round trip.
+    exactly_once : bool
+        Write each element, increments included, and acknowledge the entries
+        it came from in one script: through crashes and restarts, a counter
+        fed by a consumer group counts each entry once. A key that holds
+        another type, or a field that holds no number, is refused before
+        anything is written.
+    max_in_flight, url, client_kwargs, client, cluster, **kwargs
+        As for ``to_redis_stream``.
+
+    Examples
+    --------
+    >>> source = Stream.from_redis_consumer_group("views", "counting", "c-1")  # doctest: +SKIP
+    >>> source.map(lambda e: {e.fields["page"]: 1}).to_redis_hash(  # doctest: +SKIP
+    ...     "views:per-page", increment=True, exactly_once=True)
+    """
+
+    shape = "mapping"
+
+    def _value(self, mapping):
+        if not isinstance(mapping, Mapping) or not mapping:
+            raise TypeError(f"{self}: an element is a non-empty mapping of field -> value, not "
+                            f"{_name_of(mapping)}")
+        if self.increment:
+            return [(_redis_value(field, f"{self}: field name {field!r}"),
+                     _number(value, f"{self}: the increment of field {field!r}"))
+                    for field, value in mapping.items()]
+        return [part for field, value in mapping.items()
+                for part in (_redis_value(field, f"{self}: field name {field!r}"),
+                             _redis_value(value, f"{self}: field {field!r}"))]
+
+    def _steps(self, key, value):
+        if self.increment:
+            return [[f"HINCRBY{_adds(n)}", key, field, n] for field, n in value]
+        return [["HSET", key, *value]]
+
+
+@Stream.register_api()
+class to_redis_key(_KeySink):
+    """Set a Redis key to each element (SET, with EX when ``ttl`` is given),
+    or with ``increment=True`` add each element to the number it holds
+    (INCRBY, INCRBYFLOAT for a float): a cache, or a counter.
+
+    Values must be ``str``, ``bytes``, ``int`` or ``float``; increments an
+    int or a finite float. Errors, pipelining and guarantees are as for
+    ``to_redis_hash``.
+
+    Parameters
+    ----------
+    key : str or callable, optional
+        The key, or a function of the element that returns it. Without it,
+        each element is a ``(key, value)`` pair.
+    increment : bool
+        Add each element to the key's number instead of setting it.
+    ttl : int, optional
+        Seconds the key lives after each write.
+    exactly_once, max_in_flight, url, client_kwargs, client, cluster, **kwargs
+        As for ``to_redis_hash``.
+
+    Examples
+    --------
+    >>> source.map(lambda e: (f"user:{e.fields['id']}:seen", e.id)).to_redis_key(  # doctest: +SKIP
+    ...     ttl=3600)
+    """
+
+    def _value(self, value):
+        if self.increment:
+            return _number(value, f"{self}: the increment")
+        return _redis_value(value, f"{self}: the value")
+
+    def write_steps(self, write):
+        if self.increment:
+            return super().write_steps(write)
+        return [["SET", write.key, write.value, *(() if self.ttl is None else ("EX", self.ttl))]]
+
+    def _steps(self, key, value):
+        return [[f"INCRBY{_adds(value)}", key, value]]
+
+
+@Stream.register_api()
+class to_redis_sorted_set(_KeySink):
+    """Add each element, a ``(member, score)`` pair or a mapping of member
+    -> score, to a Redis sorted set (ZADD); with ``increment=True`` add each
+    score to its member's (ZINCRBY): leaderboards.
+
+    Members must be ``str``, ``bytes``, ``int`` or ``float``; scores an int
+    (within 64 bits) or a finite float. Errors, pipelining and guarantees are
+    as for ``to_redis_hash``.
+
+    Parameters
+    ----------
+    key : str or callable, optional
+        The sorted set's key, or a function of the element that returns it.
+        Without it, each element is a ``(key, (member, score))`` pair (or
+        ``(key, mapping)``).
+    increment : bool
+        Add the scores to the members' instead of setting them.
+    ttl, exactly_once, max_in_flight, url, client_kwargs, client, cluster, **kwargs
+        As for ``to_redis_hash``.
+
+    Examples
+    --------
+    >>> source.map(lambda e: (e.fields["player"], int(e.fields["points"]))).to_redis_sorted_set(  # doctest: +SKIP
+    ...     "leaderboard", increment=True, exactly_once=True)
+    """
+
+    shape = "(member, score) pair, or mapping"
+
+    def _value(self, value):
+        if isinstance(value, Mapping) and value:
+            pairs = value.items()
+        elif isinstance(value, (tuple, list)) and len(value) == 2:
+            pairs = [value]
+        else:
+            raise TypeError(f"{self}: an element is a (member, score) pair or a non-empty mapping "
+                            f"of member -> score, not {_name_of(value)}")
+        return [(_redis_value(member, f"{self}: member {member!r}"),
+                 _number(score, f"{self}: the score of member {member!r}")) for member, score in pairs]
+
+    def _steps(self, key, pairs):
+        if self.increment:
+            return [["ZINCRBY", key, score, member] for member, score in pairs]
+        return [["ZADD", key, *[part for member, score in pairs for part in (score, member)]]]
+
+
+@Stream.register_api()
+class to_redis_set(_KeySink):
+    """Add each element to a Redis set (SADD): "seen" sets. An element is a
+    member (``str``, ``bytes``, ``int`` or ``float``), or a list, tuple or set
+    of members added together. Errors, pipelining and guarantees are as for
+    ``to_redis_hash``.
+
+    Parameters
+    ----------
+    key : str or callable, optional
+        The set's key, or a function of the element that returns it. Without
+        it, each element is a ``(key, member)`` pair (or ``(key, members)``).
+    ttl, exactly_once, max_in_flight, url, client_kwargs, client, cluster, **kwargs
+        As for ``to_redis_hash``.
+
+    Examples
+    --------
+    >>> source.map(lambda e: e.fields["user"]).to_redis_set("users:seen", ttl=86400)  # doctest: +SKIP
+    """
+
+    shape = "member"
+
+    def __init__(self, upstream, key=None, *, ttl=None, **kwargs):
+        super().__init__(upstream, key, ttl=ttl, **kwargs)
+
+    def _value(self, value):
+        if isinstance(value, (list, tuple, set, frozenset)):
+            if not value:
+                raise ValueError(f"{self}: an empty {type(value).__name__} adds no member")
+            return [_redis_value(member, f"{self}: a member") for member in value]
+        return [_redis_value(value, f"{self}: the member")]
+
+    def _steps(self, key, members):
+        return [["SADD", key, *members]]
+
+
+# Commands a pipeline of writes cannot carry: they block the connection, or
+# change its state for the commands after them.
+_NOT_A_WRITE = frozenset("""
+    MULTI EXEC DISCARD WATCH UNWATCH SELECT AUTH HELLO RESET QUIT CLIENT MONITOR SYNC PSYNC
+    SUBSCRIBE PSUBSCRIBE SSUBSCRIBE UNSUBSCRIBE PUNSUBSCRIBE SUNSUBSCRIBE READONLY READWRITE
+    BLPOP BRPOP BLMOVE BRPOPLPUSH BLMPOP BZPOPMIN BZPOPMAX BZMPOP WAIT WAITAOF
+""".split())
+
+
+@Stream.register_api()
+class to_redis_command(_RedisSink):
+    """Send each element, a command such as ``("PFADD", "visitors", user)``,
+    in the sinks' pipeline: the way to every write the other sinks do not
+    wrap.
+
+    The command's name comes first, then its arguments (``str``, ``bytes``,
+    ``int`` or ``float``). A command that blocks or changes the connection
+    (``MULTI``, ``SUBSCRIBE``, ``BLPOP``, ``SELECT``, ...) raises
+    ``ValueError``. Pipelining, holding references until Redis confirms,
+    back-pressure, retries and failures are as for ``to_redis_stream``; the
+    reply is not kept.
+
+    With ``exactly_once=True`` the command runs in the script that
+    acknowledges its entries, as with the other sinks. A script must name its
+    keys, and the sink takes the command's first argument for its one key:
+    that holds for commands on one key (``PFADD``, ``SETBIT``, ``GEOADD``,
+    ``XADD``, ``JSON.SET``, ...); a command without arguments is refused, and
+    one that writes several keys (``MSET``, ``SMOVE``) works on one server
+    but is refused by a Redis Cluster unless its keys share a slot.
+
+    Parameters
+    ----------
+    exactly_once, max_in_flight, url, client_kwargs, client, cluster, **kwargs
+        As for ``to_redis_stream``.
+
+    Examples
+    --------
+    >>> source.map(lambda e: ("PFADD", "visitors", e.fields["user"])).to_redis_command()  # doctest: +SKIP
+    """
+
+    def __init__(self, upstream, **kwargs):
+        self.target = None
+        super().__init__(upstream, **kwargs)
+
+    def _describe(self):
+        return "<commands>"
+
+    def _prepare_write(self, element, metadata):
+        if not isinstance(element, (tuple, list)) or not element or not isinstance(element[0], str):
+            raise TypeError(f"{self}: an element is a command, a tuple such as ('PFADD', 'visitors', "
+                            f"'alice') whose first item is its name, not {_name_of(element)}")
+        name = element[0].upper()
+        if name in _NOT_A_WRITE:
+            raise ValueError(f"{self}: {name} blocks or changes the connection; it cannot go in a "
+                             "pipeline of writes")
+        args = [_redis_value(arg, f"{self}: argument {i} of {name}") for i, arg in enumerate(element[1:], 1)]
+        return _Write(element, args[0] if args else None, [name, *args], metadata)
+
+    def write_command(self, write):
+        return write.value
 
 
 # --------------------------------------------------------------------------

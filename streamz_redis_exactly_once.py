@@ -1,5 +1,6 @@
-"""Exactly-once writes for streamz-redis: ``exactly_once=True`` on
-``to_redis_stream`` and ``to_redis_list``.
+"""Exactly-once writes for streamz-redis: ``exactly_once=True`` on the
+sinks that write keys (streams, lists, hashes, keys, sorted sets, sets and
+commands with a key).
 
 ``streamz_redis`` imports this module when a sink is made with
 ``exactly_once=True``, and never otherwise. ``ExactlyOnce`` is the sink's
@@ -18,7 +19,6 @@ from in one script, so that after a crash the output holds each input once.
 """
 
 import hashlib
-from collections.abc import Mapping
 
 from streamz_redis import _leaves, _references, log
 
@@ -37,8 +37,9 @@ UNPACK_LIMIT = 7900
 # Elements and the acknowledgement of the upstream entries each carries, in one
 # script: as if each element ran a script of its own, together. KEYS[1] is
 # where the elements go, KEYS[2..] the stream (or processing list) of each
-# entry, in order. ARGV: the write's command, the number of elements, then for
-# each element how many arguments follow the key, those arguments and how many
+# entry, in order. ARGV: the number of elements, then for each element how
+# many steps (commands on KEYS[1]) it takes, each step as how many arguments
+# follow, its command name and the arguments after the key, and how many
 # entries it carries; then each entry's acknowledgement (XACK group id, or
 # LREM 1 item). Nothing is written unless every step can run: Redis does not
 # undo a script that fails half-way.
@@ -48,13 +49,23 @@ UNPACK_LIMIT = 7900
 #   consumer took over and acknowledged is not written again.
 # - A missing group or a key of the wrong type fails the first XPENDING (or
 #   LPOS) before anything is written; Redis 7 checks the user's permissions
-#   for every step first. The reply is how many elements were written.
+#   for every step first. Every step writes KEYS[1], so a key of another type
+#   fails the first write, before anything is written; a counter that holds no
+#   number (HINCRBY and INCRBY would fail half-way: another field of the key,
+#   or its first steps, already added) is refused before anything is written
+#   too, as is an integer added to a field this script made a fraction. The
+#   reply is how many elements were written.
 WRITE_AND_ACKNOWLEDGE = """
-local elements, at = {}, 3
-for i = 1, tonumber(ARGV[2]) do
-    local n = tonumber(ARGV[at])
-    elements[i] = {at + 1, at + n, tonumber(ARGV[at + n + 1])}
-    at = at + n + 2
+local elements, at = {}, 2
+for i = 1, tonumber(ARGV[1]) do
+    local steps = {}
+    for j = 1, tonumber(ARGV[at]) do
+        local n = tonumber(ARGV[at + 1])
+        steps[j] = {at + 2, at + n + 1}  -- the command's name, then its arguments after the key
+        at = at + n + 1
+    end
+    elements[i] = {steps, tonumber(ARGV[at + 1])}
+    at = at + 2
 end
 local key, run, taken = 2, {}, {}  -- taken: entries acknowledged by an earlier element
 for _, element in ipairs(elements) do
@@ -65,42 +76,73 @@ for _, element in ipairs(elements) do
         pending = redis.call('LPOS', KEYS[key], ARGV[at + 2], 'RANK', (taken[first] or 0) + 1)
     end
     if pending then
-        table.insert(run, {element[1], element[2], key, at, element[3]})
-        for j = 0, element[3] - 1 do
+        table.insert(run, {element[1], key, at, element[2]})
+        for j = 0, element[2] - 1 do
             local entry = KEYS[key + j] .. '\\0' .. ARGV[at + 3 * j + 2]
             taken[entry] = (taken[entry] or 0) + 1
         end
     end
-    key, at = key + element[3], at + 3 * element[3]
+    key, at = key + element[2], at + 3 * element[2]
 end
 if redis.acl_check_cmd then
-    for _, step in ipairs(run) do
-        local allowed = redis.acl_check_cmd(ARGV[1], KEYS[1], unpack(ARGV, step[1], step[2]))
-        for j = 0, step[5] - 1 do
-            local ack = step[4] + 3 * j
-            allowed = allowed and redis.acl_check_cmd(ARGV[ack], KEYS[step[3] + j], ARGV[ack + 1], ARGV[ack + 2])
+    for _, element in ipairs(run) do
+        local allowed = true
+        for _, step in ipairs(element[1]) do
+            allowed = allowed and redis.acl_check_cmd(ARGV[step[1]], KEYS[1], unpack(ARGV, step[1] + 1, step[2]))
+        end
+        for j = 0, element[4] - 1 do
+            local ack = element[3] + 3 * j
+            allowed = allowed and redis.acl_check_cmd(ARGV[ack], KEYS[element[2] + j], ARGV[ack + 1], ARGV[ack + 2])
         end
         if not allowed then
-            return redis.error_reply('NOPERM this user may not run ' .. ARGV[1] .. ' on ' .. KEYS[1] ..
-                ' and acknowledge its entries')
+            return redis.error_reply('NOPERM this user may not run ' .. ARGV[element[1][1][1]] .. ' on ' ..
+                KEYS[1] .. ' and acknowledge its entries')
         end
     end
 end
-local pushed = {}  -- list pushes go in as one (the order is the same)
-for _, step in ipairs(run) do
-    if (ARGV[1] == 'RPUSH' or ARGV[1] == 'LPUSH') and step[1] == step[2] then
-        table.insert(pushed, ARGV[step[1]])
-    else
-        redis.call(ARGV[1], KEYS[1], unpack(ARGV, step[1], step[2]))
+local counted, floated = {}, {}  -- per field: it holds a number to add to; a fraction
+local pushes, pushed = true, {}  -- list pushes of one value each go in as one (the order is the same)
+for _, element in ipairs(run) do
+    for _, step in ipairs(element[1]) do
+        local name = ARGV[step[1]]
+        local hash = name == 'HINCRBY' or name == 'HINCRBYFLOAT'
+        if hash or name == 'INCRBY' or name == 'INCRBYFLOAT' then
+            local field = hash and ARGV[step[1] + 1] or ''
+            local whole = name == 'HINCRBY' or name == 'INCRBY'
+            if counted[field] == nil then
+                local value = hash and redis.call('HGET', KEYS[1], field) or (not hash and redis.call('GET', KEYS[1]))
+                counted[field] = not value or (tonumber(value) ~= nil and (not whole or string.match(value, '^-?%d+$') ~= nil))
+                floated[field] = value and not string.match(value, '^-?%d+$')
+            end
+            local what = KEYS[1] .. (hash and (' field ' .. field) or '')
+            if not counted[field] then
+                return redis.error_reply('ERR ' .. what .. ' holds no ' .. (whole and 'integer' or 'number') ..
+                    ' to add to; nothing was written')
+            elseif whole and floated[field] then
+                return redis.error_reply('ERR ' .. what .. ' holds a fraction (or a float before it made one): ' ..
+                    name .. ' adds integers only, give it floats; nothing was written')
+            end
+            floated[field] = floated[field] or not whole
+        end
+        pushes = pushes and (name == 'RPUSH' or name == 'LPUSH') and step[1] + 1 == step[2] and name == ARGV[run[1][1][1][1]]
+    end
+end
+for _, element in ipairs(run) do
+    for _, step in ipairs(element[1]) do
+        if pushes then
+            table.insert(pushed, ARGV[step[2]])
+        else
+            redis.call(ARGV[step[1]], KEYS[1], unpack(ARGV, step[1] + 1, step[2]))
+        end
     end
 end
 if #pushed > 0 then
-    redis.call(ARGV[1], KEYS[1], unpack(pushed))
+    redis.call(ARGV[run[1][1][1][1]], KEYS[1], unpack(pushed))
 end
-for _, step in ipairs(run) do
-    for j = 0, step[5] - 1 do
-        local ack = step[4] + 3 * j
-        redis.call(ARGV[ack], KEYS[step[3] + j], ARGV[ack + 1], ARGV[ack + 2])
+for _, element in ipairs(run) do
+    for j = 0, element[4] - 1 do
+        local ack = element[3] + 3 * j
+        redis.call(ARGV[ack], KEYS[element[2] + j], ARGV[ack + 1], ARGV[ack + 2])
     end
 end
 return #run
@@ -167,14 +209,19 @@ class ExactlyOnce:
         await self._check_servers(client, writes)
         refused = []
         for write in writes:
-            size = 2 * len(write.value) if isinstance(write.value, Mapping) else 1
+            size = max(len(step) - 2 for step in self.sink.write_steps(write))
+            if write.key is None:
+                refused.append(ValueError(
+                    f"{self.sink}: exactly_once: a command without a key (its first argument) "
+                    "cannot be written with its entries' acknowledgements"))
+                continue
             if size > UNPACK_LIMIT:
                 refused.append(ValueError(
-                    f"{self.sink}: exactly_once: an element of {size // 2} fields cannot be written "
-                    f"by a script (Lua passes at most about {UNPACK_LIMIT} arguments, "
-                    f"{UNPACK_LIMIT // 2} fields); its entries are not acknowledged: split it, or "
-                    "write such elements with a sink without exactly_once (max_deliveries sends "
-                    "them to the dead-letter stream)"))
+                    f"{self.sink}: exactly_once: an element of {size} arguments ({size // 2} fields) "
+                    f"cannot be written by a script (Lua passes at most about {UNPACK_LIMIT} "
+                    f"arguments, {UNPACK_LIMIT // 2} fields); its entries are not acknowledged: "
+                    "split it, or write such elements with a sink without exactly_once "
+                    "(max_deliveries sends them to the dead-letter stream)"))
                 continue
             apart = topology.slots_apart([write.key, *{ack.key for ack in write.acks}])
             reasons = [self.sources_checked[ack.ledger.source] for ack in write.acks
@@ -210,7 +257,7 @@ class ExactlyOnce:
         commands = self.sink.topology.script_preamble(WRITE_AND_ACKNOWLEDGE)
         group, entries, source = [], 0, None  # (write, command) of the script being built
         for write in writes:
-            command = self.sink.write_command(write)
+            steps = self.sink.write_steps(write)
             write_source = {ack.command()[:3] for ack in write.acks}
             if group and (write.key != group[0][0].key or write_source != source
                           or len(group) == SCRIPT_ELEMENTS
@@ -218,13 +265,14 @@ class ExactlyOnce:
                 commands.append((self._script(group), len(group)))
                 group, entries = [], 0
             if not write.acks:  # nothing to acknowledge with it (another node holds its entries)
-                commands.append((command, 1))
-            elif len(write_source) > 1 or len(command) > SCRIPT_ARGUMENTS:
+                commands.append((steps[0], 1))
+                commands.extend((step, 0) for step in steps[1:])
+            elif len(write_source) > 1 or sum(map(len, steps)) > SCRIPT_ARGUMENTS:
                 # Entries of several streams or groups, or an element so large
                 # that Lua may not unpack it: alone, failing on its own.
-                commands.append((self._script([(write, command)]), 1))
+                commands.append((self._script([(write, steps)]), 1))
             else:
-                group.append((write, command))
+                group.append((write, steps))
                 entries += len(write.acks)
                 source = write_source
         if group:
@@ -232,16 +280,19 @@ class ExactlyOnce:
         return commands
 
     def _script(self, group):
-        """The script that runs the commands of ``group``, ``(write,
-        command)`` pairs writing to one key, and acknowledges their entries."""
-        keys, args, steps = [group[0][0].key], [], []
-        for write, command in group:
-            args += [len(command) - 2, *command[2:], len(write.acks)]
+        """The script that runs the steps of ``group``, ``(write, steps)``
+        pairs writing to one key, and acknowledges their entries."""
+        keys, args, acks = [group[0][0].key], [], []
+        for write, steps in group:
+            args.append(len(steps))
+            for step in steps:
+                args += [len(step) - 1, step[0], *step[2:]]
+            args.append(len(write.acks))
             for ack in write.acks:
-                step, key, first, second = ack.command()
+                command, key, first, second = ack.command()
                 keys.append(key)
-                steps += [step, first, second]
-        args = [command[0], len(group), *args, *steps]
+                acks += [command, first, second]
+        args = [len(group), *args, *acks]
         call = self.sink.topology.script_call(WRITE_AND_ACKNOWLEDGE, WRITE_AND_ACKNOWLEDGE_SHA)
         return (*call, len(keys), *keys, *args)
 

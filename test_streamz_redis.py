@@ -39,6 +39,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -3043,6 +3044,186 @@ def test_sinks_inside_a_running_event_loop(server, r):
 
     asyncio.run(main())
     assert results(r, "results") == [{"double": "2"}, {"double": "4"}]
+
+
+# ---- Sinks of keys: hashes, keys, sorted sets, sets, any command -----------
+
+
+def test_a_hash_sink_sets_fields_on_a_fixed_key_a_routed_key_or_the_elements_own(server, r):
+    source = Stream()
+    fixed = source.to_redis_hash("profile")
+    routed = source.to_redis_hash(lambda fields: f"user:{fields['id']}")
+    pairs = Stream()
+    own = pairs.to_redis_hash(ttl=60)
+    source.emit({"id": "a", "name": "Ann"})
+    source.emit({"id": "b", "age": 42})
+    pairs.emit(("cache:x", {"v": 1.5, b"raw": b"\xff"}))
+    for sink in (fixed, routed, own):
+        sink.flush()
+    assert r.hgetall("profile") == {b"id": b"b", b"name": b"Ann", b"age": b"42"}
+    assert r.hgetall("user:a") == {b"id": b"a", b"name": b"Ann"}
+    assert r.hgetall("cache:x") == {b"v": b"1.5", b"raw": b"\xff"}
+    assert 0 < r.ttl("cache:x") <= 60 and r.ttl("profile") == -1
+    assert fixed.metrics()["written"] == 2 and own.metrics()["written"] == 1
+
+
+def test_a_hash_sink_adds_ints_and_floats_to_counters_and_sets_their_ttl(server, r):
+    source = Stream()
+    sink = source.to_redis_hash("hits", increment=True, ttl=100)
+    for element in [{"a": 1, "b": 0.25}, {"a": 2}, {"b": 0.5, "c": -3}]:
+        source.emit(element)
+    sink.flush()
+    assert r.hgetall("hits") == {b"a": b"3", b"b": b"0.75", b"c": b"-3"}
+    assert 90 < r.ttl("hits") <= 100
+
+
+def test_counters_fed_by_batches_count_every_entry_once(server, r):
+    pages = ["home", "cart", "home", "about", "home", "cart"] * 50
+    for page in pages:
+        r.xadd("views", {"page": page})
+    source = Stream.from_redis_consumer_group("views", "counting", "c", start_id="0", count=40,
+                                              batch=True)
+    sink = source.map(lambda entries: Counter(e.fields["page"] for e in entries)).to_redis_hash(
+        "views:per-page", increment=True)
+    source.start()
+    wait_for(lambda: pending(r, "views", "counting") == 0 and entries_read(r, "views", "counting") == 300)
+    assert {k.decode(): int(v) for k, v in r.hgetall("views:per-page").items()} == Counter(pages)
+    assert sink.metrics()["written"] == 300 // 40 + 1
+
+
+def test_a_key_sink_sets_values_with_a_ttl_and_adds_increments(server, r):
+    cache = Stream()
+    cached = cache.to_redis_key(ttl=30)
+    cache.emit(("session:1", "alice"))
+    cache.emit(("session:2", 7))
+    counts = Stream()
+    counted = counts.to_redis_key("total", increment=True)
+    floats = Stream()
+    summed = floats.to_redis_key(lambda x: "sum", increment=True)
+    for n in (1, 2, 3):
+        counts.emit(n)
+        floats.emit(n / 4)
+    for sink in (cached, counted, summed):
+        sink.flush()
+    assert r.mget("session:1", "session:2", "total", "sum") == [b"alice", b"7", b"6", b"1.5"]
+    assert 0 < r.ttl("session:1") <= 30 and r.ttl("total") == -1
+
+
+def test_a_sorted_set_sink_adds_members_sets_scores_and_increments_them(server, r):
+    board = Stream()
+    scores = board.to_redis_sorted_set("scores")
+    board.emit(("alice", 10))
+    board.emit({"bob": 7.5, "carol": 12})
+    board.emit(("alice", 3))  # ZADD sets the score
+    games = Stream()
+    points = games.to_redis_sorted_set(increment=True, ttl=100)
+    for game, player, n in [("g1", "alice", 3), ("g1", "bob", 1), ("g1", "alice", 2), ("g2", "bob", 0.5)]:
+        games.emit((f"points:{game}", (player, n)))
+    scores.flush()
+    points.flush()
+    assert r.zrange("scores", 0, -1, withscores=True) == [(b"alice", 3), (b"bob", 7.5), (b"carol", 12)]
+    assert r.zrange("points:g1", 0, -1, withscores=True) == [(b"bob", 1), (b"alice", 5)]
+    assert r.zrange("points:g2", 0, -1, withscores=True) == [(b"bob", 0.5)]
+    assert 0 < r.ttl("points:g1") <= 100
+
+
+def test_a_set_sink_adds_members_one_or_several_at_a_time(server, r):
+    source = Stream()
+    seen = source.to_redis_set("seen", ttl=50)
+    source.emit("alice")
+    source.emit(["bob", "alice", 3])
+    per_day = Stream()
+    days = per_day.to_redis_set()
+    per_day.emit(("seen:mon", "alice"))
+    seen.flush()
+    days.flush()
+    assert r.smembers("seen") == {b"alice", b"bob", b"3"} and r.smembers("seen:mon") == {b"alice"}
+    assert 0 < r.ttl("seen") <= 50
+
+
+def test_a_command_sink_pipelines_any_command_and_keeps_no_reply(server, r):
+    source = Stream()
+    sink = source.to_redis_command()
+    for user in ["a", "b", "a", "c"]:
+        source.emit(("PFADD", "visitors", user))
+    source.emit(["SETBIT", "flags", 7, 1])
+    source.emit(("GET", "absent"))  # a None reply is a reply: not sent again
+    sink.flush()
+    assert r.pfcount("visitors") == 3 and r.getbit("flags", 7) == 1
+    assert sink.metrics() == {"written": 6, "failed": 0, "in_flight": 0, "writing": 0}
+
+
+@pytest.mark.parametrize("make, element, error, words", [
+    (lambda s: s.to_redis_hash("h"), ["not", "a mapping"], TypeError, "non-empty mapping of field"),
+    (lambda s: s.to_redis_hash("h"), {}, TypeError, "non-empty mapping of field"),
+    (lambda s: s.to_redis_hash("h"), {"f": None}, TypeError, "field 'f' is a NoneType"),
+    (lambda s: s.to_redis_hash("h", increment=True), {"f": "1"}, TypeError, "increment of field 'f' is a str"),
+    (lambda s: s.to_redis_hash("h", increment=True), {"f": float("nan")}, ValueError, "finite numbers only"),
+    (lambda s: s.to_redis_hash("h", increment=True), {"f": 2**63}, ValueError, "64-bit"),
+    (lambda s: s.to_redis_hash(), {"f": 1}, TypeError, r"no key given, an element is a \(key, mapping\) pair"),
+    (lambda s: s.to_redis_hash(), (1, {"f": 1}), TypeError, "the key of an element must be a str"),
+    (lambda s: s.to_redis_key("k", increment=True), True, TypeError, "increment is a bool"),
+    (lambda s: s.to_redis_key("k"), [1], TypeError, "the value is a list"),
+    (lambda s: s.to_redis_sorted_set("z"), ("alice",), TypeError, r"\(member, score\) pair"),
+    (lambda s: s.to_redis_sorted_set("z"), ("alice", "high"), TypeError, "score of member 'alice' is a str"),
+    (lambda s: s.to_redis_set("s"), [], ValueError, "adds no member"),
+    (lambda s: s.to_redis_set("s"), {"a": 1}, TypeError, "the member is a dict"),
+    (lambda s: s.to_redis_command(), "PING", TypeError, "an element is a command"),
+    (lambda s: s.to_redis_command(), ("SUBSCRIBE", "ch"), ValueError, "SUBSCRIBE blocks or changes"),
+    (lambda s: s.to_redis_command(), ("SET", "k", None), TypeError, "argument 2 of SET is a NoneType"),
+])
+def test_an_element_of_the_wrong_shape_is_an_error_naming_the_sink_and_what_is_wrong(
+        server, make, element, error, words):
+    source = Stream()
+    sink = make(source)
+    with pytest.raises(error, match=words) as raised:
+        source.emit(element)
+    assert f"<{type(sink).__name__} " in str(raised.value) or "must be" in str(raised.value)
+    assert sink.metrics()["in_flight"] == 0
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda s: s.to_redis_hash("h", ttl=0), "ttl must be a whole number of seconds above 0"),
+    (lambda s: s.to_redis_key("k", ttl=1.5), "ttl must be a whole number"),
+    (lambda s: s.to_redis_set(123), "key must be a str or bytes"),
+])
+def test_a_sink_of_keys_with_a_bad_argument_is_refused_when_made(make, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        make(Stream())
+
+
+def test_a_wrong_element_and_a_wrong_type_of_key_leave_their_entries_pending(server, r, caplog):
+    r.set("per-page", "a string, not a hash")
+    for page in ["home", "oops", "cart"]:
+        r.xadd("views", {"page": page})
+    source = Stream.from_redis_consumer_group("views", "counting", "c", start_id="0")
+    counts = source.map(lambda e: {e.fields["page"]: "x" if e.fields["page"] == "oops" else 1})
+    sink = counts.to_redis_hash("per-page", increment=True)
+    with caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        source.start()
+        wait_for(lambda: sink.metrics()["failed"] == 2 and source.metrics()["failed"] == 1)
+    source.stop()
+    assert pending(r, "views", "counting") == 3  # nothing acknowledged, nothing dropped
+    assert any("processing failed for entry" in m and "increment of field 'oops' is a str" in m
+               for m in caplog.messages)
+    assert any("WRONGTYPE" in m and "not acknowledged" in m and "of stream 'views'" in m
+               for m in caplog.messages)
+    r.delete("per-page")  # fixed: the two good entries are counted once replayed
+    source.start()
+    wait_for(lambda: r.hgetall("per-page") == {b"home": b"1", b"cart": b"1"})
+
+
+def test_a_later_command_of_a_write_that_fails_fails_the_write(server, r, caplog):
+    r.hset("hits", "b", "not a number")
+    r.xadd("views", {"n": 1})
+    source = Stream.from_redis_consumer_group("views", "counting", "c", start_id="0")
+    sink = source.map(lambda e: {"a": 1, "b": 1}).to_redis_hash("hits", increment=True)
+    with caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        source.start()
+        wait_for(lambda: sink.metrics()["failed"] == 1)
+    source.stop()
+    assert pending(r, "views", "counting") == 1  # HINCRBY b failed: not acknowledged
+    assert r.hget("hits", "a") == b"1"  # at-least-once: field a was added (exactly_once would not)
 
 
 # --------------------------------------------------------------------------
