@@ -26,9 +26,12 @@ Sources:
     pattern)``. At-most-once, as Pub/Sub itself.
 
 Sinks, ``stream.to_redis_stream(name)``, ``stream.to_redis_list(key)`` and
-``stream.to_redis_pubsub(channel)``, pipeline their writes and hold each
-element's streamz reference until Redis has confirmed the write, so that an
-upstream consumer-group entry is acknowledged only once its result is stored.
+``stream.to_redis_pubsub(channel)``, and for keys ``to_redis_hash``,
+``to_redis_key``, ``to_redis_sorted_set`` and ``to_redis_set`` (with
+``ttl=``, and ``increment=True`` for counters) and ``to_redis_command`` for
+any other write, pipeline their writes and hold each element's streamz
+reference until Redis has confirmed the write, so that an upstream
+consumer-group entry is acknowledged only once its result is stored.
 
 This file is the whole of what one server needs; it can be vendored alone.
 Three optional modules beside it are imported only when an option asks for
@@ -53,7 +56,7 @@ The sections, in dependency order (nothing refers to a later one):
    the source base (``_RedisSource``): start, stop, the read-and-emit loop.
 9. The sources.
 10. The sinks: the sink base with its write plan (the seam exactly-once
-    replaces), and the three sinks.
+    replaces), the stream, list and Pub/Sub sinks, and the sinks of keys.
 11. The command line, handed over to ``streamz_redis_operations``.
 """
 

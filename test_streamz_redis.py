@@ -486,7 +486,8 @@ def test_nodes_are_found_through_entry_points_without_importing_the_module(serve
         source.stop()
         print(seen)
         for name in ("from_redis_streams", "from_redis_consumer_group", "from_redis_pubsub",
-                     "to_redis_stream", "to_redis_list", "to_redis_pubsub"):
+                     "to_redis_stream", "to_redis_list", "to_redis_pubsub", "to_redis_hash",
+                     "to_redis_key", "to_redis_sorted_set", "to_redis_set", "to_redis_command"):
             assert callable(getattr(Stream, name))
         """
     )

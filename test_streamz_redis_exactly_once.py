@@ -289,6 +289,110 @@ def test_an_element_too_large_for_a_script_fails_alone(server, r):
 
 
 # --------------------------------------------------------------------------
+# Exactly-once counters: hashes, sorted sets, keys, sets and commands
+# --------------------------------------------------------------------------
+
+
+KEY_SINKS = {
+    "hash": (lambda s: s.map(lambda e: {f"k{int(e.fields['n']) % 3}": 1}).to_redis_hash(
+        "totals", increment=True, ttl=600, exactly_once=True),
+             lambda r: {k.decode(): int(v) for k, v in r.hgetall("totals").items()}),
+    "sorted_set": (lambda s: s.map(lambda e: (f"k{int(e.fields['n']) % 3}", 0.5)).to_redis_sorted_set(
+        "totals", increment=True, ttl=600, exactly_once=True),
+                   lambda r: {k.decode(): v * 2 for k, v in r.zrange("totals", 0, -1, withscores=True)}),
+    "key": (lambda s: s.map(lambda e: (f"totals:k{int(e.fields['n']) % 3}", 1)).to_redis_key(
+        increment=True, ttl=600, exactly_once=True),
+            lambda r: {k.decode()[7:]: int(r.get(k)) for k in r.keys("totals:*")}),
+    "set": (lambda s: s.map(lambda e: ("totals", e.id)).to_redis_set(ttl=600, exactly_once=True),
+            lambda r: {"k0": r.scard("totals") // 3, "k1": r.scard("totals") // 3,
+                       "k2": r.scard("totals") // 3}),
+    "command": (lambda s: s.map(lambda e: ("HINCRBY", "totals", f"k{int(e.fields['n']) % 3}", 1))
+                .to_redis_command(exactly_once=True),
+                lambda r: {k.decode(): int(v) for k, v in r.hgetall("totals").items()}),
+}
+
+
+@pytest.mark.parametrize("kind", KEY_SINKS)
+def test_an_exactly_once_sink_of_keys_writes_and_acknowledges_each_entry_in_one_script(server, r, kind):
+    make, totals = KEY_SINKS[kind]
+    for n in range(300):
+        r.xadd("views", {"n": n})
+    source = Stream.from_redis_consumer_group("views", "counting", "c", start_id="0")
+    sink = make(source)
+    r.config_resetstat()
+    source.start()
+    wait_for(lambda: pending(r, "views", "counting") == 0 and sink.metrics()["written"] == 300)
+    source.stop()
+    assert totals(r) == {"k0": 100, "k1": 100, "k2": 100}
+    assert call_count(r, "xack") == 300  # each inside a script
+    # Consecutive writes to one key go in one script; the key sink's keys take turns.
+    assert call_count(r, "evalsha") == 300 if kind == "key" else call_count(r, "evalsha") < 300
+    if kind != "command":
+        assert max(r.ttl(key) for key in r.keys("totals*")) > 500  # the EXPIRE ran in the script
+
+
+def key_sink_script_runs(r, sink, elements, acks):
+    """The script the sink's own builder makes for ``elements``, each
+    carrying its acknowledgement, run once."""
+    writes = []
+    for element, ack in zip(elements, acks):
+        write = sink._prepare_write(element, [])
+        write.acks = [ack]
+        writes.append(write)
+    replies = []
+    for command, _ in sink.plan.commands(writes):
+        try:
+            replies.append(r.execute_command(*command))
+        except redis.ResponseError as refused:
+            replies.append(refused)
+    return replies
+
+
+def test_an_exactly_once_counter_sent_twice_counts_once(server, r):
+    entry = r.xadd("views", {"n": 0}).decode()
+    r.xgroup_create("views", "counting", "0")
+    r.xreadgroup("counting", "c", {"views": ">"})
+    sink = Stream().to_redis_hash("totals", increment=True, exactly_once=True)
+    ack = _AckOf("XACK", "views", "counting", entry)
+    key_sink_script_runs(r, sink, [{"a": 1, "b": 2.5}], [ack])
+    key_sink_script_runs(r, sink, [{"a": 1, "b": 2.5}], [ack])  # a reply lost, sent again
+    assert r.hgetall("totals") == {b"a": b"1", b"b": b"2.5"} and pending(r, "views", "counting") == 0
+
+
+def test_an_exactly_once_counter_that_holds_no_number_writes_nothing_and_says_why(server, r, caplog):
+    ids = [r.xadd("views", {"n": n}).decode() for n in range(2)]
+    r.xgroup_create("views", "counting", "0")
+    r.xreadgroup("counting", "c", {"views": ">"})
+    acks = [_AckOf("XACK", "views", "counting", i) for i in ids]
+    r.hset("totals", "b", "not a number")
+    sink = Stream().to_redis_hash("totals", increment=True, exactly_once=True)
+    [_, refused] = key_sink_script_runs(r, sink, [{"a": 1}, {"a": 1, "b": 1}], acks)
+    assert "totals field b holds no integer to add to; nothing was written" in str(refused)
+    assert r.hget("totals", "a") is None and pending(r, "views", "counting") == 2
+    # A float, then an integer, into one field in one script: HINCRBY would
+    # refuse the fraction half-way, so nothing is written.
+    r.delete("totals")
+    [_, refused] = key_sink_script_runs(r, sink, [{"a": 0.5}, {"a": 1}], acks)
+    assert "holds a fraction" in str(refused) and not r.exists("totals")
+    r.set("counter", "abc")
+    counter = Stream().to_redis_key("counter", increment=True, exactly_once=True)
+    [_, refused] = key_sink_script_runs(r, counter, [1, 1], acks)
+    assert "counter holds no integer" in str(refused) and r.get("counter") == b"abc"
+    assert pending(r, "views", "counting") == 2
+
+
+def test_an_exactly_once_command_without_a_key_is_refused_and_its_entry_waits(server, r, caplog):
+    r.xadd("views", {"n": 0})
+    source = Stream.from_redis_consumer_group("views", "counting", "c", start_id="0")
+    sink = source.map(lambda e: ("PING",)).to_redis_command(exactly_once=True)
+    with caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        source.start()
+        wait_for(lambda: sink.metrics()["failed"] == 1)
+    assert any("a command without a key" in m for m in caplog.messages)
+    assert pending(r, "views", "counting") == 1
+
+
+# --------------------------------------------------------------------------
 # A worker killed with SIGKILL, again and again
 # --------------------------------------------------------------------------
 
@@ -365,3 +469,71 @@ def test_three_sigkills_leave_each_input_exactly_once_in_the_output(server, r, t
         assert duplicates == 0
     else:
         assert duplicates > 0  # what exactly_once is for: the test can fail
+
+
+COUNTING_WORKER = textwrap.dedent(
+    """
+    import sys, threading
+    from streamz import Stream
+    url, shape, exactly_once = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+    source = Stream.from_redis_consumer_group("numbers", "counters", "counter-1", url=url, count=50)
+    if shape == "hash":
+        source.map(lambda e: {f"k{int(e.fields['n']) % 10}": int(e.fields["n"]) % 7 + 1}).to_redis_hash(
+            "totals", increment=True, url=url, exactly_once=exactly_once)
+    else:
+        source.map(lambda e: (f"k{int(e.fields['n']) % 10}", int(e.fields["n"]) % 7 + 1)).to_redis_sorted_set(
+            "totals", increment=True, url=url, exactly_once=exactly_once)
+    source.start()
+    print("started", flush=True)
+    threading.Event().wait()
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape, exactly_once", [("hash", True), ("sorted_set", True), ("hash", False)])
+def test_three_sigkills_leave_every_exactly_once_counter_exact(server, r, tmp_path, shape, exactly_once):
+    seed = int(os.environ.get("STREAMZ_REDIS_TEST_SEED", time.time_ns() % 10**6))
+    print(f"seed {seed} (STREAMZ_REDIS_TEST_SEED={seed} replays it)")
+    rng = random.Random(seed)
+    total = 20_000
+    script = tmp_path / "worker.py"
+    script.write_text(COUNTING_WORKER)
+    r.xgroup_create("numbers", "counters", "0", mkstream=True)
+    add_numbers(r, "numbers", total)
+    expected = {f"k{k}": sum(n % 7 + 1 for n in range(k, total, 10)) for k in range(10)}
+
+    def totals():
+        if shape == "hash":
+            return {k.decode(): int(v) for k, v in r.hgetall("totals").items()}
+        return {k.decode(): int(v) for k, v in r.zrange("totals", 0, -1, withscores=True)}
+
+    def run_worker():
+        worker = subprocess.Popen(
+            [sys.executable, str(script), server.url, shape, "1" if exactly_once else "0"], cwd=HERE,
+            stdout=subprocess.PIPE, stderr=open(tmp_path / "worker.log", "ab"),
+        )
+        assert worker.stdout.readline() == b"started\n"
+        return worker
+
+    worker = run_worker()
+    try:
+        for kill in range(3):
+            at = entries_read(r, "numbers", "counters") + rng.randint(500, 3000)
+            wait_for(lambda: entries_read(r, "numbers", "counters") >= min(at, total), timeout=60)
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+            worker = run_worker()  # the same consumer name: it replays its pending entries
+        wait_for(lambda: entries_read(r, "numbers", "counters") == total
+                 and pending(r, "numbers", "counters") == 0, timeout=120)
+    finally:
+        worker.kill()
+        worker.wait()
+    counted = totals()
+    over = sum(counted.values()) - sum(expected.values())
+    print(f"{shape}, exactly_once={exactly_once}: {sum(counted.values())} counted, "
+          f"{sum(expected.values())} sent, {over} over")
+    if exactly_once:
+        assert counted == expected
+    else:
+        assert over > 0 and all(counted[k] >= expected[k] for k in expected)  # what exactly_once prevents
