@@ -2246,6 +2246,45 @@ def test_each_source_runs_with_the_readme_least_privilege_rules(server, r, kind)
     source.stop()  # CLIENT UNBLOCK, give back, acks: all allowed
 
 
+# The README's rows for the sinks of keys, each run under exactly its rules.
+KEY_SINK_PRIVILEGE = {
+    "hash": ("+hset +hincrby +hincrbyfloat +expire", "+hget",
+             lambda s, **kw: s.map(lambda e: {"n": 1, "x": 0.5}).to_redis_hash(
+                 "O", increment=True, ttl=60, **kw)),
+    "key": ("+set +incrby +incrbyfloat +expire", "+get",
+            lambda s, **kw: s.map(lambda e: 1).to_redis_key("O", increment=True, ttl=60, **kw)),
+    "sorted_set": ("+zadd +zincrby +expire", "",
+                   lambda s, **kw: s.map(lambda e: ("m", 1)).to_redis_sorted_set(
+                       "O", increment=True, ttl=60, **kw)),
+    "set": ("+sadd +expire", "",
+            lambda s, **kw: s.map(lambda e: e.id).to_redis_set("O", ttl=60, **kw)),
+    "command": ("+pfadd", "",
+                lambda s, **kw: s.map(lambda e: ("PFADD", "O", e.id)).to_redis_command(**kw)),
+}
+
+
+@requires_redis_7
+@pytest.mark.parametrize("exactly_once", [False, True])
+@pytest.mark.parametrize("kind", KEY_SINK_PRIVILEGE)
+def test_each_sink_of_keys_runs_with_the_readme_least_privilege_rules(server, r, kind, exactly_once):
+    rules, counter_rules, make = KEY_SINK_PRIVILEGE[kind]
+    readme = " ".join((HERE / "README.rst").read_text().split())
+    rules += " +evalsha +script|load +info +xpending +xack " + counter_rules if exactly_once else ""
+    for rule in rules.split():
+        assert rule in readme or kind == "command"  # its row: the commands it sends
+    r.execute_command("ACL", "SETUSER", "least", "reset", "on", ">pw", "+ping", "+multi", "+discard",
+                      *LEAST_PRIVILEGE["group"].split(), *rules.split(), "~S", "~S:dead-letter", "~O")
+    url = user_url(server, "least")
+    for i in range(3):
+        r.xadd("S", {"i": i})
+    source = Stream.from_redis_consumer_group("S", "g", "c", start_id="0", url=url)
+    sink = make(source, exactly_once=exactly_once, url=url)  # as the same user
+    source.start()
+    wait_for(lambda: sink.metrics()["written"] + sink.metrics()["failed"] == 3)
+    wait_for(lambda: pending(r, "S", "g") == 0)
+    assert sink.metrics()["failed"] == 0 and r.exists("O")
+
+
 # ---- Unreachable servers and lost connections ------------------------------
 
 

@@ -644,3 +644,38 @@ def test_the_command_line_reads_a_cluster_with_cluster_and_says_so_without_it(cl
     assert "MOVED" in refused.stderr.upper() and "add --cluster" in refused.stderr
     assert len(refused.stderr.splitlines()) == 1, refused.stderr
     writer.close()
+
+
+def test_counters_on_a_cluster_are_routed_by_slot_and_exactly_once_where_they_share_the_stream_s(
+        cluster, caplog):
+    writer = cluster.client()
+    for n in range(30):
+        writer.xadd("{views}", {"page": f"p{n % 3}"})
+
+    def group(name):
+        return Stream.from_redis_consumer_group("{views}", name, "c", start_id="0",
+                                                url=cluster.url, cluster=True)
+
+    # Routed per element to keys in several slots (at-least-once) ...
+    spread = group("spread")
+    spread.map(lambda e: (f"hits:{e.fields['page']}", 1)).to_redis_key(
+        increment=True, url=cluster.url, cluster=True)
+    # ... exactly-once into a hash in the stream's slot ...
+    counted = group("counted")
+    counted.map(lambda e: {e.fields["page"]: 1}).to_redis_hash(
+        "{views}:per-page", increment=True, exactly_once=True, url=cluster.url, cluster=True)
+    # ... and refused into a hash in another slot.
+    apart = group("apart")
+    refused = apart.map(lambda e: {e.fields["page"]: 1}).to_redis_hash(
+        "per-page", increment=True, exactly_once=True, url=cluster.url, cluster=True)
+    assert len({writer.keyslot(f"hits:p{i}") for i in range(3)} | {writer.keyslot("{views}")}) > 1
+    with caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        for source in (spread, counted, apart):
+            source.start()
+        wait_for(lambda: all(writer.get(f"hits:p{i}") == b"10" for i in range(3)))
+        wait_for(lambda: writer.hgetall("{views}:per-page") == {b"p0": b"10", b"p1": b"10", b"p2": b"10"}
+                 and pending(writer, "{views}", "counted") == 0)
+        wait_for(lambda: refused.metrics()["failed"] >= 1)
+    assert writer.exists("per-page") == 0 and pending(writer, "{views}", "apart") == 30
+    assert any("CROSSSLOT" in m and "hash tag" in m for m in caplog.messages)
+    writer.close()
