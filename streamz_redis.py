@@ -4156,11 +4156,51 @@ class _KeySink(_RedisSink):
     def _steps(self, key, value):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def write_steps(self, write):
-        steps = self._steps(write.key, write.value)
+    def _merged(self, key, values):
+        """The commands of consecutive writes of ``values`` to ``key``, in
+        fewer commands where the result is the same (one HSET, SADD or ZADD
+        for all; integer increments of one field added up)."""
+        return [step for value in values for step in self._steps(key, value)]
+
+    def _expiring(self, key, steps):
+        """``steps``, then the EXPIRE of ``ttl``."""
         if self.ttl is not None:
-            steps.append(["EXPIRE", write.key, self.ttl])
+            steps.append(["EXPIRE", key, self.ttl])
         return steps
+
+    def write_steps(self, write):
+        return self._expiring(write.key, self._steps(write.key, write.value))
+
+    def write_commands(self, writes):
+        """Consecutive writes to one key go together (``_merged``), with one
+        EXPIRE: one of their commands refused fails them all (they share the
+        key: WRONGTYPE, say), as consecutive pushes of a list sink do."""
+        commands, start = [], 0
+        while start < len(writes):
+            key, end = writes[start].key, start + 1
+            while end < len(writes) and writes[end].key == key:
+                end += 1
+            if end - start == 1:
+                steps = self.write_steps(writes[start])
+            else:
+                steps = self._expiring(key, self._merged(key, [write.value for write in writes[start:end]]))
+            commands.append((steps[0], end - start))
+            commands.extend((step, 0) for step in steps[1:])
+            start = end
+        return commands
+
+
+def _added_up(pairs):
+    """Increments ``(name, number)`` with the integers of each name added up
+    (exact, and the same result), the floats left as they are, after them
+    (Redis rounds each addition)."""
+    sums, floats = {}, []
+    for name, number in pairs:
+        if type(number) is int:
+            sums[name] = sums.get(name, 0) + number
+        else:
+            floats.append((name, number))
+    return [*sums.items(), *floats]
 
 
 @Stream.register_api()
@@ -4223,6 +4263,11 @@ class to_redis_hash(_KeySink):
             return [[f"HINCRBY{_adds(n)}", key, field, n] for field, n in value]
         return [["HSET", key, *value]]
 
+    def _merged(self, key, values):
+        if self.increment:
+            return self._steps(key, _added_up(pair for value in values for pair in value))
+        return [["HSET", key, *[part for value in values for part in value]]]
+
 
 @Stream.register_api()
 class to_redis_key(_KeySink):
@@ -4257,13 +4302,18 @@ class to_redis_key(_KeySink):
             return _number(value, f"{self}: the increment")
         return _redis_value(value, f"{self}: the value")
 
-    def write_steps(self, write):
-        if self.increment:
-            return super().write_steps(write)
-        return [["SET", write.key, write.value, *(() if self.ttl is None else ("EX", self.ttl))]]
-
     def _steps(self, key, value):
-        return [[f"INCRBY{_adds(value)}", key, value]]
+        if self.increment:
+            return [[f"INCRBY{_adds(value)}", key, value]]
+        return [["SET", key, value, *(() if self.ttl is None else ("EX", self.ttl))]]
+
+    def _expiring(self, key, steps):
+        return super()._expiring(key, steps) if self.increment else steps  # SET ... EX
+
+    def _merged(self, key, values):
+        if self.increment:
+            return [step for _, n in _added_up(("", n) for n in values) for step in self._steps(key, n)]
+        return self._steps(key, values[-1])
 
 
 @Stream.register_api()
@@ -4311,6 +4361,10 @@ class to_redis_sorted_set(_KeySink):
             return [["ZINCRBY", key, score, member] for member, score in pairs]
         return [["ZADD", key, *[part for member, score in pairs for part in (score, member)]]]
 
+    def _merged(self, key, values):
+        pairs = [pair for value in values for pair in value]
+        return self._steps(key, _added_up(pairs) if self.increment else pairs)
+
 
 @Stream.register_api()
 class to_redis_set(_KeySink):
@@ -4346,6 +4400,9 @@ class to_redis_set(_KeySink):
 
     def _steps(self, key, members):
         return [["SADD", key, *members]]
+
+    def _merged(self, key, values):
+        return [["SADD", key, *[member for members in values for member in members]]]
 
 
 # Commands a pipeline of writes cannot carry: they block the connection, or

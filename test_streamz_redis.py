@@ -3193,6 +3193,37 @@ def test_a_command_sink_pipelines_any_command_and_keeps_no_reply(server, r):
     assert sink.metrics() == {"written": 6, "failed": 0, "in_flight": 0, "writing": 0}
 
 
+def test_consecutive_writes_to_one_key_go_in_fewer_commands_with_the_same_result(server, r):
+    total = 1000
+    for n in range(total):
+        r.xadd("views", {"n": n})
+    source = Stream.from_redis_consumer_group("views", "g", "c", start_id="0", count=200)
+    numbers = source.map(lambda e: int(e.fields["n"]))
+    hits = numbers.map(lambda n: {f"f{n % 3}": 1, "half": 0.5, "big": 2**40}).to_redis_hash(
+        "hits", increment=True, ttl=100)
+    fields = numbers.map(lambda n: {f"f{n % 3}": n}).to_redis_hash("last")
+    board = numbers.map(lambda n: (f"m{n % 2}", 1)).to_redis_sorted_set("board", increment=True)
+    scores = numbers.map(lambda n: {f"m{n % 2}": n}).to_redis_sorted_set("scores")
+    seen = numbers.map(lambda n: [n, n + 1]).to_redis_set("seen")
+    last = numbers.to_redis_key("last-n", ttl=100)
+    count = numbers.map(lambda n: 1 if n % 2 else 0.25).to_redis_key("count", increment=True)
+    sinks = [hits, fields, board, scores, seen, last, count]
+    r.config_resetstat()
+    source.start()
+    wait_for(lambda: pending(r, "views", "g") == 0 and entries_read(r, "views", "g") == total)
+    assert r.hgetall("hits") == {b"f0": b"334", b"f1": b"333", b"f2": b"333", b"half": b"500",
+                                 b"big": str(total * 2**40).encode()}
+    assert r.hgetall("last") == {b"f0": b"999", b"f1": b"997", b"f2": b"998"}
+    assert r.zrange("board", 0, -1, withscores=True) == [(b"m0", 500), (b"m1", 500)]
+    assert r.zrange("scores", 0, -1, withscores=True) == [(b"m0", 998), (b"m1", 999)]
+    assert r.scard("seen") == total + 1 and r.get("last-n") == b"999"
+    assert float(r.get("count")) == 500 + 500 * 0.25
+    assert 90 < r.ttl("hits") <= 100 and 90 < r.ttl("last-n") <= 100
+    assert all(sink.metrics()["written"] == total for sink in sinks)
+    # The source emits faster than one round trip: writes queue and go together.
+    assert call_count(r, "hincrby") < total and call_count(r, "sadd") < total
+
+
 @pytest.mark.parametrize("make, element, error, words", [
     (lambda s: s.to_redis_hash("h"), ["not", "a mapping"], TypeError, "non-empty mapping of field"),
     (lambda s: s.to_redis_hash("h"), {}, TypeError, "non-empty mapping of field"),

@@ -95,6 +95,7 @@ and killed at the end (the cluster's three as well).
 
 import argparse
 import asyncio
+import functools
 import gc
 import json
 import os
@@ -502,6 +503,55 @@ async def raw_rpush(ctx, n, count):
     return elapsed
 
 
+# The writes of the sinks of keys, as a user would pipeline them by hand:
+# (the element of our row, its redis-py call), per element i of one row's key.
+KEY_WRITES = {
+    "hash-increment": (lambda key, i: {f"f{i % 100}": 1},
+                       lambda pipe, key, i: pipe.hincrby(key, f"f{i % 100}", 1)),
+    "sorted-set-increment": (lambda key, i: (f"m{i % 100}", 1),
+                             lambda pipe, key, i: pipe.zincrby(key, 1, f"m{i % 100}")),
+    "key-ttl": (lambda key, i: (f"{key}:{i % 1000}", f"{i}:{PAYLOAD}"),
+                lambda pipe, key, i: pipe.set(f"{key}:{i % 1000}", f"{i}:{PAYLOAD}", ex=60)),
+    "set": (lambda key, i: f"{i}:{PAYLOAD}", lambda pipe, key, i: pipe.sadd(key, f"{i}:{PAYLOAD}")),
+}
+
+
+async def raw_key_writes(ctx, n, kind):
+    key = ctx.fresh(f"raw-{kind}")
+    write = KEY_WRITES[kind][1]
+    t0 = stamp()
+    r = client(ctx.url)
+    for start in range(0, n, ctx.pipeline):
+        async with r.pipeline(transaction=False) as pipe:
+            for i in range(start, min(n, start + ctx.pipeline)):
+                write(pipe, key, i)
+            await pipe.execute()
+    elapsed = span(t0)
+    await r.aclose()
+    return elapsed
+
+
+async def sync_key_writes(ctx, n, kind):
+    """The same writes with the sync redis-py client (which packs with
+    hiredis), in a thread: what a quick script would write."""
+    import redis as sync_redis
+
+    key = ctx.fresh(f"sync-{kind}")
+    write = KEY_WRITES[kind][1]
+
+    def run():
+        t0 = stamp()
+        with sync_redis.Redis.from_url(ctx.url) as r:
+            for start in range(0, n, ctx.pipeline):
+                with r.pipeline(transaction=False) as pipe:
+                    for i in range(start, min(n, start + ctx.pipeline)):
+                        write(pipe, key, i)
+                    pipe.execute()
+        return span(t0)
+
+    return await asyncio.get_running_loop().run_in_executor(None, run)
+
+
 # --------------------------------------------------------------------------
 # Peers: what a user would otherwise write, doing the same work
 # --------------------------------------------------------------------------
@@ -805,7 +855,13 @@ async def ours_sink(ctx, n, kind):
 
         async def run(self):
             try:
-                if kind == "stream":
+                if kind in KEY_WRITES:
+                    element = KEY_WRITES[kind][0]
+                    for i in range(n):
+                        futures = self._emit(element(key, i))
+                        if futures:
+                            await asyncio.gather(*futures)
+                elif kind == "stream":
                     for i in range(n):
                         futures = self._emit({"i": i, "p": PAYLOAD})
                         if futures:
@@ -824,8 +880,16 @@ async def ours_sink(ctx, n, kind):
     source = Elements(asynchronous=True, loop=IOLoop.current())
     if kind == "stream":
         sink = source.to_redis_stream(key, url=ctx.url)
-    else:
+    elif kind == "list":
         sink = source.to_redis_list(key, url=ctx.url)
+    elif kind == "hash-increment":
+        sink = source.to_redis_hash(key, increment=True, url=ctx.url)
+    elif kind == "sorted-set-increment":
+        sink = source.to_redis_sorted_set(key, increment=True, url=ctx.url)
+    elif kind == "key-ttl":
+        sink = source.to_redis_key(ttl=60, url=ctx.url)
+    else:
+        sink = source.to_redis_set(key, url=ctx.url)
     t0 = stamp()
     source.start()
     try:
@@ -834,7 +898,20 @@ async def ours_sink(ctx, n, kind):
         end = stamp()
         r = client(ctx.url)
         try:
-            length = await (r.xlen(key) if kind == "stream" else r.llen(key))
+            if kind == "stream":
+                length = await r.xlen(key)
+            elif kind == "list":
+                length = await r.llen(key)
+            elif kind == "hash-increment":
+                length = sum(int(v) for v in await r.hvals(key))
+            elif kind == "sorted-set-increment":
+                length = int(sum(score for _, score in await r.zrange(key, 0, -1, withscores=True)))
+            elif kind == "key-ttl":
+                # Each of the 1,000 keys holds the last element written to it.
+                last = await r.mget([f"{key}:{i}" for i in range(min(n, 1000))])
+                length = n if all(int(v.split(b":")[0]) >= n - 1000 for v in last) else -1
+            else:
+                length = await r.scard(key)
         finally:
             await r.aclose()
         if length != n:
@@ -856,6 +933,7 @@ async def ours_sink(ctx, n, kind):
 VS_STREAMZ = ("streamz", 0.80)
 VS_REDIS_PY = ("redis-py", 0.70)
 SINKS_VS_REDIS_PY = ("redis-py", 0.90)
+KEY_SINKS_VS_REDIS_PY = ("redis-py", 1.0)  # the sinks of keys: at least the hand-written loop
 THROUGHPUT_ROWS = [
     ("ceiling: streamz Source -> map -> sink", "streamz-plain", None, None, None, None),
     ("ceiling: streamz + RefCounter per element", "streamz-ref", None, None, None, None),
@@ -904,6 +982,23 @@ THROUGHPUT_ROWS = [
     ("to_redis_stream (XADD)", "ours-sink-stream", None, None, "raw-xadd", SINKS_VS_REDIS_PY),
     ("to_redis_list (RPUSH)", "ours-sink-list", None, None, "raw-rpush",
      SINKS_VS_REDIS_PY),
+    ("ceiling: redis.asyncio pipelined HINCRBY, one per element", "raw-hash-increment",
+     None, None, None, None),
+    ("peer: hand-written sync redis-py pipelined HINCRBY", "sync-hash-increment",
+     None, None, None, None),
+    ("to_redis_hash (increment=True: HINCRBY)", "ours-sink-hash-increment", None, None,
+     "raw-hash-increment", KEY_SINKS_VS_REDIS_PY),
+    ("ceiling: redis.asyncio pipelined ZINCRBY, one per element", "raw-sorted-set-increment",
+     None, None, None, None),
+    ("to_redis_sorted_set (increment=True: ZINCRBY)", "ours-sink-sorted-set-increment", None, None,
+     "raw-sorted-set-increment", KEY_SINKS_VS_REDIS_PY),
+    ("ceiling: redis.asyncio pipelined SET EX, one per element", "raw-key-ttl",
+     None, None, None, None),
+    ("to_redis_key (ttl=60: SET EX, 1,000 keys)", "ours-sink-key-ttl", None, None,
+     "raw-key-ttl", KEY_SINKS_VS_REDIS_PY),
+    ("ceiling: redis.asyncio pipelined SADD, one per element", "raw-set",
+     None, None, None, None),
+    ("to_redis_set (SADD)", "ours-sink-set", None, None, "raw-set", KEY_SINKS_VS_REDIS_PY),
 ]
 
 # The side-by-side table: (contender, its group+ack row, its XREAD row).
@@ -957,6 +1052,11 @@ FUNCTIONS = {
         lambda ctx, n, count: ours_group(ctx, n, count, batch=True, decode=False),
     "ours-sink-stream": lambda ctx, n, count: ours_sink(ctx, n, "stream"),
     "ours-sink-list": lambda ctx, n, count: ours_sink(ctx, n, "list"),
+    **{f"raw-{kind}": functools.partial(lambda kind, ctx, n, count: raw_key_writes(ctx, n, kind), kind)
+       for kind in KEY_WRITES},
+    "sync-hash-increment": lambda ctx, n, count: sync_key_writes(ctx, n, "hash-increment"),
+    **{f"ours-sink-{kind}": functools.partial(lambda kind, ctx, n, count: ours_sink(ctx, n, kind), kind)
+       for kind in KEY_WRITES},
 }
 
 

@@ -2,11 +2,13 @@
 """Throughput of a consume-transform-produce pipeline with and without
 ``exactly_once=True``, side by side in one run, against a private redis-server.
 
-    python bench/exactly_once.py              # 20,000 entries, 3 rounds, both sinks
+    python bench/exactly_once.py              # 20,000 entries, 3 rounds, every sink
     python bench/exactly_once.py --n 2000 --rounds 1 --sink stream
 
 Each round runs ``from_redis_consumer_group -> map -> to_redis_stream`` (and
-``-> to_redis_list``) over the same backlog of ``--n`` entries, once with and
+``-> to_redis_list``, and counters: ``-> to_redis_hash(increment=True)`` into
+100 fields, ``-> to_redis_sorted_set(increment=True)`` into 100 members)
+over the same backlog of ``--n`` entries, once with and
 once without ``exactly_once`` (interleaved), from ``start()`` until nothing is
 pending and every result is stored. It prints entries per second and the CPU
 time of this process per entry, then per sink the paired ratio (exactly_once /
@@ -51,9 +53,21 @@ def run(url, n, sink, exactly_once):
     if sink == "stream":
         source.map(lambda e: {"source": e.id}).to_redis_stream("out", url=url, exactly_once=exactly_once)
         written = r.xlen
-    else:  # a list sink, whose plain writes merge into one RPUSH per round trip
+    elif sink == "list":  # a list sink, whose plain writes merge into one RPUSH per round trip
         source.map(lambda e: e.id).to_redis_list("out", url=url, exactly_once=exactly_once)
         written = r.llen
+    elif sink == "hash":  # counters: 100 fields of one hash, one added per entry
+        source.map(lambda e: {f"f{int(e.fields['i']) % 100}": 1}).to_redis_hash(
+            "out", increment=True, url=url, exactly_once=exactly_once)
+
+        def written(key):
+            return sum(int(v) for v in r.hvals(key))
+    else:  # a leaderboard: 100 members, a point added per entry
+        source.map(lambda e: (f"m{int(e.fields['i']) % 100}", 1)).to_redis_sorted_set(
+            "out", increment=True, url=url, exactly_once=exactly_once)
+
+        def written(key):
+            return int(sum(score for _, score in r.zrange(key, 0, -1, withscores=True)))
     began, cpu_began = time.perf_counter(), cpu()
     source.start()
     while written("out") < n or r.xpending("in", "g")["pending"]:
@@ -69,7 +83,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=20_000)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--sink", choices=["stream", "list", "both"], default="both")
+    p.add_argument("--sink", choices=["stream", "list", "hash", "sorted_set", "all"], default="all")
     args = p.parse_args()
     binary = os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
     port, folder = free_port(), tempfile.mkdtemp()
@@ -87,7 +101,7 @@ def main():
                     raise
                 time.sleep(0.05)
         print(f"load average at start: {os.getloadavg()}")
-        sinks = ["stream", "list"] if args.sink == "both" else [args.sink]
+        sinks = ["stream", "list", "hash", "sorted_set"] if args.sink == "all" else [args.sink]
         rows = {(sink, eo): [] for sink in sinks for eo in (False, True)}
         for _ in range(args.rounds):
             for sink in sinks:
@@ -96,7 +110,7 @@ def main():
         for (sink, exactly_once), runs in rows.items():
             rates = [rate for rate, _ in runs]
             cpus = [c for _, c in runs]
-            print(f"to_redis_{sink:6} exactly_once={exactly_once!s:5}: median "
+            print(f"to_redis_{sink:10} exactly_once={exactly_once!s:5}: median "
                   f"{statistics.median(rates):8,.0f} entries/s, best {max(rates):8,.0f}; "
                   f"CPU {statistics.median(cpus):5.1f} us/entry")
         for sink in sinks:
