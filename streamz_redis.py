@@ -70,6 +70,7 @@ import logging
 import math
 import numbers
 import os
+import random
 import re
 import signal
 import ssl
@@ -103,8 +104,13 @@ __all__ = [
     "from_redis_list",
     "from_redis_pubsub",
     "from_redis_streams",
+    "to_redis_command",
+    "to_redis_hash",
+    "to_redis_key",
     "to_redis_list",
     "to_redis_pubsub",
+    "to_redis_set",
+    "to_redis_sorted_set",
     "to_redis_stream",
 ]
 
@@ -123,6 +129,10 @@ DEFAULT_URL = "redis://localhost:6379/0"
 # read loop, the acknowledgement flusher and the sinks.
 BACKOFF_FIRST = 0.1
 BACKOFF_CAP = 5.0
+# Each wait is its delay less up to this share of it, at random ("equal
+# jitter"): a thousand consumers that lost one server do not all reconnect
+# at the same instant.
+BACKOFF_JITTER = 0.5
 
 # stop() wakes a blocking read with CLIENT UNBLOCK; a read that Redis does not
 # answer within this long (a hung server) is cancelled.
@@ -696,7 +706,9 @@ _ONE_SERVER = _OneServer()
 
 class _Backoff:
     """Capped exponential back-off between retries: ``BACKOFF_FIRST`` seconds,
-    doubling up to ``cap`` (``BACKOFF_CAP``); ``reset()`` after a success."""
+    doubling up to ``cap`` (``BACKOFF_CAP``), each wait shortened at random by
+    up to ``BACKOFF_JITTER`` of it; ``reset()`` after a success. ``delay`` is
+    the longest the next wait may be (what log lines say)."""
 
     def __init__(self, cap=None):
         self.delay = BACKOFF_FIRST
@@ -706,9 +718,9 @@ class _Backoff:
         self.delay = BACKOFF_FIRST
 
     def step(self):
-        """The delay to wait now; the next one doubles."""
+        """The delay to wait now, jittered; the next one doubles."""
         delay, self.delay = self.delay, min(self.delay * 2, self.cap or BACKOFF_CAP)
-        return delay
+        return delay * (1 - BACKOFF_JITTER * random.random())
 
     async def wait(self, stopping=None):
         """Sleep the current delay, or until ``stopping`` (an
@@ -4389,6 +4401,9 @@ class to_redis_set(_KeySink):
     shape = "member"
 
     def __init__(self, upstream, key=None, *, ttl=None, **kwargs):
+        if "increment" in kwargs:
+            raise TypeError("increment: a set holds no numbers to add to; count with "
+                            "to_redis_hash or to_redis_sorted_set (increment=True)")
         super().__init__(upstream, key, ttl=ttl, **kwargs)
 
     def _value(self, value):

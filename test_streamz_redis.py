@@ -2285,6 +2285,19 @@ def test_each_sink_of_keys_runs_with_the_readme_least_privilege_rules(server, r,
     assert sink.metrics()["failed"] == 0 and r.exists("O")
 
 
+
+def test_the_back_off_doubles_to_its_cap_and_each_wait_is_jittered_within_its_half():
+    random_state = streamz_redis.random.getstate()
+    streamz_redis.random.seed(1)
+    try:
+        backoff = streamz_redis._Backoff()
+        waits = [(backoff.delay, backoff.step()) for _ in range(12)]
+    finally:
+        streamz_redis.random.setstate(random_state)
+    assert [longest for longest, _ in waits][:7] == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0]
+    assert all((1 - streamz_redis.BACKOFF_JITTER) * longest <= wait <= longest for longest, wait in waits)
+    assert len({round(wait / longest, 6) for longest, wait in waits}) > 6  # not in lockstep
+
 # ---- Unreachable servers and lost connections ------------------------------
 
 
@@ -3257,6 +3270,7 @@ def test_an_element_of_the_wrong_shape_is_an_error_naming_the_sink_and_what_is_w
     (lambda s: s.to_redis_hash("h", ttl=0), "ttl must be a whole number of seconds above 0"),
     (lambda s: s.to_redis_key("k", ttl=1.5), "ttl must be a whole number"),
     (lambda s: s.to_redis_set(123), "key must be a str or bytes"),
+    (lambda s: s.to_redis_set("s", increment=True), "a set holds no numbers"),
 ])
 def test_a_sink_of_keys_with_a_bad_argument_is_refused_when_made(make, message):
     with pytest.raises((TypeError, ValueError), match=message):
