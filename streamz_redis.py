@@ -4202,6 +4202,19 @@ class _KeySink(_RedisSink):
         return commands
 
 
+# The longest HSET, ZADD or SADD a sink of keys sends, in arguments after the
+# key: a longer element takes several, so that an exactly-once script can
+# pass each to Redis (Lua's unpack() gives at most about 8,000 values).
+KEY_COMMAND_ARGUMENTS = 2000
+
+
+def _in_pieces(name, key, parts):
+    """``name key *parts`` as commands of at most ``KEY_COMMAND_ARGUMENTS``
+    arguments after the key (an even number: pairs stay together)."""
+    size = KEY_COMMAND_ARGUMENTS
+    return [[name, key, *parts[at:at + size]] for at in range(0, len(parts), size)]
+
+
 def _added_up(pairs):
     """Increments ``(name, number)`` with the integers of each name added up
     (exact, and the same result), the floats left as they are, after them
@@ -4273,12 +4286,12 @@ class to_redis_hash(_KeySink):
     def _steps(self, key, value):
         if self.increment:
             return [[f"HINCRBY{_adds(n)}", key, field, n] for field, n in value]
-        return [["HSET", key, *value]]
+        return _in_pieces("HSET", key, value)
 
     def _merged(self, key, values):
         if self.increment:
             return self._steps(key, _added_up(pair for value in values for pair in value))
-        return [["HSET", key, *[part for value in values for part in value]]]
+        return _in_pieces("HSET", key, [part for value in values for part in value])
 
 
 @Stream.register_api()
@@ -4371,7 +4384,7 @@ class to_redis_sorted_set(_KeySink):
     def _steps(self, key, pairs):
         if self.increment:
             return [["ZINCRBY", key, score, member] for member, score in pairs]
-        return [["ZADD", key, *[part for member, score in pairs for part in (score, member)]]]
+        return _in_pieces("ZADD", key, [part for member, score in pairs for part in (score, member)])
 
     def _merged(self, key, values):
         pairs = [pair for value in values for pair in value]
@@ -4414,10 +4427,10 @@ class to_redis_set(_KeySink):
         return [_redis_value(value, f"{self}: the member")]
 
     def _steps(self, key, members):
-        return [["SADD", key, *members]]
+        return _in_pieces("SADD", key, members)
 
     def _merged(self, key, values):
-        return [["SADD", key, *[member for members in values for member in members]]]
+        return _in_pieces("SADD", key, [member for members in values for member in members])
 
 
 # Commands a pipeline of writes cannot carry: they block the connection, or

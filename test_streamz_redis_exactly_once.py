@@ -381,6 +381,32 @@ def test_an_exactly_once_counter_that_holds_no_number_writes_nothing_and_says_wh
     assert pending(r, "views", "counting") == 2
 
 
+def test_an_exactly_once_hash_sorted_set_or_set_of_10_000_items_is_written_in_pieces(server, r):
+    for n in range(3):
+        r.xadd("views", {"n": n})
+    source = Stream.from_redis_consumer_group("views", "g", "c", start_id="0")
+    big = {f"f{i}": i for i in range(10_000)}  # 20,000 arguments: beyond Lua's unpack()
+    hashes = source.map(lambda e: ("h" + e.fields["n"], big)).to_redis_hash(exactly_once=True)
+    source.start()
+    wait_for(lambda: hashes.metrics()["written"] + hashes.metrics()["failed"] == 3)
+    assert hashes.metrics()["failed"] == 0 and pending(r, "views", "g") == 0
+    assert all(r.hlen(f"h{n}") == 10_000 for n in range(3)) and r.hget("h2", "f9999") == b"9999"
+    source.stop()
+    for kind, make, size in [
+        ("zset", lambda s: s.map(lambda e: {f"m{i}": i for i in range(10_000)}).to_redis_sorted_set(
+            "z", exactly_once=True), lambda: r.zcard("z")),
+        ("set", lambda s: s.map(lambda e: list(range(10_000))).to_redis_set("s", exactly_once=True),
+         lambda: r.scard("s")),
+    ]:
+        r.xadd(kind, {"n": 0})
+        source = Stream.from_redis_consumer_group(kind, "g", "c", start_id="0")
+        sink = make(source)
+        source.start()
+        wait_for(lambda: sink.metrics()["written"] == 1 and pending(r, kind, "g") == 0)
+        assert size() == 10_000
+        source.stop()
+
+
 def test_an_exactly_once_command_without_a_key_is_refused_and_its_entry_waits(server, r, caplog):
     r.xadd("views", {"n": 0})
     source = Stream.from_redis_consumer_group("views", "counting", "c", start_id="0")
