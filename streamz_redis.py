@@ -4112,9 +4112,22 @@ def _ttl(ttl):
     return int(ttl)
 
 
-def _number(value, what):
+def _plain(value, what, name=None):
+    """``_redis_value(value, what)``, at no cost for a plain str, bytes, int or
+    float; ``what`` (with ``name``, if given) is only formatted for an error."""
+    if type(value) in _PLAIN:
+        return value
+    return _redis_value(value, what if name is None else f"{what} {name!r}")
+
+
+def _number(value, what, name=None):
     """An increment, or a score: an int (within Redis's 64 bits) or a finite
-    float; anything else raises naming ``what``."""
+    float; anything else raises naming ``what`` (and ``name``)."""
+    kind = type(value)
+    if (kind is int and -2**63 <= value < 2**63) or (kind is float and math.isfinite(value)):
+        return value
+    if name is not None:
+        what = f"{what} {name!r}"
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         if not -2**63 <= value < 2**63:
             raise ValueError(f"{what} is {value}, beyond Redis's 64-bit integers")
@@ -4155,12 +4168,19 @@ class _KeySink(_RedisSink):
 
     def _prepare_write(self, element, metadata):
         if self.target is not None:
-            return _Write(element, self._target(element, "key"), self._value(element), metadata)
+            return _Write(element, self._target(element, "key"), self._checked(element), metadata)
         if not isinstance(element, (tuple, list)) or len(element) != 2:
             raise TypeError(f"{self}: with no key given, an element is a (key, {self.shape}) "
                             f"pair, not {_name_of(element)}")
         key, value = element
-        return _Write(element, _key_name(key, f"{self}: the key of an element"), self._value(value), metadata)
+        return _Write(element, _key_name(key, f"{self}: the key of an element"), self._checked(value), metadata)
+
+    def _checked(self, value):
+        """``_value(value)``; its error names this sink."""
+        try:
+            return self._value(value)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{self}: {exc}") from None
 
     def _value(self, value):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -4273,15 +4293,13 @@ class to_redis_hash(_KeySink):
 
     def _value(self, mapping):
         if not isinstance(mapping, Mapping) or not mapping:
-            raise TypeError(f"{self}: an element is a non-empty mapping of field -> value, not "
+            raise TypeError(f"an element is a non-empty mapping of field -> value, not "
                             f"{_name_of(mapping)}")
         if self.increment:
-            return [(_redis_value(field, f"{self}: field name {field!r}"),
-                     _number(value, f"{self}: the increment of field {field!r}"))
+            return [(_plain(field, "field name", field), _number(value, "the increment of field", field))
                     for field, value in mapping.items()]
         return [part for field, value in mapping.items()
-                for part in (_redis_value(field, f"{self}: field name {field!r}"),
-                             _redis_value(value, f"{self}: field {field!r}"))]
+                for part in (_plain(field, "field name", field), _plain(value, "field", field))]
 
     def _steps(self, key, value):
         if self.increment:
@@ -4324,8 +4342,8 @@ class to_redis_key(_KeySink):
 
     def _value(self, value):
         if self.increment:
-            return _number(value, f"{self}: the increment")
-        return _redis_value(value, f"{self}: the value")
+            return _number(value, "the increment")
+        return _plain(value, "the value")
 
     def _steps(self, key, value):
         if self.increment:
@@ -4376,10 +4394,10 @@ class to_redis_sorted_set(_KeySink):
         elif isinstance(value, (tuple, list)) and len(value) == 2:
             pairs = [value]
         else:
-            raise TypeError(f"{self}: an element is a (member, score) pair or a non-empty mapping "
+            raise TypeError(f"an element is a (member, score) pair or a non-empty mapping "
                             f"of member -> score, not {_name_of(value)}")
-        return [(_redis_value(member, f"{self}: member {member!r}"),
-                 _number(score, f"{self}: the score of member {member!r}")) for member, score in pairs]
+        return [(_plain(member, "member", member), _number(score, "the score of member", member))
+                for member, score in pairs]
 
     def _steps(self, key, pairs):
         if self.increment:
@@ -4422,9 +4440,9 @@ class to_redis_set(_KeySink):
     def _value(self, value):
         if isinstance(value, (list, tuple, set, frozenset)):
             if not value:
-                raise ValueError(f"{self}: an empty {type(value).__name__} adds no member")
-            return [_redis_value(member, f"{self}: a member") for member in value]
-        return [_redis_value(value, f"{self}: the member")]
+                raise ValueError(f"an empty {type(value).__name__} adds no member")
+            return [_plain(member, "a member") for member in value]
+        return [_plain(value, "the member")]
 
     def _steps(self, key, members):
         return _in_pieces("SADD", key, members)
@@ -4488,7 +4506,8 @@ class to_redis_command(_RedisSink):
         if name in _NOT_A_WRITE:
             raise ValueError(f"{self}: {name} blocks or changes the connection; it cannot go in a "
                              "pipeline of writes")
-        args = [_redis_value(arg, f"{self}: argument {i} of {name}") for i, arg in enumerate(element[1:], 1)]
+        args = [arg if type(arg) in _PLAIN else _redis_value(arg, f"{self}: argument {i} of {name}")
+                for i, arg in enumerate(element[1:], 1)]
         return _Write(element, args[0] if args else None, [name, *args], metadata)
 
     def write_command(self, write):
