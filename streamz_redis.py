@@ -4173,7 +4173,9 @@ class _KeySink(_RedisSink):
             raise TypeError(f"{self}: with no key given, an element is a (key, {self.shape}) "
                             f"pair, not {_name_of(element)}")
         key, value = element
-        return _Write(element, _key_name(key, f"{self}: the key of an element"), self._checked(value), metadata)
+        if type(key) not in (str, bytes):
+            _key_name(key, f"{self}: the key of an element")
+        return _Write(element, key, self._checked(value), metadata)
 
     def _checked(self, value):
         """``_value(value)``; its error names this sink."""

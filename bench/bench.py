@@ -990,13 +990,19 @@ THROUGHPUT_ROWS = [
      "raw-hash-increment", KEY_SINKS_VS_REDIS_PY),
     ("ceiling: redis.asyncio pipelined ZINCRBY, one per element", "raw-sorted-set-increment",
      None, None, None, None),
+    ("peer: hand-written sync redis-py pipelined ZINCRBY", "sync-sorted-set-increment",
+     None, None, None, None),
     ("to_redis_sorted_set (increment=True: ZINCRBY)", "ours-sink-sorted-set-increment", None, None,
      "raw-sorted-set-increment", KEY_SINKS_VS_REDIS_PY),
     ("ceiling: redis.asyncio pipelined SET EX, one per element", "raw-key-ttl",
      None, None, None, None),
+    ("peer: hand-written sync redis-py pipelined SET EX", "sync-key-ttl",
+     None, None, None, None),
     ("to_redis_key (ttl=60: SET EX, 1,000 keys)", "ours-sink-key-ttl", None, None,
      "raw-key-ttl", KEY_SINKS_VS_REDIS_PY),
     ("ceiling: redis.asyncio pipelined SADD, one per element", "raw-set",
+     None, None, None, None),
+    ("peer: hand-written sync redis-py pipelined SADD", "sync-set",
      None, None, None, None),
     ("to_redis_set (SADD)", "ours-sink-set", None, None, "raw-set", KEY_SINKS_VS_REDIS_PY),
 ]
@@ -1054,7 +1060,8 @@ FUNCTIONS = {
     "ours-sink-list": lambda ctx, n, count: ours_sink(ctx, n, "list"),
     **{f"raw-{kind}": functools.partial(lambda kind, ctx, n, count: raw_key_writes(ctx, n, kind), kind)
        for kind in KEY_WRITES},
-    "sync-hash-increment": lambda ctx, n, count: sync_key_writes(ctx, n, "hash-increment"),
+    **{f"sync-{kind}": functools.partial(lambda kind, ctx, n, count: sync_key_writes(ctx, n, kind), kind)
+       for kind in KEY_WRITES},
     **{f"ours-sink-{kind}": functools.partial(lambda kind, ctx, n, count: ours_sink(ctx, n, kind), kind)
        for kind in KEY_WRITES},
 }
