@@ -2196,8 +2196,9 @@ def test_a_permission_taken_away_while_running_is_logged_backed_off_and_given_ba
         # The back-off doubles from 0.1 s: the fifth line says 1.6 s.
         wait_for(lambda: streamz_redis_errors(caplog, "xreadgroup", "retrying in 1.6 s"), timeout=5)
         lines = streamz_redis_errors(caplog, "xreadgroup")
-        # 0.1 + 0.2 + 0.4 + 0.8 s of back-off (doubling from BACKOFF_FIRST), less a margin.
-        assert time.monotonic() - first >= 14 * streamz_redis.BACKOFF_FIRST
+        # 0.1 + 0.2 + 0.4 + 0.8 s of back-off (doubling from BACKOFF_FIRST), each
+        # wait jittered down by up to BACKOFF_JITTER, less a margin.
+        assert time.monotonic() - first >= (1 - streamz_redis.BACKOFF_JITTER) * 14 * streamz_redis.BACKOFF_FIRST
         assert len(lines) <= 6, lines
         assert "NOPERM" in lines[0] or "NoPermissionError" in lines[0]
 
