@@ -3620,7 +3620,9 @@ class _PlainWrites:
         """Once per round trip, before its first try."""
 
     async def refused(self, client, writes):
-        """An error for each of ``writes`` the plan refuses, else None."""
+        """For each of ``writes``: an error if the plan refuses it, True if
+        it wrote it itself, False to leave it (and what follows it) to the
+        round trip's next try, else None: the pipeline sends it."""
         return [None] * len(writes)
 
     def commands(self, writes):
@@ -3806,7 +3808,8 @@ class _RedisSink(_RedisNode, Sink):
         while True:
             try:
                 await self._send_unanswered(writes, replies)
-                return replies
+                if None not in replies:  # else the plan left some to another try
+                    return replies
             except CONNECTION_ERRORS as exc:
                 if _cannot_be_retried(exc):
                     return [exc if reply is None else reply for reply in replies]
@@ -3824,9 +3827,13 @@ class _RedisSink(_RedisNode, Sink):
         if self._redis is None:
             self._redis = self._new_client()
         todo = [i for i, reply in enumerate(replies) if reply is None]
+        later = set()  # what the plan leaves to the next try (False): in order, after the others
         for i, refused in zip(todo, await self.plan.refused(self._redis, [writes[i] for i in todo])):
-            replies[i] = refused
-        todo = [i for i in todo if replies[i] is None]
+            if refused is False:
+                later.add(i)
+            else:
+                replies[i] = refused
+        todo = [i for i in todo if replies[i] is None and i not in later]
         if not todo:
             return
         commands = self.plan.commands([writes[i] for i in todo])

@@ -20,6 +20,8 @@ from in one script, so that after a crash the output holds each input once.
 
 import hashlib
 
+import redis.exceptions
+
 from streamz_redis import _leaves, _references, log
 
 __all__ = ["ExactlyOnce"]
@@ -149,6 +151,102 @@ return #run
 """
 WRITE_AND_ACKNOWLEDGE_SHA = hashlib.sha1(WRITE_AND_ACKNOWLEDGE.encode()).hexdigest()
 
+# A stream entry too large for a script (one XADD of more than UNPACK_LIMIT
+# arguments) is written apart, in three steps that each may be repeated:
+# RESERVE_OR_ACKNOWLEDGE gives the id it will have; a plain XADD writes it
+# with that id; RESERVE_OR_ACKNOWLEDGE again finds it written and acknowledges
+# its entries. The reservation (a field of KEYS[2], named after the first
+# entry) survives a crash, so that a replay finds the entry written and only
+# acknowledges it. A second writer of the same entry (another consumer took it
+# over) reuses a reservation that the stream can still take, so that one of
+# the two XADDs fails as "equal or smaller" and neither writes it twice.
+# An entry found at the reserved id is taken for ours only if its fields have
+# the digest of ours: another writer's XADD may have taken the id.
+# KEYS[1] the output stream, KEYS[2] the reservations, KEYS[3..] each entry's
+# stream (or processing list); ARGV: the digest, then each entry's
+# acknowledgement, as in WRITE_AND_ACKNOWLEDGE. Replies: 'done' (nothing pending: written and
+# acknowledged before, or by another consumer), 'written' (acknowledged now),
+# or the id to XADD with.
+RESERVE_OR_ACKNOWLEDGE = """
+local field = KEYS[3] .. '\\0' .. ARGV[3] .. '\\0' .. ARGV[4]
+local pending
+if ARGV[2] == 'XACK' then
+    pending = #redis.call('XPENDING', KEYS[3], ARGV[3], ARGV[4], ARGV[4], 1) > 0
+else
+    pending = redis.call('LPOS', KEYS[3], ARGV[4]) ~= false
+end
+local reserved = redis.call('HGET', KEYS[2], field)
+if not pending then
+    redis.call('HDEL', KEYS[2], field)
+    return 'done'
+end
+local taken = false  -- the reserved id holds an entry: ours (its digest), or another writer's
+if reserved then
+    local found = redis.call('XRANGE', KEYS[1], reserved, reserved)
+    if #found > 0 then
+        local parts = {}
+        for i, value in ipairs(found[1][2]) do
+            parts[i] = #value .. ':' .. value
+        end
+        if redis.sha1hex(table.concat(parts)) == ARGV[1] then
+            for j = 0, #KEYS - 3 do
+                redis.call(ARGV[2 + 3 * j], KEYS[3 + j], ARGV[3 + 3 * j], ARGV[4 + 3 * j])
+            end
+            redis.call('HDEL', KEYS[2], field)
+            return 'written'
+        end
+        taken = true
+    end
+end
+local last_ms, last_seq = 0, 0
+if redis.call('EXISTS', KEYS[1]) == 1 then
+    local info = redis.call('XINFO', 'STREAM', KEYS[1])
+    for i = 1, #info, 2 do
+        if info[i] == 'last-generated-id' then
+            local ms, seq = string.match(info[i + 1], '^(%d+)-(%d+)$')
+            last_ms, last_seq = tonumber(ms), tonumber(seq)
+        end
+    end
+end
+if reserved and not taken then  -- not written yet: reused while the stream can still take it
+    local ms, seq = string.match(reserved, '^(%d+)-(%d+)$')
+    ms, seq = tonumber(ms), tonumber(seq)
+    if ms > last_ms or (ms == last_ms and seq > last_seq) then
+        return reserved
+    end
+end
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local id = ms > last_ms and string.format('%d-0', ms) or string.format('%d-%d', last_ms, last_seq + 1)
+redis.call('HSET', KEYS[2], field, id)
+return id
+"""
+APART_TRIES = 50  # reservations overtaken by other writers before giving up
+
+
+def fields_digest(values):
+    """What RESERVE_OR_ACKNOWLEDGE computes of an entry's fields and values,
+    as Redis stores what hiredis (or redis-py) sends."""
+    parts = []
+    for value in values:
+        if isinstance(value, str):
+            value = value.encode("utf-8")
+        elif isinstance(value, float):
+            value = repr(value).encode()
+        elif isinstance(value, int):
+            value = str(value).encode()
+        parts.append(b"%d:%s" % (len(value), value))
+    return hashlib.sha1(b"".join(parts)).hexdigest()
+
+
+def reservations_key(stream):
+    """Where the ids reserved for entries written apart into ``stream`` are
+    kept: beside it, in its slot of a Redis Cluster."""
+    text = stream.decode("utf-8", "surrogateescape") if isinstance(stream, bytes) else stream
+    start = text.find("{")
+    tagged = start != -1 and text.find("}", start + 2) != -1
+    return f"{text}:exactly-once" if tagged else f"{{{text}}}:exactly-once"
+
 
 class ExactlyOnce:
     """The write plan of an exactly-once sink (see the module's docstring)."""
@@ -204,28 +302,43 @@ class ExactlyOnce:
     async def refused(self, client, writes):
         """Refuse the writes that no one script can cover: keys in several
         slots of a Redis Cluster, or sources that read another Redis server
-        (or database) than this sink writes to."""
+        (or database) than this sink writes to. A stream entry too large for
+        a script is written here, apart (``True`` in its place)."""
         topology = self.sink.topology
         await self._check_servers(client, writes)
         refused = []
         for write in writes:
-            size = max(len(step) - 2 for step in self.sink.write_steps(write))
+            if refused and refused[-1] is False:
+                refused.append(False)  # after an element written apart: in a later try, in order
+                continue
+            steps = self.sink.write_steps(write)
+            size = max(len(step) - 2 for step in steps)
             if write.key is None:
                 refused.append(ValueError(
                     f"{self.sink}: exactly_once: a command without a key (its first argument) "
                     "cannot be written with its entries' acknowledgements"))
                 continue
-            if size > UNPACK_LIMIT:
-                refused.append(ValueError(
-                    f"{self.sink}: exactly_once: an element of {size} arguments ({size // 2} fields) "
-                    f"cannot be written by a script (Lua passes at most about {UNPACK_LIMIT} "
-                    f"arguments, {UNPACK_LIMIT // 2} fields); its entries are not acknowledged: "
-                    "split it, or write such elements with a sink without exactly_once "
-                    "(max_deliveries sends them to the dead-letter stream)"))
-                continue
-            apart = topology.slots_apart([write.key, *{ack.key for ack in write.acks}])
+            keys = [write.key, *{ack.key for ack in write.acks}]
+            large = size > UNPACK_LIMIT and write.acks
+            if large:
+                keys.append(reservations_key(write.key))
+            apart = topology.slots_apart(keys)
             reasons = [self.sources_checked[ack.ledger.source] for ack in write.acks
                        if self.sources_checked.get(ack.ledger.source)]
+            if large and not apart and not reasons and steps[0][0] == "XADD" and len(steps) == 1:
+                if refused:  # the writes before it first, through the pipeline
+                    refused.append(False)
+                else:  # first: alone, and what follows it in a later try
+                    refused.append(await self._write_apart(client, write, steps[0]))
+                    return refused + [False] * (len(writes) - 1)
+                continue
+            if large and not apart and not reasons:
+                refused.append(ValueError(
+                    f"{self.sink}: exactly_once: an element of {size} arguments to {steps[0][0]} "
+                    f"cannot be written by a script (Lua passes at most about {UNPACK_LIMIT}); "
+                    "its entries are not acknowledged: split it (max_deliveries sends it to the "
+                    "dead-letter stream)"))
+                continue
             if apart:
                 refused.append(ValueError(
                     f"{self.sink}: exactly_once: CROSSSLOT, the output and its entries' keys are in "
@@ -234,6 +347,31 @@ class ExactlyOnce:
             else:
                 refused.append(ValueError(f"{self.sink}: {reasons[0]}") if reasons else None)
         return refused
+
+    async def _write_apart(self, client, write, command):
+        """Write one stream entry too large for a script, and acknowledge its
+        entries, exactly once (see RESERVE_OR_ACKNOWLEDGE): True, or the
+        error Redis answered. A lost connection raises, and the round trip
+        tries again from the start, which finds what was done."""
+        acks = [ack.command() for ack in write.acks]
+        keys = [write.key, reservations_key(write.key), *[ack[1] for ack in acks]]
+        at = command.index("*")  # after XADD, the key and MAXLEN: the id
+        args = [fields_digest(command[at + 1:]),
+                *[part for command_name, _, first, second in acks for part in (command_name, first, second)]]
+        for _ in range(APART_TRIES):
+            answer = await client.execute_command("EVAL", RESERVE_OR_ACKNOWLEDGE, len(keys), *keys, *args)
+            if isinstance(answer, bytes):
+                answer = answer.decode()
+            if answer in ("done", "written"):
+                return True
+            try:
+                await client.execute_command(*command[:at], answer, *command[at + 1:])
+            except redis.exceptions.ResponseError as exc:
+                if "equal or smaller" not in str(exc):
+                    return exc
+                # Another writer added a later entry first: reserve again.
+        return RuntimeError(f"{self.sink}: exactly_once: the stream {write.key!r} moved past "
+                            f"{APART_TRIES} reserved ids in turn; the entries stay pending")
 
     async def _check_servers(self, client, writes):
         """Once per source that is connected: which server it reads."""

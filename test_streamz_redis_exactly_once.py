@@ -257,23 +257,88 @@ def test_two_elements_carrying_one_entry_are_written_once_as_two_scripts_would(s
     assert r.lrange("out", 0, -1) == [b"a"] and r.llen("processing") == 0
 
 
-def test_an_element_too_large_for_lua_is_refused_saying_why_and_goes_to_the_dead_letters(
-        server, r, caplog):
-    r.xadd("orders", {"n": 0})
-    r.xadd("orders", {"n": 1})
-    source = Stream.from_redis_consumer_group("orders", "billing", "c", start_id="0",
-                                              claim_idle=0.2, max_deliveries=2)
-    huge = {f"f{i}": "v" for i in range(5000)}  # 10,000 arguments
-    sink = source.map(lambda e: huge if e.fields["n"] == "1" else dict(e.fields)).to_redis_stream(
-        "out", exactly_once=True)
+def test_a_stream_entry_too_large_for_a_script_is_written_apart_exactly_once(server, r, caplog):
+    for n in range(3):
+        r.xadd("orders", {"n": n})
+    source = Stream.from_redis_consumer_group("orders", "billing", "c", start_id="0")
+    huge = {f"f{i}": "v" for i in range(5000)}  # 10,000 arguments: beyond Lua's unpack()
+    sink = source.map(lambda e: dict(huge, n=e.fields["n"]) if e.fields["n"] == "1" else dict(e.fields)) \
+        .to_redis_stream("out", exactly_once=True)
     with caplog.at_level(logging.ERROR, logger="streamz_redis"):
         source.start()
-        # Refused each time it comes back (claimed again), until max_deliveries.
-        wait_for(lambda: r.exists("orders:dead-letter") and pending(r, "orders", "billing") == 0,
-                 timeout=20)
-    assert r.xlen("out") == 1 and sink.metrics()["failed"] >= 1
-    assert any("cannot be written by a script" in m for m in caplog.messages)
-    assert not any("too many results to unpack" in m for m in caplog.messages)
+        wait_for(lambda: pending(r, "orders", "billing") == 0 and sink.metrics()["written"] == 3)
+    assert sink.metrics()["failed"] == 0 and not caplog.messages
+    entries = r.xrange("out")
+    assert [fields[b"n"] for _, fields in entries] == [b"0", b"1", b"2"]
+    assert len(entries[1][1]) == 5001
+    assert not r.exists("{out}:exactly-once")  # its reservation is gone with its acknowledgement
+
+
+HUGE = {f"f{i}": 1 / (i + 3) if i % 2 else i for i in range(5000)}  # 10,000 arguments
+
+
+@requires_redis_7
+def test_a_stream_entry_written_apart_needs_only_the_readme_rules(server, r):
+    readme = " ".join((HERE / "README.rst").read_text().split())
+    rules = ("+type +xgroup|create +xreadgroup +xack +xpending +client|id +client|unblock "
+             "+xadd +evalsha +script|load +info "
+             "+eval +hget +hset +hdel +xrange +exists +xinfo|stream +time").split()
+    assert all(rule in readme for rule in rules)
+    r.execute_command("ACL", "SETUSER", "least", "reset", "on", ">pw", "+ping", "+multi", "+discard",
+                      *rules, "~S", "~S:dead-letter", "~O", "~{O}:exactly-once")
+    url = user_url(server, "least")
+    r.xadd("S", {"n": 0})
+    source = Stream.from_redis_consumer_group("S", "g", "c", start_id="0", url=url)
+    sink = source.map(lambda e: HUGE).to_redis_stream("O", exactly_once=True, url=url)
+    source.start()
+    wait_for(lambda: sink.metrics()["written"] + sink.metrics()["failed"] == 1)
+    assert sink.metrics()["failed"] == 0 and r.xlen("O") == 1
+    wait_for(lambda: pending(r, "S", "g") == 0)
+
+
+def reserve_or_acknowledge(r, ack, fields=HUGE):
+    from streamz_redis_exactly_once import RESERVE_OR_ACKNOWLEDGE, fields_digest, reservations_key
+    command, key, first, second = ack.command()
+    digest = fields_digest([part for pair in fields.items() for part in pair])
+    return r.eval(RESERVE_OR_ACKNOWLEDGE, 3, "out", reservations_key("out"), key,
+                  digest, command, first, second)
+
+
+def test_a_stream_entry_written_apart_and_not_acknowledged_before_a_crash_is_acknowledged_on_replay(
+        server, r):
+    entry = r.xadd("orders", {"n": 0}).decode()
+    r.xgroup_create("orders", "billing", "0")
+    r.xreadgroup("billing", "c", {"orders": ">"})
+    ack = _AckOf("XACK", "orders", "billing", entry)
+    reserved = reserve_or_acknowledge(r, ack)
+    assert reserve_or_acknowledge(r, ack) == reserved  # not written yet: the same id again
+    huge = HUGE
+    r.xadd("out", huge, id=reserved)  # ... and the worker is killed here: not acknowledged
+    assert pending(r, "orders", "billing") == 1
+    source = Stream.from_redis_consumer_group("orders", "billing", "c", start_id="0")
+    sink = source.map(lambda e: huge).to_redis_stream("out", exactly_once=True)
+    source.start()  # the same consumer: its pending entry is replayed
+    wait_for(lambda: pending(r, "orders", "billing") == 0 and sink.metrics()["written"] == 1)
+    assert r.xlen("out") == 1 and not r.exists("{out}:exactly-once")
+
+
+def test_a_reservation_the_stream_moved_past_is_replaced_and_an_acknowledged_entry_is_done(server, r):
+    entry = r.xadd("orders", {"n": 0}).decode()
+    r.xgroup_create("orders", "billing", "0")
+    r.xreadgroup("billing", "c", {"orders": ">"})
+    ack = _AckOf("XACK", "orders", "billing", entry)
+    first = reserve_or_acknowledge(r, ack)
+    # Another writer's entry at the very id reserved is not taken for ours.
+    taken = r.xadd("out", {"by": "another writer"}, id=first).decode()
+    second = reserve_or_acknowledge(r, ack).decode()
+    assert second != taken and tuple(map(int, second.split("-"))) > tuple(map(int, taken.split("-")))
+    later = r.xadd("out", {"by": "another writer"}).decode()  # the stream moves past it
+    third = reserve_or_acknowledge(r, ack).decode()
+    assert tuple(map(int, third.split("-"))) > tuple(map(int, later.split("-")))
+    assert pending(r, "orders", "billing") == 1
+    r.xack("orders", "billing", entry)  # another consumer took it over and acknowledged it
+    assert reserve_or_acknowledge(r, ack) == b"done"
+    assert not r.exists("{out}:exactly-once")
 
 
 def test_an_element_too_large_for_a_script_fails_alone(server, r):
