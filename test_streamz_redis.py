@@ -3468,9 +3468,10 @@ def test_the_prometheus_exporter_serves_the_figures(server, r):
     import urllib.request
 
     port = free_port()
+    r.xadd("orders", {"n": 0})  # there before the exporter: it must not be trimmed away
     exporter = subprocess.Popen(
         [sys.executable, str(HERE / "examples" / "prometheus_exporter.py"), "orders", "billing",
-         "worker-1", "--port", str(port)],
+         "worker-1", "--out", "invoices", "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=dict(os.environ, REDIS_URL=server.url),
     )
@@ -3485,12 +3486,18 @@ def test_the_prometheus_exporter_serves_the_figures(server, r):
 
         wait_for(lambda: f"streamz_redis_source_acked_total{labels} 1.0" in scraped())
         wait_for(lambda: f"streamz_redis_source_lag{labels} 0.0" in scraped())
-        assert f"streamz_redis_source_oldest_in_flight_seconds{labels}" in scraped()
+        figures = scraped()
+        assert f"streamz_redis_source_oldest_in_flight_seconds{labels}" in figures
+        assert 'streamz_redis_sink_written_total{stream="invoices"} 1.0' in figures
+        assert 'streamz_redis_sink_in_flight{stream="invoices"} 0.0' in figures
+        assert "# TYPE streamz_redis_source_removed_consumers gauge" not in figures
+        assert "# TYPE streamz_redis_sink_written_total counter" in figures or "# TYPE streamz_redis_sink_written counter" in figures
         exporter.send_signal(signal.SIGINT)
         assert exporter.wait(timeout=20) == 0
     finally:
         exporter.kill()
     assert "Traceback" not in exporter.stderr.read()
+    assert r.xlen("orders") == 2 and r.xlen("invoices") == 1  # trimmed only when asked
 
 
 # --------------------------------------------------------------------------
@@ -3891,13 +3898,19 @@ def test_readme_test_command_is_what_ci_runs():
 # ---- The quickstart example ------------------------------------------------
 
 
-def test_the_quickstart_example_runs(server):
+def test_the_quickstart_example_runs_and_leaves_the_keys_as_it_found_them(server, r):
+    r.rpush("test-list", "the user's")  # names the example once used: now left alone
+    r.xadd("test-stream", {"user": "data"})
+    before = {key: r.type(key) for key in r.keys("*")}
     out = subprocess.run(
         [sys.executable, str(HERE / "examples" / "quickstart.py")],
         capture_output=True, text=True, timeout=120, env=dict(os.environ, REDIS_URL=server.url),
     )
     assert out.returncode == 0, out.stderr
     assert "from_redis_list emitted: ['0', '1', '2', '3', '4']" in out.stdout
+    assert {key: r.type(key) for key in r.keys("*")} == before
+    assert r.lrange("test-list", 0, -1) == [b"the user's"] and r.xlen("test-stream") == 1
+    assert not r.xinfo_groups("test-stream")
 
 
 def test_the_quickstart_example_starts_a_server_of_its_own_when_none_answers():

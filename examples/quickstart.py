@@ -1,5 +1,7 @@
 """The three quickstart examples of the README, against REDIS_URL (default
-redis://localhost:6379/0). Prints what each source emits.
+redis://localhost:6379/0). Prints what each source emits. It uses keys of its
+own (``streamz-redis-quickstart:<pid>:...``) and removes them at the end, so
+it leaves your Redis as it found it.
 
     python examples/quickstart.py
 
@@ -21,6 +23,8 @@ import redis
 from streamz import Stream
 
 URL = os.environ.get("REDIS_URL", "redis://localhost:6379/0")
+PREFIX = f"streamz-redis-quickstart:{os.getpid()}:"  # keys of its own
+LIST, STREAM = PREFIX + "list", PREFIX + "stream"
 
 
 def wait_until(condition, timeout=10):
@@ -32,25 +36,23 @@ def wait_until(condition, timeout=10):
 
 
 def list_example(client):
-    client.delete("test-list")
-    source = Stream.from_redis_list("test-list")
+    source = Stream.from_redis_list(LIST)
     results = source.sink_to_list()
     source.start()
     for i in range(5):
-        client.rpush("test-list", i)
+        client.rpush(LIST, i)
     wait_until(lambda: len(results) == 5)
     source.stop()
     print("from_redis_list emitted:", results)
 
 
 def streams_example(client):
-    client.delete("test-stream")
-    source = Stream.from_redis_streams("test-stream")
+    source = Stream.from_redis_streams(STREAM)
     results = source.sink_to_list()
-    client.xadd("test-stream", {"i": -1})  # this will not be emitted
+    client.xadd(STREAM, {"i": -1})  # this will not be emitted
     source.start()
     for i in range(5):
-        client.xadd("test-stream", {"i": i})
+        client.xadd(STREAM, {"i": i})
     wait_until(lambda: len(results) == 5)
     source.stop()
     print("from_redis_streams emitted:")
@@ -59,20 +61,20 @@ def streams_example(client):
 
 
 def consumer_group_example(client):
-    client.delete("test-stream")
+    client.delete(STREAM)  # a stream of its own for the group, from the start
     out = Stream().rate_limit(0.01)
     results = out.sink_to_list()
     consumers = []
     for i in range(3):
-        source = Stream.from_redis_consumer_group("test-stream", "test-group", f"consumer-{i}")
+        source = Stream.from_redis_consumer_group(STREAM, "quickstart", f"consumer-{i}")
         source.connect(out)
         source.start()
         consumers.append(source)
     for i in range(10):
-        client.xadd("test-stream", {"i": i})
+        client.xadd(STREAM, {"i": i})
     wait_until(
         lambda: len(results) == 10
-        and client.xpending("test-stream", "test-group")["pending"] == 0
+        and client.xpending(STREAM, "quickstart")["pending"] == 0
     )
     for source in consumers:
         source.stop()
@@ -161,9 +163,12 @@ def main():
         print(f"    {binary} (from {found_in})")
     try:
         with redis.Redis.from_url(url) as client:
-            list_example(client)
-            streams_example(client)
-            consumer_group_example(client)
+            try:
+                list_example(client)
+                streams_example(client)
+                consumer_group_example(client)
+            finally:
+                client.delete(LIST, STREAM)  # the stream takes its group with it
     finally:
         if server is not None:
             stop_throwaway_server(server, directory)
