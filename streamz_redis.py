@@ -114,7 +114,7 @@ __all__ = [
     "to_redis_stream",
 ]
 
-__version__ = "0.1.0"  # the distribution's version (pyproject.toml)
+__version__ = "0.2.0"  # the distribution's version (pyproject.toml)
 
 log = logging.getLogger("streamz_redis")
 

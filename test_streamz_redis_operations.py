@@ -223,6 +223,8 @@ def test_the_streamz_redis_command_says_its_version_and_takes_url_before_or_afte
     out = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == f"streamz-redis {streamz_redis.__version__}"
     assert streamz_redis.__version__ == version("streamz-redis")
+    changelog = (Path(__file__).parent / "docs" / "changelog.rst").read_text()
+    assert re.search(r"^(\d+\.\d+\.\d+)\n---", changelog, re.M).group(1) == streamz_redis.__version__
     r.xadd("orders", {"n": 1})
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}  # only --url says where
     for args in (["--url", server.url, "info", "orders"], ["info", "orders", "--url", server.url]):
