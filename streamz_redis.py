@@ -986,7 +986,7 @@ def _parsed_in_one_go(connection):
     through ``read_response()``, which costs a timeout context and several
     coroutines per reply: a third of a sink's time at 1,000 replies a round
     trip."""
-    parser = getattr(connection, "_parser", None)
+    parser = getattr(connection, "_parser", None)  # redis-py's, through its own attribute names
     return (_AsyncHiredisParser is not None and type(parser) is _AsyncHiredisParser
             and getattr(parser, "_reader", None) is not None
             # RESP3 (redis-py 8's default): only where a push message can be told apart
@@ -999,13 +999,16 @@ async def _read_replies(connection, n):
     the socket (within its ``socket_timeout``) only when it needs more bytes.
     A reply Redis refused is its exception, in place; one that means the
     connection is unusable (LOADING, say) raises, as redis-py does."""
-    parser = connection._parser
-    reader, timeout, replies = parser._reader, connection.socket_timeout, []
+    # The one reach into redis-py's privates (its parser's hiredis reader, the
+    # attributes its own read_response() uses, in 5.0.2 to 8.x alike), checked
+    # by _parsed_in_one_go() first: it makes a sink 1.5 times as fast.
+    parser = connection._parser  # noqa: SLF001
+    reader, timeout, replies = parser._reader, connection.socket_timeout, []  # noqa: SLF001
     push = getattr(parser, "_hiredis_PushNotificationType", None) or ()
     while len(replies) < n:
         reply = reader.gets()
         if reply is _NOT_ENOUGH_DATA or reply is False:
-            if not parser._connected:
+            if not parser._connected:  # noqa: SLF001
                 raise redis.exceptions.ConnectionError("Connection closed by server.")
             try:
                 await asyncio.wait_for(parser.read_from_socket(), timeout)

@@ -73,7 +73,8 @@ local key, run, taken = 2, {}, {}  -- taken: entries acknowledged by an earlier 
 for _, element in ipairs(elements) do
     local pending, first = nil, KEYS[key] .. '\\0' .. ARGV[at + 2]
     if ARGV[at] == 'XACK' then
-        pending = not taken[first] and #redis.call('XPENDING', KEYS[key], ARGV[at + 1], ARGV[at + 2], ARGV[at + 2], 1) > 0
+        pending = not taken[first]
+            and #redis.call('XPENDING', KEYS[key], ARGV[at + 1], ARGV[at + 2], ARGV[at + 2], 1) > 0
     else
         pending = redis.call('LPOS', KEYS[key], ARGV[at + 2], 'RANK', (taken[first] or 0) + 1)
     end
@@ -113,7 +114,8 @@ for _, element in ipairs(run) do
             local whole = name == 'HINCRBY' or name == 'INCRBY'
             if counted[field] == nil then
                 local value = hash and redis.call('HGET', KEYS[1], field) or (not hash and redis.call('GET', KEYS[1]))
-                counted[field] = not value or (tonumber(value) ~= nil and (not whole or string.match(value, '^-?%d+$') ~= nil))
+                counted[field] = not value
+                    or (tonumber(value) ~= nil and (not whole or string.match(value, '^-?%d+$') ~= nil))
                 floated[field] = value and not string.match(value, '^-?%d+$')
             end
             local what = KEYS[1] .. (hash and (' field ' .. field) or '')
@@ -126,7 +128,8 @@ for _, element in ipairs(run) do
             end
             floated[field] = floated[field] or not whole
         end
-        pushes = pushes and (name == 'RPUSH' or name == 'LPUSH') and step[1] + 1 == step[2] and name == ARGV[run[1][1][1][1]]
+        pushes = pushes and (name == 'RPUSH' or name == 'LPUSH') and step[1] + 1 == step[2]
+            and name == ARGV[run[1][1][1][1]]
     end
 end
 for _, element in ipairs(run) do

@@ -541,7 +541,7 @@ def test_three_sigkills_leave_each_input_exactly_once_in_the_output(server, r, t
 
     worker = run_worker()
     try:
-        for kill in range(3):
+        for _ in range(3):
             at = output_length() + rng.randint(500, 3000) // (100 if shape == "partition" else 1)
             wait_for(lambda: output_length() >= at, timeout=60)
             worker.send_signal(signal.SIGKILL)
@@ -609,7 +609,7 @@ def test_three_sigkills_leave_every_exactly_once_counter_exact(server, r, tmp_pa
 
     worker = run_worker()
     try:
-        for kill in range(3):
+        for _ in range(3):
             at = entries_read(r, "numbers", "counters") + rng.randint(500, 3000)
             wait_for(lambda: entries_read(r, "numbers", "counters") >= min(at, total), timeout=60)
             worker.send_signal(signal.SIGKILL)

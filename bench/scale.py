@@ -27,8 +27,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-import redis  # noqa: E402
-
 from conftest import RedisServer  # noqa: E402
 
 # One consumer process: reads as consumer <name> until told to stop, then
@@ -91,7 +89,8 @@ def run_once(server, processes, n, batch, count):
             client.rpush(f"go:consumer-{k}", 1)
         while True:
             [group] = client.xinfo_groups("backlog")
-            if group["pending"] == 0 and group["last-delivered-id"] == client.xinfo_stream("backlog")["last-generated-id"]:
+            last = client.xinfo_stream("backlog")["last-generated-id"]
+            if group["pending"] == 0 and group["last-delivered-id"] == last:
                 break
             time.sleep(0.002)
         elapsed = time.perf_counter() - began
