@@ -904,10 +904,14 @@ class _Wire:
     async def unblock(self):
         if self.id is None:
             return
+        # A task of our own whose outcome is always retrieved: given the
+        # coroutine, wait_for (Python 3.10, 3.11) would wrap it in a task that
+        # nobody retrieves when stop() cancels this one, and that task can end
+        # in a ConnectionError instead (stop() closing the pool under it).
+        command = asyncio.ensure_future(self.node.execute_command("CLIENT UNBLOCK", self.id))
+        command.add_done_callback(_retrieve)
         try:
-            await asyncio.wait_for(
-                self.node.execute_command("CLIENT UNBLOCK", self.id), READ_STOP_DEADLINE
-            )
+            await asyncio.wait_for(command, READ_STOP_DEADLINE)
         except Exception:
             pass  # stop() cancels the read after READ_STOP_DEADLINE instead
 
