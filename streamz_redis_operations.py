@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 import redis.asyncio
 import redis.exceptions
@@ -287,10 +288,16 @@ async def _cli_info(client, args):
 async def _cli_pending(client, args):
     await _existing_stream(client, args.stream)
     rows = await client.xpending_range(args.stream, args.group, "-", "+", args.count)
+    summary = await client.xpending(args.stream, args.group)
+    if args.json:
+        print(json.dumps({"stream": args.stream, "group": args.group, "pending": summary["pending"],
+                          "oldest": [{"id": _text(row["message_id"]), "consumer": _shown(row["consumer"]),
+                                      "idle_ms": row["time_since_delivered"],
+                                      "deliveries": row["times_delivered"]} for row in rows]}))
+        return
     for row in rows:
         print(f"{_text(row['message_id'])}  consumer {_shown(row['consumer'])}  "
               f"idle {row['time_since_delivered']} ms  deliveries {row['times_delivered']}")
-    summary = await client.xpending(args.stream, args.group)
     print(f"{summary['pending']} pending in group {args.group} of stream {args.stream}"
           + (f", the oldest {len(rows)} shown" if summary["pending"] > len(rows) else ""))
 
@@ -299,17 +306,24 @@ async def _cli_dead_letters(client, args):
     dead_letters = args.stream + ":dead-letter"
     if _text(await client.type(dead_letters)) == "none":
         await _existing_stream(client, args.stream)  # a typo is an error, not "none"
-        print(f"{dead_letters} holds no entries")
+        print(json.dumps({"stream": dead_letters, "length": 0, "entries": []}) if args.json
+              else f"{dead_letters} holds no entries")
         return
     await _existing_stream(client, dead_letters)
-    entries = await client.xrange(dead_letters, count=args.count)
-    for entry_id, flat in entries:
+    entries = []
+    for entry_id, flat in await client.xrange(dead_letters, count=args.count):
         fields = _flat_fields(flat)
-        source = (fields.pop("source_stream", "?"), fields.pop("source_id", "?"))
-        deliveries = fields.pop("deliveries", "?")
-        print(f"{_text(entry_id)}  source {source[0]} {source[1]}  deliveries {deliveries}  "
-              f"{json.dumps(fields, ensure_ascii=False)}")
-    print(f"{await client.xlen(dead_letters)} entries in {dead_letters}")
+        entries.append({"id": _text(entry_id), "source_stream": fields.pop("source_stream", None),
+                        "source_id": fields.pop("source_id", None),
+                        "deliveries": fields.pop("deliveries", None), "fields": fields})
+    length = await client.xlen(dead_letters)
+    if args.json:
+        print(json.dumps({"stream": dead_letters, "length": length, "entries": entries}, ensure_ascii=False))
+        return
+    for entry in entries:
+        print(f"{entry['id']}  source {entry['source_stream'] or '?'} {entry['source_id'] or '?'}  "
+              f"deliveries {entry['deliveries'] or '?'}  {json.dumps(entry['fields'], ensure_ascii=False)}")
+    print(f"{length} entries in {dead_letters}")
 
 
 class _Redrive:
@@ -323,6 +337,7 @@ class _Redrive:
         self.done = self.left = 0
         self.refused = False
         self.interrupted = False
+        self.progress = _Progress("redrive", quiet=args.quiet)
 
     def more(self):
         return (self.args.count is None or self.done < self.args.count) and not self.interrupted
@@ -341,9 +356,15 @@ class _Redrive:
                 if not self.more():
                     break
                 await self.one(entry_id, flat)
+        self.progress.end()
         verb = "would redrive" if args.dry_run else "redrove"
-        print(("interrupted: " if self.interrupted else "") + f"{verb} {self.done} entries from "
-              f"{args.dead_letter_stream}" + (f"; {self.left} left in place" if self.left else ""))
+        if args.json:
+            print(json.dumps({"redrove" if not args.dry_run else "would_redrive": self.done,
+                              "left_in_place": self.left, "interrupted": self.interrupted,
+                              "from": args.dead_letter_stream}))
+        elif not args.quiet:
+            print(("interrupted: " if self.interrupted else "") + f"{verb} {self.done} entries from "
+                  f"{args.dead_letter_stream}" + (f"; {self.left} left in place" if self.left else ""))
         if self.interrupted:
             return 128 + args.stopped_by
         return 1 if self.refused else 0
@@ -363,8 +384,12 @@ class _Redrive:
             self.refused = True
             return
         if self.args.dry_run:
-            print(f"{_text(entry_id)} would go back to {_shown(source)}: "
-                  f"{json.dumps(_flat_fields(original), ensure_ascii=False)}")
+            if self.args.json:
+                print(json.dumps({"id": _text(entry_id), "to": _shown(source),
+                                  "fields": _flat_fields(original)}, ensure_ascii=False))
+            else:
+                print(f"{_text(entry_id)} would go back to {_shown(source)}: "
+                      f"{json.dumps(_flat_fields(original), ensure_ascii=False)}")
             self.done += 1
             return
         try:
@@ -377,8 +402,35 @@ class _Redrive:
             self.refused = True
             return
         if added is not None:  # else redriven by someone else meanwhile
-            print(f"{_text(entry_id)} -> {_shown(source)} {_text(added)}")
+            if self.args.json:  # what went where, one object a line; else only the count
+                print(json.dumps({"id": _text(entry_id), "to": _shown(source), "new_id": _text(added)}))
             self.done += 1
+            self.progress.step(self.done)
+
+
+class _Progress:
+    """A long command's progress on stderr, where stderr is a terminal (its
+    count and rate, from the first step on, rewritten in place at most 5
+    times a second); nothing
+    elsewhere, where the summary on stdout says it all."""
+
+    def __init__(self, what, quiet=False):
+        self.what = what
+        self.shown = not quiet and sys.stderr.isatty()
+        self.began = self.last = time.monotonic()
+        self.count = 0
+
+    def step(self, count):
+        self.count = count
+        now = time.monotonic()
+        if self.shown and (now - self.last >= 0.2 or count == 1):
+            self.last = now
+            rate = count / max(now - self.began, 1e-9)
+            print(f"\r{self.what}: {count:,} entries, {rate:,.0f}/s", end="", file=sys.stderr, flush=True)
+
+    def end(self):
+        if self.shown and self.last != self.began:
+            print(file=sys.stderr, flush=True)  # the progress line stays, the summary goes below
 
 
 def _redrive_targets(args):
@@ -408,18 +460,28 @@ async def _cli_tail(client, args):
     stopping = args.stopping
     last = await client.xrevrange(args.stream, count=1)
     after = _text(last[0][0]) if last else "0-0"
-    print(f"tailing {args.stream} after {after} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    if not args.quiet:
+        print(f"tailing {args.stream} after {after} (Ctrl-C to stop)", file=sys.stderr, flush=True)
     while not stopping.is_set():
         reply = await client.xread({args.stream: after}, count=100, block=int(TAIL_BLOCK * 1000))
         for _, entries in _stream_entries(reply):
             for entry_id, flat in entries:
-                print(entry_id, json.dumps(_flat_fields(flat), ensure_ascii=False), flush=True)
+                if args.json:
+                    print(json.dumps({"id": _text(entry_id), "fields": _flat_fields(flat)},
+                                     ensure_ascii=False), flush=True)
+                else:
+                    print(entry_id, json.dumps(_flat_fields(flat), ensure_ascii=False), flush=True)
                 after = entry_id
 
 
 async def _cli_trim(client, args):
     await _existing_stream(client, args.stream)
     trimmed = await _trim_to_oldest_needed(client, args.stream)
+    if args.json:
+        keep, count, group = trimmed if trimmed is not None else (None, 0, None)
+        print(json.dumps({"stream": args.stream, "trimmed": count, "kept_from": _text(keep) if keep else None,
+                          "needed_by": _text(group) if group else None}))
+        return
     if trimmed is None:
         print(f"{args.stream} has no consumer group: nothing says what may go; not trimmed")
         return
@@ -450,7 +512,7 @@ def _prog():
 
 
 def _global_options(parser, defaults):
-    """--url and --cluster, before the command or after it (``defaults``:
+    """--url, --cluster, --json and --quiet, before the command or after it (``defaults``:
     the top level's; a command's leave the top level's value alone)."""
     parser.add_argument("--url", default=None if defaults else argparse.SUPPRESS,
                         help="Redis URL (default: REDIS_URL, else "
@@ -458,6 +520,10 @@ def _global_options(parser, defaults):
     parser.add_argument("--cluster", action="store_true", default=False if defaults else argparse.SUPPRESS,
                         help="--url names a node (any) of a Redis Cluster: each command goes "
                         "to the node that owns its key's slot")
+    parser.add_argument("--json", action="store_true", default=False if defaults else argparse.SUPPRESS,
+                        help="print JSON: one object (a line each for tail, and for redrive's entries)")
+    parser.add_argument("--quiet", "-q", action="store_true", default=False if defaults else argparse.SUPPRESS,
+                        help="no progress and no summary on long commands; errors only")
 
 
 def _parser():
@@ -476,7 +542,6 @@ def _parser():
 
     info = command("info", help="length, first and last id, groups and consumers")
     info.add_argument("stream")
-    info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(run=_cli_info)
     pending = command("pending", help="the oldest pending entries of a group")
     pending.add_argument("stream")

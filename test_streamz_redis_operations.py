@@ -458,3 +458,66 @@ def test_consumers_with_generated_names_come_and_go_and_the_dead_ones_are_remove
     assert lost == 0 and pending(r, "jobs", "workers") == 0
     assert twice <= in_flight_at_kills  # only what was in flight at a kill ran again
     assert not set(dead) & set(consumers())  # removed once their entries were claimed
+
+
+def test_every_command_that_prints_data_prints_json_with_json_before_or_after_it(server, r):
+    ids = poison_entries_dead_lettered(r, "orders", poison={1, 3})
+    pending_entries = json.loads(cli("--json", "pending", "orders", "billing").stdout)
+    assert pending_entries == {"stream": "orders", "group": "billing", "pending": 0, "oldest": []}
+    dead = json.loads(cli("dead-letters", "orders", "--json").stdout)
+    assert dead["stream"] == "orders:dead-letter" and dead["length"] == 2
+    assert [(e["source_stream"], e["source_id"], e["fields"]["n"]) for e in dead["entries"]] == [
+        ("orders", ids[1], "1"), ("orders", ids[3], "3")]
+    dry = [json.loads(line) for line in cli("redrive", "orders:dead-letter", "--dry-run", "--json")
+           .stdout.splitlines()]
+    assert [line.get("to") for line in dry] == ["orders", "orders", None]
+    assert dry[-1] == {"would_redrive": 2, "left_in_place": 0, "interrupted": False,
+                       "from": "orders:dead-letter"}
+    moved = [json.loads(line) for line in cli("--json", "redrive", "orders:dead-letter").stdout.splitlines()]
+    assert [m["id"] for m in moved[:-1]] == [e["id"] for e in dead["entries"]]
+    assert moved[-1]["redrove"] == 2
+    trimmed = json.loads(cli("trim", "orders", "--json").stdout)
+    assert trimmed["stream"] == "orders" and trimmed["trimmed"] >= 0 and trimmed["needed_by"] == "billing"
+    assert json.loads(cli("info", "--json", "orders").stdout)["stream"] == "orders"
+
+
+def test_a_long_redrive_prints_one_summary_line_progress_on_a_terminal_and_nothing_with_quiet(server, r):
+    import pty
+
+    total = 3000
+
+    def dead_letters():
+        with r.pipeline(transaction=False) as pipe:
+            for n in range(total):
+                pipe.xadd("orders:dead-letter", {"n": n, "source_stream": "orders",
+                                                 "source_id": f"{n + 1}-0", "deliveries": 4})
+            pipe.execute()
+
+    dead_letters()
+    out = cli("redrive", "orders:dead-letter")
+    assert out.stdout.splitlines() == [f"redrove {total} entries from orders:dead-letter"]  # not 3,001
+    dead_letters()
+    assert cli("redrive", "orders:dead-letter", "--quiet").stdout == ""
+    assert r.xlen("orders") == 2 * total and r.xlen("orders:dead-letter") == 0
+    dead_letters()
+    reader, writer = pty.openpty()  # stderr a terminal: the count and rate, rewritten in place
+    try:
+        done = subprocess.run([sys.executable, "-m", "streamz_redis", "redrive", "orders:dead-letter"],
+                              cwd=HERE, stdout=subprocess.PIPE, stderr=writer, text=True, timeout=60)
+        os.close(writer)
+        writer = None
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(reader, 65536)
+            except OSError:  # the terminal's other end is closed: all read
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        if writer is not None:
+            os.close(writer)
+        os.close(reader)
+    assert done.returncode == 0 and done.stdout.splitlines() == [f"redrove {total} entries from orders:dead-letter"]
+    assert re.search(rb"\rredrive: [\d,]+ entries, [\d,]+/s", shown), shown
