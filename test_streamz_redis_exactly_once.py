@@ -488,6 +488,34 @@ def test_an_exactly_once_command_without_a_key_is_refused_and_its_entry_waits(se
 # --------------------------------------------------------------------------
 
 
+def sigkill_three_times(r, rng, command, tmp_path, progress, group, total, step=1):
+    """Run the worker ``command`` and SIGKILL it three times, each when
+    ``progress()`` has gone a seeded 500 to 3,000 (over ``step``) further,
+    restarting it under the same consumer name (it replays its pending
+    entries); then wait until ``group`` has read and acknowledged all
+    ``total`` entries of "numbers"."""
+
+    def started():
+        worker = subprocess.Popen(command, cwd=HERE, stdout=subprocess.PIPE,
+                                  stderr=open(tmp_path / "worker.log", "ab"))
+        assert worker.stdout.readline() == b"started\n"
+        return worker
+
+    worker = started()
+    try:
+        for _ in range(3):
+            at = min(progress() + rng.randint(500, 3000) // step, total)
+            wait_for(lambda: progress() >= at, timeout=60)
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+            worker = started()
+        wait_for(lambda: entries_read(r, "numbers", group) == total
+                 and pending(r, "numbers", group) == 0, timeout=120)
+    finally:
+        worker.kill()
+        worker.wait()
+
+
 EXACTLY_ONCE_WORKER = textwrap.dedent(
     """
     import sys, threading
@@ -531,27 +559,9 @@ def test_three_sigkills_leave_each_input_exactly_once_in_the_output(server, r, t
     def output_length():
         return r.xlen("copies") if shape == "stream" else r.llen("copies")
 
-    def run_worker():
-        worker = subprocess.Popen(
-            [sys.executable, str(script), server.url, shape, "1" if exactly_once else "0"], cwd=HERE,
-            stdout=subprocess.PIPE, stderr=open(tmp_path / "worker.log", "ab"),
-        )
-        assert worker.stdout.readline() == b"started\n"
-        return worker
-
-    worker = run_worker()
-    try:
-        for _ in range(3):
-            at = output_length() + rng.randint(500, 3000) // (100 if shape == "partition" else 1)
-            wait_for(lambda: output_length() >= at, timeout=60)
-            worker.send_signal(signal.SIGKILL)
-            worker.wait()
-            worker = run_worker()  # the same consumer name: it replays its pending entries
-        wait_for(lambda: entries_read(r, "numbers", "copiers") == total
-                 and pending(r, "numbers", "copiers") == 0, timeout=120)
-    finally:
-        worker.kill()
-        worker.wait()
+    worker = [sys.executable, str(script), server.url, shape, "1" if exactly_once else "0"]
+    sigkill_three_times(r, rng, worker, tmp_path, output_length, "copiers", total,
+                        step=100 if shape == "partition" else 1)
     copied = copies()
     duplicates = len(copied) - len(set(copied))
     print(f"{shape}, exactly_once={exactly_once}: {len(copied)} outputs, {duplicates} duplicates")
@@ -599,27 +609,9 @@ def test_three_sigkills_leave_every_exactly_once_counter_exact(server, r, tmp_pa
             return {k.decode(): int(v) for k, v in r.hgetall("totals").items()}
         return {k.decode(): int(v) for k, v in r.zrange("totals", 0, -1, withscores=True)}
 
-    def run_worker():
-        worker = subprocess.Popen(
-            [sys.executable, str(script), server.url, shape, "1" if exactly_once else "0"], cwd=HERE,
-            stdout=subprocess.PIPE, stderr=open(tmp_path / "worker.log", "ab"),
-        )
-        assert worker.stdout.readline() == b"started\n"
-        return worker
-
-    worker = run_worker()
-    try:
-        for _ in range(3):
-            at = entries_read(r, "numbers", "counters") + rng.randint(500, 3000)
-            wait_for(lambda: entries_read(r, "numbers", "counters") >= min(at, total), timeout=60)
-            worker.send_signal(signal.SIGKILL)
-            worker.wait()
-            worker = run_worker()  # the same consumer name: it replays its pending entries
-        wait_for(lambda: entries_read(r, "numbers", "counters") == total
-                 and pending(r, "numbers", "counters") == 0, timeout=120)
-    finally:
-        worker.kill()
-        worker.wait()
+    worker = [sys.executable, str(script), server.url, shape, "1" if exactly_once else "0"]
+    sigkill_three_times(r, rng, worker, tmp_path, lambda: entries_read(r, "numbers", "counters"),
+                        "counters", total)
     counted = totals()
     over = sum(counted.values()) - sum(expected.values())
     print(f"{shape}, exactly_once={exactly_once}: {sum(counted.values())} counted, "
