@@ -488,12 +488,18 @@ def test_an_exactly_once_command_without_a_key_is_refused_and_its_entry_waits(se
 # --------------------------------------------------------------------------
 
 
-def sigkill_three_times(r, rng, command, tmp_path, progress, group, total, step=1):
-    """Run the worker ``command`` and SIGKILL it three times, each when
-    ``progress()`` has gone a seeded 500 to 3,000 (over ``step``) further,
-    restarting it under the same consumer name (it replays its pending
-    entries); then wait until ``group`` has read and acknowledged all
-    ``total`` entries of "numbers"."""
+def sigkill_three_times(server, r, tmp_path, worker, args, progress, group, total, step=1):
+    """Run the ``worker`` script (with the server's URL and ``args``) and
+    SIGKILL it three times, each when ``progress()`` has gone a seeded 500
+    to 3,000 (over ``step``) further, restarting it under the same consumer
+    name (it replays its pending entries); then wait until ``group`` has
+    read and acknowledged all ``total`` entries of "numbers"."""
+    seed = int(os.environ.get("STREAMZ_REDIS_TEST_SEED", time.time_ns() % 10**6))
+    print(f"seed {seed} (STREAMZ_REDIS_TEST_SEED={seed} replays it)")
+    rng = random.Random(seed)
+    script = tmp_path / "worker.py"
+    script.write_text(worker)
+    command = [sys.executable, str(script), server.url, *args]
 
     def started():
         worker = subprocess.Popen(command, cwd=HERE, stdout=subprocess.PIPE,
@@ -542,12 +548,7 @@ EXACTLY_ONCE_WORKER = textwrap.dedent(
     ("stream", True), ("list", True), ("partition", True), ("stream", False),
 ])
 def test_three_sigkills_leave_each_input_exactly_once_in_the_output(server, r, tmp_path, shape, exactly_once):
-    seed = int(os.environ.get("STREAMZ_REDIS_TEST_SEED", time.time_ns() % 10**6))
-    print(f"seed {seed} (STREAMZ_REDIS_TEST_SEED={seed} replays it)")
-    rng = random.Random(seed)
     total = 20_000
-    script = tmp_path / "worker.py"
-    script.write_text(EXACTLY_ONCE_WORKER)
     r.xgroup_create("numbers", "copiers", "0", mkstream=True)
     source_ids = add_numbers(r, "numbers", total)
 
@@ -559,9 +560,8 @@ def test_three_sigkills_leave_each_input_exactly_once_in_the_output(server, r, t
     def output_length():
         return r.xlen("copies") if shape == "stream" else r.llen("copies")
 
-    worker = [sys.executable, str(script), server.url, shape, "1" if exactly_once else "0"]
-    sigkill_three_times(r, rng, worker, tmp_path, output_length, "copiers", total,
-                        step=100 if shape == "partition" else 1)
+    sigkill_three_times(server, r, tmp_path, EXACTLY_ONCE_WORKER, [shape, "1" if exactly_once else "0"],
+                        output_length, "copiers", total, step=100 if shape == "partition" else 1)
     copied = copies()
     duplicates = len(copied) - len(set(copied))
     print(f"{shape}, exactly_once={exactly_once}: {len(copied)} outputs, {duplicates} duplicates")
@@ -594,12 +594,7 @@ COUNTING_WORKER = textwrap.dedent(
 @pytest.mark.slow
 @pytest.mark.parametrize("shape, exactly_once", [("hash", True), ("sorted_set", True), ("hash", False)])
 def test_three_sigkills_leave_every_exactly_once_counter_exact(server, r, tmp_path, shape, exactly_once):
-    seed = int(os.environ.get("STREAMZ_REDIS_TEST_SEED", time.time_ns() % 10**6))
-    print(f"seed {seed} (STREAMZ_REDIS_TEST_SEED={seed} replays it)")
-    rng = random.Random(seed)
     total = 20_000
-    script = tmp_path / "worker.py"
-    script.write_text(COUNTING_WORKER)
     r.xgroup_create("numbers", "counters", "0", mkstream=True)
     add_numbers(r, "numbers", total)
     expected = {f"k{k}": sum(n % 7 + 1 for n in range(k, total, 10)) for k in range(10)}
@@ -609,9 +604,8 @@ def test_three_sigkills_leave_every_exactly_once_counter_exact(server, r, tmp_pa
             return {k.decode(): int(v) for k, v in r.hgetall("totals").items()}
         return {k.decode(): int(v) for k, v in r.zrange("totals", 0, -1, withscores=True)}
 
-    worker = [sys.executable, str(script), server.url, shape, "1" if exactly_once else "0"]
-    sigkill_three_times(r, rng, worker, tmp_path, lambda: entries_read(r, "numbers", "counters"),
-                        "counters", total)
+    sigkill_three_times(server, r, tmp_path, COUNTING_WORKER, [shape, "1" if exactly_once else "0"],
+                        lambda: entries_read(r, "numbers", "counters"), "counters", total)
     counted = totals()
     over = sum(counted.values()) - sum(expected.values())
     print(f"{shape}, exactly_once={exactly_once}: {sum(counted.values())} counted, "
