@@ -746,6 +746,58 @@ _name_parameter = inspect.signature(redis.asyncio.ConnectionPool.get_connection)
 _GET_CONNECTION_WANTS_A_NAME = _name_parameter is not None and _name_parameter.default is inspect.Parameter.empty
 
 
+try:  # redis-py's hiredis parser: its reader, and what it says when it needs more bytes
+    from redis._parsers.hiredis import _AsyncHiredisParser
+    from redis._parsers import hiredis as _hiredis_parsers
+    _NOT_ENOUGH_DATA = getattr(_hiredis_parsers, "NOT_ENOUGH_DATA", False)  # redis-py < 6: False
+except ImportError:  # pragma: no cover - without hiredis
+    _AsyncHiredisParser = None
+
+
+def _parsed_in_one_go(connection):
+    """Whether the replies of a pipeline can be taken from the connection's
+    hiredis reader in one loop (RESP2, redis-py's hiredis parser), rather than
+    through ``read_response()``, which costs a timeout context and several
+    coroutines per reply: a third of a sink's time at 1,000 replies a round
+    trip."""
+    parser = getattr(connection, "_parser", None)  # redis-py's, through its own attribute names
+    return (_AsyncHiredisParser is not None and type(parser) is _AsyncHiredisParser
+            and getattr(parser, "_reader", None) is not None
+            # RESP3 (redis-py 8's default): only where a push message can be told apart
+            and (str(getattr(connection, "protocol", 2) or 2) == "2"
+                 or getattr(parser, "_hiredis_PushNotificationType", None) is not None))
+
+
+async def _read_replies(connection, n):
+    """``n`` replies from the hiredis reader of ``connection``, reading from
+    the socket (within its ``socket_timeout``) only when it needs more bytes.
+    A reply Redis refused is its exception, in place; one that means the
+    connection is unusable (LOADING, say) raises, as redis-py does."""
+    # The one reach into redis-py's privates (its parser's hiredis reader, the
+    # attributes its own read_response() uses, in 5.0.2 to 8.x alike), checked
+    # by _parsed_in_one_go() first: it makes a sink 1.5 times as fast.
+    parser = connection._parser  # noqa: SLF001
+    reader, timeout, replies = parser._reader, connection.socket_timeout, []  # noqa: SLF001
+    push = getattr(parser, "_hiredis_PushNotificationType", None) or ()
+    while len(replies) < n:
+        reply = reader.gets()
+        if reply is _NOT_ENOUGH_DATA or reply is False:
+            if not parser._connected:  # noqa: SLF001
+                raise redis.exceptions.ConnectionError("Connection closed by server.")
+            try:
+                await asyncio.wait_for(parser.read_from_socket(), timeout)
+            except asyncio.TimeoutError:
+                raise redis.exceptions.TimeoutError("Timeout reading from Redis") from None
+            continue
+        if isinstance(reply, push):  # RESP3: not a reply; redis-py handles it
+            await parser.handle_push_response(reply)
+            continue
+        if isinstance(reply, redis.exceptions.ConnectionError):
+            raise reply
+        replies.append(reply)
+    return replies
+
+
 class _Wire:
     """The one connection a source's blocking reads run on, and the one class
     that uses redis-py's wire-level API (packed commands, ``read_response``,
@@ -974,58 +1026,6 @@ class _Wire:
             raise
         finally:
             await pool.release(connection)
-
-
-try:  # redis-py's hiredis parser: its reader, and what it says when it needs more bytes
-    from redis._parsers.hiredis import _AsyncHiredisParser
-    from redis._parsers import hiredis as _hiredis_parsers
-    _NOT_ENOUGH_DATA = getattr(_hiredis_parsers, "NOT_ENOUGH_DATA", False)  # redis-py < 6: False
-except ImportError:  # pragma: no cover - without hiredis
-    _AsyncHiredisParser = None
-
-
-def _parsed_in_one_go(connection):
-    """Whether the replies of a pipeline can be taken from the connection's
-    hiredis reader in one loop (RESP2, redis-py's hiredis parser), rather than
-    through ``read_response()``, which costs a timeout context and several
-    coroutines per reply: a third of a sink's time at 1,000 replies a round
-    trip."""
-    parser = getattr(connection, "_parser", None)  # redis-py's, through its own attribute names
-    return (_AsyncHiredisParser is not None and type(parser) is _AsyncHiredisParser
-            and getattr(parser, "_reader", None) is not None
-            # RESP3 (redis-py 8's default): only where a push message can be told apart
-            and (str(getattr(connection, "protocol", 2) or 2) == "2"
-                 or getattr(parser, "_hiredis_PushNotificationType", None) is not None))
-
-
-async def _read_replies(connection, n):
-    """``n`` replies from the hiredis reader of ``connection``, reading from
-    the socket (within its ``socket_timeout``) only when it needs more bytes.
-    A reply Redis refused is its exception, in place; one that means the
-    connection is unusable (LOADING, say) raises, as redis-py does."""
-    # The one reach into redis-py's privates (its parser's hiredis reader, the
-    # attributes its own read_response() uses, in 5.0.2 to 8.x alike), checked
-    # by _parsed_in_one_go() first: it makes a sink 1.5 times as fast.
-    parser = connection._parser  # noqa: SLF001
-    reader, timeout, replies = parser._reader, connection.socket_timeout, []  # noqa: SLF001
-    push = getattr(parser, "_hiredis_PushNotificationType", None) or ()
-    while len(replies) < n:
-        reply = reader.gets()
-        if reply is _NOT_ENOUGH_DATA or reply is False:
-            if not parser._connected:  # noqa: SLF001
-                raise redis.exceptions.ConnectionError("Connection closed by server.")
-            try:
-                await asyncio.wait_for(parser.read_from_socket(), timeout)
-            except asyncio.TimeoutError:
-                raise redis.exceptions.TimeoutError("Timeout reading from Redis") from None
-            continue
-        if isinstance(reply, push):  # RESP3: not a reply; redis-py handles it
-            await parser.handle_push_response(reply)
-            continue
-        if isinstance(reply, redis.exceptions.ConnectionError):
-            raise reply
-        replies.append(reply)
-    return replies
 
 
 def _raise_refused(replies):
