@@ -4220,7 +4220,10 @@ class _KeySink(_RedisSink):
 
     shape = "value"  # what a value is, for the error of a wrong element
 
-    def __init__(self, upstream, key=None, *, ttl=None, increment=False, **kwargs):
+    def __init__(
+        self, upstream, key: Union[str, bytes, Callable[[Any], Union[str, bytes]], None] = None, *,
+        ttl: Optional[int] = None, increment: bool = False, **kwargs,
+    ):
         if key is not None and not callable(key):
             _key_name(key, "key")
         self.target = key
@@ -4498,7 +4501,10 @@ class to_redis_set(_KeySink):
 
     shape = "member"
 
-    def __init__(self, upstream, key=None, *, ttl=None, **kwargs):
+    def __init__(
+        self, upstream, key: Union[str, bytes, Callable[[Any], Union[str, bytes]], None] = None, *,
+        ttl: Optional[int] = None, **kwargs,
+    ):
         if "increment" in kwargs:
             raise TypeError("increment: a set holds no numbers to add to; count with "
                             "to_redis_hash or to_redis_sorted_set (increment=True)")
