@@ -3636,6 +3636,10 @@ class _PlainWrites:
         """The commands of one round trip, each with how many writes it carries."""
         return self.sink.write_commands(writes)
 
+    def split(self, command, answer, carried):
+        """The reply of each of the ``carried`` writes ``command`` carries."""
+        return [answer] * carried
+
 
 class _RedisSink(_RedisNode, Sink):
     """What every Redis sink shares: the connection, pipelining, back-off,
@@ -3771,7 +3775,10 @@ class _RedisSink(_RedisNode, Sink):
         """The key or channel for ``element``: fixed, or given by a function."""
         if not callable(self.target):
             return self.target  # checked by __init__
-        return _key_name(self.target(element), what)
+        target = self.target(element)
+        if type(target) in (str, bytes):
+            return target
+        return _key_name(target, f"{self}: the {what} its function returned")
 
     async def _send(self, commands):
         return await self.topology.pipelined(self._redis, commands)
@@ -3845,14 +3852,14 @@ class _RedisSink(_RedisNode, Sink):
             return
         commands = self.plan.commands([writes[i] for i in todo])
         answers, carrying = iter(todo), []
-        for (_, carried), answer in zip(commands, await self._send([c for c, _ in commands])):
+        for (command, carried), answer in zip(commands, await self._send([c for c, _ in commands])):
             if carried:
                 carrying = [next(answers) for _ in range(carried)]
-                answer = True if answer is None else answer  # None: no reply yet
-            elif not isinstance(answer, Exception):
-                continue  # a later step of the writes before it (or a SCRIPT LOAD)
-            for i in carrying:
-                replies[i] = answer
+                for i, reply in zip(carrying, self.plan.split(command, answer, carried)):
+                    replies[i] = True if reply is None else reply  # None: no reply yet
+            elif isinstance(answer, Exception):  # a later step of the writes before it
+                for i in carrying:
+                    replies[i] = answer
 
     def _confirm(self, writes, replies):
         """Let go of each write Redis stored (acknowledging with it the
@@ -4237,9 +4244,9 @@ class _KeySink(_RedisSink):
     def _prepare_write(self, element, metadata):
         if self.target is not None:
             return _Write(element, self._target(element, "key"), self._checked(element), metadata)
-        if not isinstance(element, (tuple, list)) or len(element) != 2:
+        if type(element) is not tuple or len(element) != 2:  # a list is a value (members, a pair)
             raise TypeError(f"{self}: with no key given, an element is a (key, {self.shape}) "
-                            f"pair, not {_name_of(element)}")
+                            f"tuple, not {_name_of(element)}")
         key, value = element
         if type(key) not in (str, bytes):
             _key_name(key, f"{self}: the key of an element")
@@ -4306,16 +4313,22 @@ def _in_pieces(name, key, parts):
 
 
 def _added_up(pairs):
-    """Increments ``(name, number)`` with the integers of each name added up
-    (exact, and the same result), the floats left as they are, after them
-    (Redis rounds each addition)."""
-    sums, floats = {}, []
+    """Increments ``(name, number)`` with the integers of each name added up,
+    at its first place (exact, and the same result); a name that also takes
+    a float keeps each of its increments, in order (Redis rounds each, and an
+    integer after a fraction fails as it would have)."""
+    pairs = list(pairs)
+    floating = {name for name, number in pairs if type(number) is not int}
+    sums, added = {}, []
     for name, number in pairs:
-        if type(number) is int:
-            sums[name] = sums.get(name, 0) + number
+        if name in floating:
+            added.append([name, number])
+        elif name in sums:
+            sums[name][1] += number
         else:
-            floats.append((name, number))
-    return [*sums.items(), *floats]
+            sums[name] = [name, number]
+            added.append(sums[name])
+    return [tuple(pair) for pair in added]
 
 
 @Stream.register_api()

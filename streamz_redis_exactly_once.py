@@ -21,8 +21,9 @@ from in one script, so that after a crash the output holds each input once.
 import hashlib
 
 import redis.exceptions
+import streamz.core
 
-from streamz_redis import _leaves, _references, log
+from streamz_redis import _below, _leaves, _references, log
 
 __all__ = ["ExactlyOnce"]
 
@@ -43,20 +44,19 @@ UNPACK_LIMIT = 7900
 # many steps (commands on KEYS[1]) it takes, each step as how many arguments
 # follow, its command name and the arguments after the key, and how many
 # entries it carries; then each entry's acknowledgement (XACK group id, or
-# LREM 1 item). Nothing is written unless every step can run: Redis does not
-# undo a script that fails half-way.
-# - An element whose first entry is no longer pending is left out with its
-#   entries: a script sent again after a lost reply (by us, or by the retries
-#   of a user's own client) writes nothing twice, and an entry another
-#   consumer took over and acknowledged is not written again.
-# - A missing group or a key of the wrong type fails the first XPENDING (or
-#   LPOS) before anything is written; Redis 7 checks the user's permissions
-#   for every step first. Every step writes KEYS[1], so a key of another type
-#   fails the first write, before anything is written; a counter that holds no
-#   number (HINCRBY and INCRBY would fail half-way: another field of the key,
-#   or its first steps, already added) is refused before anything is written
-#   too, as is an integer added to a field this script made a fraction. The
-#   reply is how many elements were written.
+# LREM 1 item). The reply has one status an element: 1 written and its
+# entries acknowledged, 0 left out (none of its entries pending), or a
+# message starting with "!": nothing of it acknowledged.
+# - An element is written only if every one of its entries is still pending:
+#   a script sent again after a lost reply (by us, or by the retries of a
+#   user's own client) writes nothing twice, and an element some of whose
+#   entries another consumer took over is left, its other entries pending.
+# - Redis 7 checks the user's permissions for every step first; a counter
+#   that holds no number Redis adds to (HINCRBY and INCRBY would fail
+#   half-way, after the steps before them), or an integer added to a field
+#   that a float of this script made a fraction, refuses its element before
+#   anything is written. Each step runs with redis.pcall: an element whose
+#   first step Redis refuses is not written, and the elements beside it are.
 WRITE_AND_ACKNOWLEDGE = """
 local elements, at = {}, 2
 for i = 1, tonumber(ARGV[1]) do
@@ -69,21 +69,31 @@ for i = 1, tonumber(ARGV[1]) do
     elements[i] = {steps, tonumber(ARGV[at + 1])}
     at = at + 2
 end
-local key, run, taken = 2, {}, {}  -- taken: entries acknowledged by an earlier element
-for _, element in ipairs(elements) do
-    local pending, first = nil, KEYS[key] .. '\\0' .. ARGV[at + 2]
-    if ARGV[at] == 'XACK' then
-        pending = not taken[first]
-            and #redis.call('XPENDING', KEYS[key], ARGV[at + 1], ARGV[at + 2], ARGV[at + 2], 1) > 0
-    else
-        pending = redis.call('LPOS', KEYS[key], ARGV[at + 2], 'RANK', (taken[first] or 0) + 1)
+local key, run, taken, status = 2, {}, {}, {}  -- taken: entries acknowledged by an earlier element
+for e, element in ipairs(elements) do
+    local pending = 0
+    for j = 0, element[2] - 1 do
+        local a, entry = at + 3 * j, KEYS[key + j] .. '\\0' .. ARGV[at + 3 * j + 2]
+        if ARGV[a] == 'XACK' then
+            if not taken[entry]
+                and #redis.call('XPENDING', KEYS[key + j], ARGV[a + 1], ARGV[a + 2], ARGV[a + 2], 1) > 0 then
+                pending = pending + 1
+            end
+        elseif redis.call('LPOS', KEYS[key + j], ARGV[a + 2], 'RANK', (taken[entry] or 0) + 1) then
+            pending = pending + 1
+        end
     end
-    if pending then
-        table.insert(run, {element[1], key, at, element[2]})
+    if pending == element[2] then
+        table.insert(run, {element[1], key, at, element[2], e})
         for j = 0, element[2] - 1 do
             local entry = KEYS[key + j] .. '\\0' .. ARGV[at + 3 * j + 2]
             taken[entry] = (taken[entry] or 0) + 1
         end
+    elseif pending == 0 then
+        status[e] = 0
+    else
+        status[e] = '!' .. (element[2] - pending) .. ' of its ' .. element[2] ..
+            ' entries were taken over by another consumer; the others stay pending'
     end
     key, at = key + element[2], at + 3 * element[2]
 end
@@ -103,54 +113,90 @@ if redis.acl_check_cmd then
         end
     end
 end
-local counted, floated = {}, {}  -- per field: it holds a number to add to; a fraction
-local pushes, pushed = true, {}  -- list pushes of one value each go in as one (the order is the same)
+-- Redis's integers: no leading zeros, at most 19 digits, within 64 bits.
+local function integer(value)
+    return value == '0' or (string.match(value, '^-?[1-9]%d*$') ~= nil and #value <= 20
+        and math.abs(tonumber(value)) < 9.2e18)
+end
+local counted, floated, sums, accepted = {}, {}, {}, {}  -- per field: a number, a fraction, the sum
+local pushes = true
 for _, element in ipairs(run) do
+    local refused
     for _, step in ipairs(element[1]) do
         local name = ARGV[step[1]]
         local hash = name == 'HINCRBY' or name == 'HINCRBYFLOAT'
-        if hash or name == 'INCRBY' or name == 'INCRBYFLOAT' then
+        if not refused and (hash or name == 'INCRBY' or name == 'INCRBYFLOAT') then
             local field = hash and ARGV[step[1] + 1] or ''
             local whole = name == 'HINCRBY' or name == 'INCRBY'
             if counted[field] == nil then
                 local value = hash and redis.call('HGET', KEYS[1], field) or (not hash and redis.call('GET', KEYS[1]))
-                counted[field] = not value
-                    or (tonumber(value) ~= nil and (not whole or string.match(value, '^-?%d+$') ~= nil))
-                floated[field] = value and not string.match(value, '^-?%d+$')
+                counted[field] = not value or tonumber(value) ~= nil and (not whole or integer(value))
+                floated[field] = value and not integer(value)
+                sums[field] = value and tonumber(value) or 0
             end
             local what = KEYS[1] .. (hash and (' field ' .. field) or '')
-            if not counted[field] then
-                return redis.error_reply('ERR ' .. what .. ' holds no ' .. (whole and 'integer' or 'number') ..
-                    ' to add to; nothing was written')
+            local by = tonumber(ARGV[step[2]])
+            if by == nil or (whole and not integer(ARGV[step[2]])) then
+                refused = '!' .. name .. ' ' .. what .. ': ' .. ARGV[step[2]] .. ' is no ' ..
+                    (whole and 'integer' or 'number') .. ' to add'
+            elseif not counted[field] then
+                refused = '!' .. what .. ' holds no ' .. (whole and 'integer' or 'number') .. ' to add to'
             elseif whole and floated[field] then
-                return redis.error_reply('ERR ' .. what .. ' holds a fraction (or a float before it made one): ' ..
-                    name .. ' adds integers only, give it floats; nothing was written')
+                refused = '!' .. what .. ' holds a fraction (or a float before it made one): ' .. name ..
+                    ' adds integers only, give it floats'
+            elseif whole and math.abs(sums[field] + by) >= 9.2e18 then
+                refused = '!' .. what .. ' would go beyond 64-bit integers'
+            else
+                sums[field] = sums[field] + by
+                floated[field] = floated[field] or not whole
             end
-            floated[field] = floated[field] or not whole
-        end
-        pushes = pushes and (name == 'RPUSH' or name == 'LPUSH') and step[1] + 1 == step[2]
-            and name == ARGV[run[1][1][1][1]]
-    end
-end
-for _, element in ipairs(run) do
-    for _, step in ipairs(element[1]) do
-        if pushes then
-            table.insert(pushed, ARGV[step[2]])
-        else
-            redis.call(ARGV[step[1]], KEYS[1], unpack(ARGV, step[1] + 1, step[2]))
         end
     end
+    if refused then
+        status[element[5]] = refused .. '; nothing of it was written'
+    else
+        table.insert(accepted, element)
+        local first = element[1][1]  -- one push of one value, as the first element's
+        pushes = pushes and #element[1] == 1 and first[1] + 1 == first[2]
+            and (ARGV[first[1]] == 'RPUSH' or ARGV[first[1]] == 'LPUSH')
+            and ARGV[first[1]] == ARGV[accepted[1][1][1][1]]
+    end
 end
-if #pushed > 0 then
-    redis.call(ARGV[run[1][1][1][1]], KEYS[1], unpack(pushed))
-end
-for _, element in ipairs(run) do
+local function acknowledge(element)
     for j = 0, element[4] - 1 do
         local ack = element[3] + 3 * j
         redis.call(ARGV[ack], KEYS[element[2] + j], ARGV[ack + 1], ARGV[ack + 2])
     end
+    status[element[5]] = 1
 end
-return #run
+if pushes and #accepted > 1 then  -- list pushes of one value each go in as one (the order is the same)
+    local pushed = {}
+    for i, element in ipairs(accepted) do
+        pushed[i] = ARGV[element[1][1][2]]
+    end
+    redis.call(ARGV[accepted[1][1][1][1]], KEYS[1], unpack(pushed))
+    for _, element in ipairs(accepted) do
+        acknowledge(element)
+    end
+else
+    for _, element in ipairs(accepted) do
+        local failed
+        for s, step in ipairs(element[1]) do
+            local reply = redis.pcall(ARGV[step[1]], KEYS[1], unpack(ARGV, step[1] + 1, step[2]))
+            if type(reply) == 'table' and reply.err then
+                failed = '!' .. reply.err .. (s > 1 and ' (its first steps were written: not acknowledged, so ' ..
+                    'they may be written again)' or '')
+                break
+            end
+        end
+        if failed then
+            status[element[5]] = failed
+        else
+            acknowledge(element)
+        end
+    end
+end
+return status
 """
 WRITE_AND_ACKNOWLEDGE_SHA = hashlib.sha1(WRITE_AND_ACKNOWLEDGE.encode()).hexdigest()
 
@@ -227,6 +273,12 @@ return id
 APART_TRIES = 50  # reservations overtaken by other writers before giving up
 
 
+def _status_text(status):
+    """The message of an element's status that says why it was not written."""
+    text = status.decode("utf-8", "replace") if isinstance(status, bytes) else str(status)
+    return text[1:] if text.startswith("!") else text
+
+
 def fields_digest(values):
     """What RESERVE_OR_ACKNOWLEDGE computes of an entry's fields and values,
     as Redis stores what hiredis (or redis-py) sends."""
@@ -258,13 +310,26 @@ class ExactlyOnce:
         self.sink = sink
         self.sources_checked = {}  # source -> None, or why it cannot hold (another server)
         self.warned_held = False
+        self.graph_checked = False
+        self.scripts = set()
 
     # ---- when an element arrives ------------------------------------------
 
     def check(self, write):
         """Raise, at the first element from a source, if the script cannot
         cover its entries: where they also reach another node that ends the
-        pipeline (another sink), or reach this one by more than one path."""
+        pipeline (another sink), or reach this one by more than one path; and
+        at the first element at all, if a ``flatten`` is upstream."""
+        if not self.graph_checked:
+            flattening = [node for node in _below(self.sink, direction="upstreams")
+                          if isinstance(node, streamz.core.flatten)]
+            if flattening:
+                raise ValueError(
+                    f"{self.sink}: exactly_once cannot follow {flattening[0]}: streamz's flatten passes "
+                    "an element's entries with its last item only, so the items before it would be "
+                    "written without them. Write the list as one element (the sinks take several "
+                    "fields, members or pairs at once), or drop exactly_once")
+            self.graph_checked = True
         for source in {ack.ledger.source for ref in _references(write.metadata) for ack in ref.entries()}:
             if source in self.sources_checked:
                 continue
@@ -395,6 +460,7 @@ class ExactlyOnce:
         them and their acknowledgements together. Their failures share one
         cause (the key, the group), so no write fails for a neighbour's sake.
         A round trip leads with what the topology sends before its scripts."""
+        self.scripts = set()  # the scripts of this round trip (their replies are statuses)
         commands = self.sink.topology.script_preamble(WRITE_AND_ACKNOWLEDGE)
         group, entries, source = [], 0, None  # (write, command) of the script being built
         for write in writes:
@@ -420,6 +486,14 @@ class ExactlyOnce:
             commands.append((self._script(group), len(group)))
         return commands
 
+    def split(self, command, answer, carried):
+        """The reply of each write a command carries: a script's, one status
+        an element (see WRITE_AND_ACKNOWLEDGE); any other command's, its own."""
+        if id(command) not in self.scripts or not isinstance(answer, list):
+            return [answer] * carried
+        return [True if status in (0, 1) else redis.exceptions.ResponseError(_status_text(status))
+                for status in answer]
+
     def _script(self, group):
         """The script that runs the steps of ``group``, ``(write, steps)``
         pairs writing to one key, and acknowledges their entries."""
@@ -435,5 +509,7 @@ class ExactlyOnce:
                 acks += [command, first, second]
         args = [len(group), *args, *acks]
         call = self.sink.topology.script_call(WRITE_AND_ACKNOWLEDGE, WRITE_AND_ACKNOWLEDGE_SHA)
-        return (*call, len(keys), *keys, *args)
+        script = (*call, len(keys), *keys, *args)
+        self.scripts.add(id(script))
+        return script
 

@@ -3251,7 +3251,7 @@ def test_consecutive_writes_to_one_key_go_in_fewer_commands_with_the_same_result
     scores = numbers.map(lambda n: {f"m{n % 2}": n}).to_redis_sorted_set("scores")
     seen = numbers.map(lambda n: [n, n + 1]).to_redis_set("seen")
     last = numbers.to_redis_key("last-n", ttl=100)
-    count = numbers.map(lambda n: 1 if n % 2 else 0.25).to_redis_key("count", increment=True)
+    count = numbers.map(lambda n: 1.0 if n % 2 else 0.25).to_redis_key("count", increment=True)  # floats only
     sinks = [hits, fields, board, scores, seen, last, count]
     r.config_resetstat()
     source.start()
@@ -3276,7 +3276,9 @@ def test_consecutive_writes_to_one_key_go_in_fewer_commands_with_the_same_result
     (lambda s: s.to_redis_hash("h", increment=True), {"f": "1"}, TypeError, "increment of field 'f' is a str"),
     (lambda s: s.to_redis_hash("h", increment=True), {"f": float("nan")}, ValueError, "finite numbers only"),
     (lambda s: s.to_redis_hash("h", increment=True), {"f": 2**63}, ValueError, "64-bit"),
-    (lambda s: s.to_redis_hash(), {"f": 1}, TypeError, r"no key given, an element is a \(key, mapping\) pair"),
+    (lambda s: s.to_redis_hash(), {"f": 1}, TypeError, r"no key given, an element is a \(key, mapping\) tuple"),
+    (lambda s: s.to_redis_set(), ["a", "b"], TypeError, r"a \(key, member\) tuple, not a batch"),
+    (lambda s: s.to_redis_stream(lambda x: 3), {"a": 1}, TypeError, "the stream its function returned"),
     (lambda s: s.to_redis_hash(), (1, {"f": 1}), TypeError, "the key of an element must be a str"),
     (lambda s: s.to_redis_key("k", increment=True), True, TypeError, "increment is a bool"),
     (lambda s: s.to_redis_key("k"), [1], TypeError, "the value is a list"),
@@ -3294,7 +3296,7 @@ def test_an_element_of_the_wrong_shape_is_an_error_naming_the_sink_and_what_is_w
     sink = make(source)
     with pytest.raises(error, match=words) as raised:
         source.emit(element)
-    assert f"<{type(sink).__name__} " in str(raised.value) or "must be" in str(raised.value)
+    assert f"<{type(sink).__name__} " in str(raised.value)
     assert sink.metrics()["in_flight"] == 0
 
 

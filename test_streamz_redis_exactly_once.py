@@ -24,6 +24,7 @@ import redis
 from streamz import Stream
 
 import streamz_redis
+import streamz_redis_exactly_once
 from conftest import (
     add_numbers, call_count, entries_read, pending, requires_redis_7, user_url, wait_for,
 )
@@ -183,6 +184,19 @@ def test_exactly_once_refuses_an_entry_that_also_reaches_another_sink(server, r,
         wait_for(lambda: any("exactly_once needs every entry" in m for m in caplog.messages))
     source.stop()
     assert r.xlen("invoices") == 0 and pending(r, "orders", "billing") == 1
+
+
+def test_exactly_once_refuses_a_flatten_upstream_at_the_first_element(server, r, caplog):
+    r.xadd("views", {"n": 1})
+    source = Stream.from_redis_consumer_group("views", "counting", "c", start_id="0")
+    sink = source.map(lambda e: [("x", 1), ("y", 1)]).flatten().to_redis_key(
+        increment=True, exactly_once=True)
+    with caplog.at_level(logging.ERROR, logger="streamz_redis"):
+        source.start()
+        wait_for(lambda: source.metrics()["failed"] == 1)
+    assert any("exactly_once cannot follow" in m and "flatten" in m for m in caplog.messages)
+    assert not r.exists("x") and not r.exists("y") and pending(r, "views", "counting") == 1
+    assert sink.metrics()["written"] == 0
 
 
 def test_exactly_once_refuses_a_source_on_another_server(server, r, private_server, caplog):
@@ -405,7 +419,10 @@ def key_sink_script_runs(r, sink, elements, acks):
         write.acks = [ack]
         writes.append(write)
     replies = []
+    r.script_load(streamz_redis_exactly_once.WRITE_AND_ACKNOWLEDGE)
     for command, _ in sink.plan.commands(writes):
+        if command[:2] == ("SCRIPT", "LOAD"):
+            continue
         try:
             replies.append(r.execute_command(*command))
         except redis.ResponseError as refused:
@@ -424,52 +441,63 @@ def test_an_exactly_once_counter_sent_twice_counts_once(server, r):
     assert r.hgetall("totals") == {b"a": b"1", b"b": b"2.5"} and pending(r, "views", "counting") == 0
 
 
-def test_an_exactly_once_counter_that_holds_no_number_writes_nothing_and_says_why(server, r, caplog):
-    ids = [r.xadd("views", {"n": n}).decode() for n in range(2)]
-    r.xgroup_create("views", "counting", "0")
-    r.xreadgroup("counting", "c", {"views": ">"})
-    acks = [_AckOf("XACK", "views", "counting", i) for i in ids]
+def acks_of(r, n, stream="views", group="counting"):
+    ids = [r.xadd(stream, {"n": i}).decode() for i in range(n)]
+    r.xgroup_create(stream, group, "0")
+    r.xreadgroup(group, "c", {stream: ">"})
+    return [_AckOf("XACK", stream, group, i) for i in ids]
+
+
+def test_an_exactly_once_counter_that_holds_no_number_is_refused_alone_with_nothing_written(server, r):
+    acks = acks_of(r, 2)
     r.hset("totals", "b", "not a number")
     sink = Stream().to_redis_hash("totals", increment=True, exactly_once=True)
-    [_, refused] = key_sink_script_runs(r, sink, [{"a": 1}, {"a": 1, "b": 1}], acks)
-    assert "totals field b holds no integer to add to; nothing was written" in str(refused)
-    assert r.hget("totals", "a") is None and pending(r, "views", "counting") == 2
-    # A float, then an integer, into one field in one script: HINCRBY would
-    # refuse the fraction half-way, so nothing is written.
-    r.delete("totals")
-    [_, refused] = key_sink_script_runs(r, sink, [{"a": 0.5}, {"a": 1}], acks)
-    assert "holds a fraction" in str(refused) and not r.exists("totals")
-    r.set("counter", "abc")
-    counter = Stream().to_redis_key("counter", increment=True, exactly_once=True)
-    [_, refused] = key_sink_script_runs(r, counter, [1, 1], acks)
-    assert "counter holds no integer" in str(refused) and r.get("counter") == b"abc"
-    assert pending(r, "views", "counting") == 2
+    [statuses] = key_sink_script_runs(r, sink, [{"a": 1}, {"a": 1, "b": 1}], acks)
+    assert statuses[0] == 1 and b"totals field b holds no integer to add to" in statuses[1]
+    # The second element wrote nothing (not even its field a), its entry waits.
+    assert r.hget("totals", "a") == b"1" and pending(r, "views", "counting") == 1
 
 
-def test_an_exactly_once_hash_sorted_set_or_set_of_10_000_items_is_written_in_pieces(server, r):
-    for n in range(3):
-        r.xadd("views", {"n": n})
-    source = Stream.from_redis_consumer_group("views", "g", "c", start_id="0")
-    big = {f"f{i}": i for i in range(10_000)}  # 20,000 arguments: beyond Lua's unpack()
-    hashes = source.map(lambda e: ("h" + e.fields["n"], big)).to_redis_hash(exactly_once=True)
-    source.start()
-    wait_for(lambda: hashes.metrics()["written"] + hashes.metrics()["failed"] == 3)
-    assert hashes.metrics()["failed"] == 0 and pending(r, "views", "g") == 0
-    assert all(r.hlen(f"h{n}") == 10_000 for n in range(3)) and r.hget("h2", "f9999") == b"9999"
-    source.stop()
-    for kind, make, size in [
-        ("zset", lambda s: s.map(lambda e: {f"m{i}": i for i in range(10_000)}).to_redis_sorted_set(
-            "z", exactly_once=True), lambda: r.zcard("z")),
-        ("set", lambda s: s.map(lambda e: list(range(10_000))).to_redis_set("s", exactly_once=True),
-         lambda: r.scard("s")),
-    ]:
-        r.xadd(kind, {"n": 0})
-        source = Stream.from_redis_consumer_group(kind, "g", "c", start_id="0")
-        sink = make(source)
-        source.start()
-        wait_for(lambda: sink.metrics()["written"] == 1 and pending(r, kind, "g") == 0)
-        assert size() == 10_000
-        source.stop()
+@pytest.mark.parametrize("held", ["007", "-0", str(2**63 - 1), "1e3"])
+def test_an_exactly_once_integer_counter_is_refused_where_redis_would_refuse_it_half_way(server, r, held):
+    acks = acks_of(r, 2)
+    r.hset("totals", "b", held)
+    sink = Stream().to_redis_hash("totals", increment=True, exactly_once=True)
+    [statuses] = key_sink_script_runs(r, sink, [{"a": 1}, {"a": 1, "b": 1}], acks)
+    assert statuses[0] == 1 and statuses[1].startswith(b"!")
+    assert r.hget("totals", "a") == b"1" and r.hget("totals", "b") == held.encode()
+    assert pending(r, "views", "counting") == 1
+
+
+def test_an_exactly_once_float_then_an_integer_into_one_field_is_refused_before_writing(server, r):
+    acks = acks_of(r, 2)
+    sink = Stream().to_redis_hash("totals", increment=True, exactly_once=True)
+    [statuses] = key_sink_script_runs(r, sink, [{"a": 0.5}, {"a": 1}], acks)
+    assert statuses[0] == 1 and b"holds a fraction" in statuses[1]
+    assert r.hget("totals", "a") == b"0.5" and pending(r, "views", "counting") == 1
+
+
+def test_an_exactly_once_command_redis_refuses_is_not_written_and_its_neighbours_are(server, r):
+    acks = acks_of(r, 3)
+    sink = Stream().to_redis_command(exactly_once=True)
+    [statuses] = key_sink_script_runs(r, sink, [("INCRBY", "c", 1), ("INCRBY", "c", "x"),
+                                                 ("LPUSH", "c", "y")], acks)
+    assert statuses[0] == 1 and b"is no integer" in statuses[1] and b"WRONGTYPE" in statuses[2]
+    assert r.get("c") == b"1" and pending(r, "views", "counting") == 2  # each written once at most
+
+
+def test_an_exactly_once_element_whose_entries_were_partly_taken_over_is_left_pending(server, r):
+    acks = acks_of(r, 3)
+    r.xclaim("views", "counting", "other", 0, [acks[1]._command[3]])
+    r.xack("views", "counting", acks[1]._command[3])  # another consumer took it over and counted it
+    sink = Stream().to_redis_key("total", increment=True, exactly_once=True)
+    write = sink._prepare_write(3, [])
+    write.acks = acks  # one element (a batch) of three entries
+    [command] = [c for c, _ in sink.plan.commands([write]) if c[0] == "EVALSHA"]
+    r.script_load(streamz_redis_exactly_once.WRITE_AND_ACKNOWLEDGE)
+    [status] = r.execute_command(*command)
+    assert b"1 of its 3 entries were taken over" in status
+    assert not r.exists("total") and pending(r, "views", "counting") == 2
 
 
 def test_an_exactly_once_command_without_a_key_is_refused_and_its_entry_waits(server, r, caplog):
