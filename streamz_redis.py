@@ -662,6 +662,8 @@ class _OneServer:
         or None."""
         return None
 
+    shards_keys = False  # whether keys live on several servers (slots_apart can say no)
+
     def reader_node(self, pooled, keys):
         """The client whose dedicated connection reads ``keys``."""
         return pooled

@@ -70,6 +70,8 @@ class ClusterTopology:
             raise ValueError(f"CROSSSLOT on Redis Cluster: {named} must hash to one slot, as {why}; "
                              f"{advice}")
 
+    shards_keys = True  # keys live in slots: slots_apart says which keys cannot go together
+
     def slots_apart(self, keys):
         """Why ``keys`` cannot go in one script: the slots they are in."""
         slots = {key: key_slot(key.encode() if isinstance(key, str) else key) for key in keys}

@@ -311,7 +311,8 @@ class ExactlyOnce:
         self.sources_checked = {}  # source -> None, or why it cannot hold (another server)
         self.warned_held = False
         self.graph_checked = False
-        self.scripts = set()
+        self.scripts = set()  # the scripts of a round trip (their replies are statuses)
+        self.steps = {}  # the steps of its writes, by id: made once, by refused()
 
     # ---- when an element arrives ------------------------------------------
 
@@ -374,25 +375,25 @@ class ExactlyOnce:
         a script is written here, apart (``True`` in its place)."""
         topology = self.sink.topology
         await self._check_servers(client, writes)
-        refused = []
+        refused, checked = [], self.sources_checked
+        self.steps = {}
         for write in writes:
             if refused and refused[-1] is False:
                 refused.append(False)  # after an element written apart: in a later try, in order
                 continue
-            steps = self.sink.write_steps(write)
+            steps = self.steps[id(write)] = self.sink.write_steps(write)
             size = max(len(step) - 2 for step in steps)
             if write.key is None:
                 refused.append(ValueError(
                     f"{self.sink}: exactly_once: a command without a key (its first argument) "
                     "cannot be written with its entries' acknowledgements"))
                 continue
-            keys = [write.key, *{ack.key for ack in write.acks}]
             large = size > UNPACK_LIMIT and write.acks
-            if large:
-                keys.append(reservations_key(write.key))
-            apart = topology.slots_apart(keys)
-            reasons = [self.sources_checked[ack.ledger.source] for ack in write.acks
-                       if self.sources_checked.get(ack.ledger.source)]
+            apart = None
+            if topology.shards_keys:
+                keys = [write.key, *{ack.key for ack in write.acks}]
+                apart = topology.slots_apart([*keys, reservations_key(write.key)] if large else keys)
+            reasons = [checked[ack.ledger.source] for ack in write.acks if checked.get(ack.ledger.source)]
             if large and not apart and not reasons and steps[0][0] == "XADD" and len(steps) == 1:
                 if refused:  # the writes before it first, through the pipeline
                     refused.append(False)
@@ -464,7 +465,7 @@ class ExactlyOnce:
         commands = self.sink.topology.script_preamble(WRITE_AND_ACKNOWLEDGE)
         group, entries, source = [], 0, None  # (write, command) of the script being built
         for write in writes:
-            steps = self.sink.write_steps(write)
+            steps = self.steps.get(id(write)) or self.sink.write_steps(write)
             write_source = {ack.command()[:3] for ack in write.acks}
             if group and (write.key != group[0][0].key or write_source != source
                           or len(group) == SCRIPT_ELEMENTS
