@@ -3638,9 +3638,7 @@ class _PlainWrites:
         """The commands of one round trip, each with how many writes it carries."""
         return self.sink.write_commands(writes)
 
-    def split(self, command, answer, carried):
-        """The reply of each of the ``carried`` writes ``command`` carries."""
-        return [answer] * carried
+    splits_replies = False  # else split() says the reply of each write a command carries
 
 
 class _RedisSink(_RedisNode, Sink):
@@ -3764,14 +3762,9 @@ class _RedisSink(_RedisNode, Sink):
 
     def write_commands(self, writes):
         """The commands of ``writes``, in order, each with how many of them
-        it carries: one each, and 0 for the later steps of a write, whose
-        error is that write's too."""
-        commands = []
-        for write in writes:
-            first, *rest = self.write_steps(write)
-            commands.append((first, 1))
-            commands.extend((step, 0) for step in rest)
-        return commands
+        it carries: one each. (A sink whose writes take several commands
+        gives the later ones 0: their error is the writes' before them.)"""
+        return [(self.write_command(write), 1) for write in writes]
 
     def _target(self, element, what):
         """The key or channel for ``element``: fixed, or given by a function."""
@@ -3857,8 +3850,12 @@ class _RedisSink(_RedisNode, Sink):
         for (command, carried), answer in zip(commands, await self._send([c for c, _ in commands])):
             if carried:
                 carrying = [next(answers) for _ in range(carried)]
-                for i, reply in zip(carrying, self.plan.split(command, answer, carried)):
-                    replies[i] = True if reply is None else reply  # None: no reply yet
+                if self.plan.splits_replies:  # a reply for each write the command carries
+                    for i, reply in zip(carrying, self.plan.split(command, answer, carried)):
+                        replies[i] = True if reply is None else reply  # None: no reply yet
+                    continue
+                for i in carrying:
+                    replies[i] = True if answer is None else answer
             elif isinstance(answer, Exception):  # a later step of the writes before it
                 for i in carrying:
                     replies[i] = answer
@@ -4222,7 +4219,7 @@ def _adds(number):
 class _KeySink(_RedisSink):
     """What the sinks of keys share. An element's key is ``key`` if it is a
     str, the return of ``key(element)`` if it is a function, and otherwise
-    (``key=None``) the element is a ``(key, value)`` pair. ``ttl`` adds an
+    (``key=None``) the element is a ``(key, value)`` tuple. ``ttl`` adds an
     EXPIRE of the key after each write, in the same round trip. A subclass
     turns a value into what its commands send (``_value``) and that into its
     commands on the key (``_steps``)."""
@@ -4267,11 +4264,11 @@ class _KeySink(_RedisSink):
     def _steps(self, key, value):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _merged(self, key, values):
+    def _merged(self, key, values):  # pragma: no cover - abstract
         """The commands of consecutive writes of ``values`` to ``key``, in
         fewer commands where the result is the same (one HSET, SADD or ZADD
         for all; integer increments of one field added up)."""
-        return [step for value in values for step in self._steps(key, value)]
+        raise NotImplementedError
 
     def _expiring(self, key, steps):
         """``steps``, then the EXPIRE of ``ttl``."""
@@ -4352,7 +4349,7 @@ class to_redis_hash(_KeySink):
     ----------
     key : str or callable, optional
         The hash's key, or a function of the element that returns it. Without
-        it, each element is a ``(key, mapping)`` pair.
+        it, each element is a ``(key, mapping)`` tuple.
     increment : bool
         Add the values to the fields instead of setting them. A field that
         holds a fraction takes only floats (Redis's HINCRBY refuses it).
@@ -4361,9 +4358,9 @@ class to_redis_hash(_KeySink):
     exactly_once : bool
         Write each element, increments included, and acknowledge the entries
         it came from in one script: through crashes and restarts, a counter
-        fed by a consumer group counts each entry once. A key that holds
-        another type, or a field that holds no number, is refused before
-        anything is written.
+        fed by a consumer group counts each entry once. An element whose
+        field holds no number Redis adds to is refused with nothing of it
+        written; the elements beside it are written.
     max_in_flight, url, client_kwargs, client, cluster, **kwargs
         As for ``to_redis_stream``.
 
@@ -4411,7 +4408,7 @@ class to_redis_key(_KeySink):
     ----------
     key : str or callable, optional
         The key, or a function of the element that returns it. Without it,
-        each element is a ``(key, value)`` pair.
+        each element is a ``(key, value)`` tuple.
     increment : bool
         Add each element to the key's number instead of setting it.
     ttl : int, optional
@@ -4458,7 +4455,7 @@ class to_redis_sorted_set(_KeySink):
     ----------
     key : str or callable, optional
         The sorted set's key, or a function of the element that returns it.
-        Without it, each element is a ``(key, (member, score))`` pair (or
+        Without it, each element is a ``(key, (member, score))`` tuple (or
         ``(key, mapping)``).
     increment : bool
         Add the scores to the members' instead of setting them.
@@ -4505,7 +4502,7 @@ class to_redis_set(_KeySink):
     ----------
     key : str or callable, optional
         The set's key, or a function of the element that returns it. Without
-        it, each element is a ``(key, member)`` pair (or ``(key, members)``).
+        it, each element is a ``(key, member)`` tuple (or ``(key, members)``).
     ttl, exactly_once, max_in_flight, url, client_kwargs, client, cluster, **kwargs
         As for ``to_redis_hash``.
 

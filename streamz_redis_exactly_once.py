@@ -465,7 +465,7 @@ class ExactlyOnce:
         commands = self.sink.topology.script_preamble(WRITE_AND_ACKNOWLEDGE)
         group, entries, source = [], 0, None  # (write, command) of the script being built
         for write in writes:
-            steps = self.steps.get(id(write)) or self.sink.write_steps(write)
+            steps = self.steps.pop(id(write), None) or self.sink.write_steps(write)
             write_source = {ack.command()[:3] for ack in write.acks}
             if group and (write.key != group[0][0].key or write_source != source
                           or len(group) == SCRIPT_ELEMENTS
@@ -486,6 +486,8 @@ class ExactlyOnce:
         if group:
             commands.append((self._script(group), len(group)))
         return commands
+
+    splits_replies = True
 
     def split(self, command, answer, carried):
         """The reply of each write a command carries: a script's, one status
