@@ -3478,7 +3478,8 @@ def test_a_source_logs_each_read_and_acknowledgement_at_debug_and_each_claim_at_
         wait_for(lambda: source.metrics()["acked"] == 1 and source.metrics()["failed"] >= 1)
         source.stop()
     figures = source.metrics()
-    assert figures["read"] >= 2 and figures["emitted"] == figures["read"]  # one more per retry
+    # One more read per retry; a read that arrives as stop() begins is not emitted.
+    assert figures["emitted"] >= 2 and figures["read"] >= figures["emitted"]
     assert re.search(r"biller-1.*: read 1$", caplog.text, re.M)
     assert re.search(r"biller-1.*: XACK 1$", caplog.text, re.M)
     claims = [rec for rec in caplog.records if "claimed" in rec.getMessage()]
