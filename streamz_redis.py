@@ -782,6 +782,30 @@ def _parsed_in_one_go(connection):
                  or getattr(parser, "_hiredis_PushNotificationType", None) is not None))
 
 
+if sys.version_info >= (3, 11):
+    async def _within(awaitable, timeout):
+        """``await awaitable``, raising asyncio.TimeoutError after ``timeout``
+        seconds (None: none): without wait_for's task of its own (Python
+        3.11), a turn of the loop and a task saved on every read."""
+        async with asyncio.timeout(timeout):
+            return await awaitable
+else:  # pragma: no cover - Python 3.10 has no asyncio.timeout
+    _within = asyncio.wait_for
+
+
+def _send_at_once(connection, packed):
+    """Put a packed command on the wire now, on a connected connection's
+    asyncio writer; False where it is not connected (redis-py connects it).
+    redis-py's send_packed_command() writes inside wait_for, which on Python
+    3.11 is a task of its own: the bytes would wait a turn of the loop (a
+    read sent ahead would leave only once the batch before it is emitted)."""
+    writer = getattr(connection, "_writer", None)  # redis-py's, as its _send_packed_command uses it
+    if writer is None or not connection.is_connected:
+        return False
+    writer.write(packed)  # asyncio sends at once when nothing waits in its buffer
+    return True
+
+
 async def _read_replies(connection, n):
     """``n`` replies from the hiredis reader of ``connection``, reading from
     the socket (within its ``socket_timeout``) only when it needs more bytes.
@@ -799,7 +823,7 @@ async def _read_replies(connection, n):
             if not parser._connected:  # noqa: SLF001
                 raise redis.exceptions.ConnectionError("Connection closed by server.")
             try:
-                await asyncio.wait_for(parser.read_from_socket(), timeout)
+                await _within(parser.read_from_socket(), timeout)
             except asyncio.TimeoutError:
                 raise redis.exceptions.TimeoutError("Timeout reading from Redis") from None
             continue
@@ -940,7 +964,9 @@ class _Wire:
             if _pack_command is None:
                 return await self.client.execute_command(*args, **options)
             connection = self.client.connection
-            await connection.send_packed_command(_pack_command(args), check_health=False)
+            packed = _pack_command(args)
+            if not _send_at_once(connection, packed):
+                await connection.send_packed_command(packed, check_health=False)
             return await connection.read_response(disable_decoding=True)
         except Exception as exc:
             # Opening fails too when a cluster's master was killed: the
@@ -1636,6 +1662,18 @@ def _retrieve(task):
         task.exception()
 
 
+class _Later:
+    """A read's reply, to be decoded once the next read is on its way (see
+    READ_AHEAD): ``await decode(reply)`` gives its ``(value, origin)``
+    pairs. Redis serves the next read while this one is decoded."""
+
+    __slots__ = ("decode", "reply")
+
+    def __init__(self, decode, reply):
+        self.decode = decode
+        self.reply = reply
+
+
 class _Readers:
     """A source's blocking connections: one ``_Wire`` per group of keys that
     one blocking read can wait on together (on a Redis Cluster, the keys of
@@ -1752,7 +1790,8 @@ class _Readers:
             if not read.done():
                 read.cancel()
             elif not read.cancelled() and read.exception() is None and read.result():
-                taken.append(read.result())
+                result = read.result()
+                taken.append(await result.decode(result.reply) if result.__class__ is _Later else result)
         return taken
 
     @staticmethod
@@ -2231,10 +2270,12 @@ class _RedisSource(_SourceLifecycle):
             if backoff.delay > BACKOFF_FIRST:
                 log.info("%s: Redis answers again; reading", self)
             backoff.reset()
-            self._read_count += len(batch)
-            self._after_read(batch)
             if batch and READ_AHEAD and not self.stopped:
                 await self._readers.read_ahead(self._read)
+            if batch.__class__ is _Later:
+                batch = await batch.decode(batch.reply)
+            self._read_count += len(batch)
+            self._after_read(batch)
             await self._emit_batch(batch)
 
     async def _handle_read_error(self, exc, delay):
@@ -2787,10 +2828,16 @@ class from_redis_streams(_RedisSource):
             "XREAD", "COUNT", self.count, "BLOCK", int(self._block_seconds() * 1000),
             "STREAMS", *names, *[self.last_ids[name] for name in names], **NEVER_DECODE,
         ))
-        for name, entries in reply:
-            self.last_ids[name] = entries[-1][0]
         if not reply:
             await self._check_went_back(names)
+            return []
+        for name, entries in reply:
+            self.last_ids[name] = entries[-1][0]
+        return _Later(self._entries_of, reply)
+
+    async def _entries_of(self, reply):
+        """The ``(Entry, None)`` pairs of an XREAD reply; an entry that cannot
+        be decoded is logged and skipped (it stays in the stream)."""
         try:  # the common case, inline: it runs once per entry
             decode = _field_decoder(self._encoding)
             return [
@@ -3329,7 +3376,7 @@ class from_redis_consumer_group(_RedisSource):
         self._recreated = False
         for name, entries in reply:
             self._last_read[name] = entries[-1][0]
-        return await self._batch_of(reply)
+        return _Later(self._batch_of, reply) if reply else []
 
     async def _read_pending(self, reader):
         """One batch of this consumer's own pending entries in ``reader``'s
