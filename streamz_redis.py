@@ -81,7 +81,7 @@ import weakref
 from collections import defaultdict, deque
 from collections.abc import Mapping
 from operator import methodcaller
-from typing import Any, Callable, List, NamedTuple, Optional, Union
+from typing import Any, Awaitable, Callable, Dict, List, NamedTuple, Optional, Union
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio
@@ -233,7 +233,7 @@ class _FirstDelivery(Entry):
     own, as most entries of a consumer group are."""
 
     __slots__ = ()
-    deliveries = 1
+    deliveries = 1  # type: ignore[assignment]  # an int where Entry has None
 
 
 _new_tuple = tuple.__new__  # _new_tuple(Entry, (...)): an Entry without NamedTuple's __new__
@@ -570,6 +570,11 @@ def _check_url(url):
         raise ValueError(f"url {_safe_url(url)!r}: the database must be a number, not {db!r}")
 
 
+# What client= takes: a redis.asyncio client (a Sentinel's master_for() is one)
+# or a cluster client.
+_AsyncClient = Union[redis.asyncio.Redis, redis.asyncio.RedisCluster]
+
+
 def _check_client(client):
     if client is not None and not inspect.iscoroutinefunction(getattr(client, "execute_command", None)):
         raise TypeError(
@@ -740,7 +745,7 @@ class _Backoff:
 try:  # hiredis >= 2.2.1; without it (or with an older one) the public API is used
     from hiredis import pack_command as _pack_command
 except ImportError:  # pragma: no cover - CI's benchmark job runs without hiredis
-    _pack_command = None
+    _pack_command = None  # type: ignore[assignment]
 
 # redis-py < 5.3 requires a command's name in get_connection(); later ones
 # deprecate it.
@@ -753,7 +758,7 @@ try:  # redis-py's hiredis parser: its reader, and what it says when it needs mo
     from redis._parsers import hiredis as _hiredis_parsers
     _NOT_ENOUGH_DATA = getattr(_hiredis_parsers, "NOT_ENOUGH_DATA", False)  # redis-py < 6: False
 except ImportError:  # pragma: no cover - without hiredis
-    _AsyncHiredisParser = None
+    _AsyncHiredisParser = None  # type: ignore[assignment,misc]
 
 
 def _parsed_in_one_go(connection):
@@ -1367,7 +1372,7 @@ class _AckLedger:
 # Every source that runs and every sink that holds a connection, so that
 # Python's exit finishes them: sources first (their sinks write what the
 # sources flush), then sinks.
-_live_nodes = weakref.WeakSet()
+_live_nodes: "weakref.WeakSet[_RedisNode]" = weakref.WeakSet()
 _hiredis_checked = False
 
 
@@ -1463,7 +1468,7 @@ class _RedisNode:
     def _describe(self):  # pragma: no cover - overridden
         return ""
 
-    def where(self):
+    def where(self) -> str:
         """Where this node's Redis is, for its repr and log lines: a URL, a
         Redis Cluster or a Sentinel service. Never raises, never shows a
         password."""
@@ -1758,7 +1763,7 @@ class _SourceLifecycle(_RedisNode, Source):
     (``_connect``, ``_check_permissions``, ``_prepare``, ``_run``,
     ``_close``)."""
 
-    _ledger = None  # an _AckLedger, for sources that acknowledge
+    _ledger: Optional[_AckLedger] = None  # for sources that acknowledge
 
     def __init__(self, *, start=False, **kwargs):
         self._redis = None  # pooled connections: non-blocking commands, acks
@@ -1776,7 +1781,7 @@ class _SourceLifecycle(_RedisNode, Source):
                 starting.add_done_callback(self._report_failed_start)
 
     @property
-    def running(self):
+    def running(self) -> bool:
         """True from ``start()`` until ``stop()`` has finished."""
         return self._task is not None
 
@@ -1787,7 +1792,7 @@ class _SourceLifecycle(_RedisNode, Source):
 
     # ---- start and stop, from any thread --------------------------------
 
-    def start(self):
+    def start(self) -> Optional[Awaitable[None]]:
         """Connect, prepare and start reading.
 
         In streamz's default mode this blocks until the source is ready and
@@ -1801,8 +1806,9 @@ class _SourceLifecycle(_RedisNode, Source):
             return asyncio.ensure_future(self._start())
         _stop_on_sigterm()  # streamz's default mode: the main thread is the user's
         sync(self.loop, self._start)
+        return None
 
-    def stop(self):
+    def stop(self) -> Optional[Awaitable[None]]:
         """Stop reading, give back what was read but not emitted, let the
         Redis sinks downstream write what they hold, flush acknowledgements
         and close the connections.
@@ -1823,6 +1829,7 @@ class _SourceLifecycle(_RedisNode, Source):
                 return done
             return asyncio.shield(stopping)  # a cancelled caller never aborts the clean-up
         self._on_loop(self._stop)
+        return None
 
     def finish_at_exit(self, left):
         """Python is exiting: stop within ``left`` seconds, or say what is lost."""
@@ -2057,7 +2064,7 @@ class _RedisSource(_SourceLifecycle):
         self._dead_lettered = 0
         super().__init__(start=start, **kwargs)
 
-    def metrics(self) -> dict:
+    def metrics(self) -> Dict[str, Any]:
         """A snapshot of this source's figures, counted since it was made;
         callable from any thread.
 
@@ -2430,9 +2437,13 @@ class from_redis_list(_RedisSource):
 
     def __init__(
         self, keys: Union[str, List[str]], *, timeout: float = 1.0, count: int = 100,
+        batch: bool = False, decode: Union[bool, str] = True,
         dead_letter_list: Optional[str] = None, processing_list: Optional[str] = None,
-        side: str = "left", with_key: bool = False, **kwargs,
-    ):
+        side: str = "left", with_key: bool = False,
+        url: Optional[str] = None, client_kwargs: Optional[Mapping[str, Any]] = None,
+        client: Optional[_AsyncClient] = None, cluster: bool = False, start: bool = False,
+        **kwargs: Any,
+    ) -> None:
         self.keys = _names(keys, "keys")
         if side not in ("left", "right"):
             raise ValueError(f'side must be "left" (the head) or "right" (the tail), not {side!r}')
@@ -2448,7 +2459,8 @@ class from_redis_list(_RedisSource):
             self._ledger = _AckLedger(self, self._remove_processed, lambda key, item: ("LREM", key, 1, item))
         self._replay_processing = False
         self._move_batch = None
-        super().__init__(timeout=timeout, count=count, **kwargs)
+        super().__init__(timeout=timeout, count=count, batch=batch, decode=decode,
+                         url=url, client_kwargs=client_kwargs, client=client, cluster=cluster, start=start, **kwargs)
 
     def _describe(self):
         keys = ", ".join(map(repr, self.keys))
@@ -2665,12 +2677,16 @@ class from_redis_streams(_RedisSource):
 
     def __init__(
         self, streams: Union[str, List[str], Mapping[str, str]], *, start_id: str = "$",
-        count: int = 100, timeout: float = 1.0, **kwargs
-    ):
+        count: int = 100, timeout: float = 1.0, batch: bool = False, decode: Union[bool, str] = True,
+        url: Optional[str] = None, client_kwargs: Optional[Mapping[str, Any]] = None,
+        client: Optional[_AsyncClient] = None, cluster: bool = False, start: bool = False,
+        **kwargs: Any,
+    ) -> None:
         self.start_ids = _streams_with_ids(streams, start_id)
-        self.last_ids = {}
+        self.last_ids: Dict[str, str] = {}
         self._next_check = 0.0  # see _check_went_back()
-        super().__init__(timeout=timeout, count=count, **kwargs)
+        super().__init__(timeout=timeout, count=count, batch=batch, decode=decode,
+                         url=url, client_kwargs=client_kwargs, client=client, cluster=cluster, start=start, **kwargs)
 
     def _describe(self):
         return ", ".join(map(repr, self.start_ids))
@@ -3109,8 +3125,11 @@ class from_redis_consumer_group(_RedisSource):
         timeout: float = 1.0, claim_idle: Optional[float] = None,
         remove_idle_consumers: Optional[float] = None,
         max_deliveries: Optional[int] = None, dead_letter_stream: Optional[str] = None,
-        trim_acknowledged: bool = False, **kwargs,
-    ):
+        trim_acknowledged: bool = False, batch: bool = False, decode: Union[bool, str] = True,
+        url: Optional[str] = None, client_kwargs: Optional[Mapping[str, Any]] = None,
+        client: Optional[_AsyncClient] = None, cluster: bool = False, start: bool = False,
+        **kwargs: Any,
+    ) -> None:
         self.start_ids = _streams_with_ids(streams, start_id)
         self.group = _name(group, "group")
         self.consumer = _name(consumer, "consumer")
@@ -3136,12 +3155,13 @@ class from_redis_consumer_group(_RedisSource):
         self._dead_letters = _DeadLetterStream(self, self.dead_letter_stream, self.max_deliveries)
         self._names = _ConsumerNames(self)
         self._replay_from = None  # stream -> id while replaying pending entries
-        self._last_read = {}  # stream -> id of the last new entry read
+        self._last_read: Dict[str, str] = {}  # stream -> id of the last new entry read
         self._recreated = False  # the group was recreated since the last read
-        self._group_starts = {}  # stream -> where its group starts, for start()'s log line
-        super().__init__(timeout=timeout, count=count, **kwargs)
+        self._group_starts: Dict[str, str] = {}  # stream -> where its group starts, for start()'s log line
+        super().__init__(timeout=timeout, count=count, batch=batch, decode=decode,
+                         url=url, client_kwargs=client_kwargs, client=client, cluster=cluster, start=start, **kwargs)
 
-    def metrics(self) -> dict:
+    def metrics(self) -> Dict[str, Any]:
         """The figures of every source (see ``_RedisSource.metrics``), and
         from Redis, refreshed on the loop about once a second (``None`` until
         known): ``lag``, the group's entries not yet delivered to any of its
@@ -3192,7 +3212,7 @@ class from_redis_consumer_group(_RedisSource):
     def _client_name(self):
         return self._names.client_name()
 
-    async def live_consumers(self):
+    async def live_consumers(self) -> Optional[List[str]]:
         """The names of this group's consumers that some streamz-redis source
         reads as right now (their connections' CLIENT SETNAME), this one
         included; None where this user may not run CLIENT LIST."""
@@ -3462,15 +3482,20 @@ class from_redis_pubsub(_RedisSource):
     def __init__(
         self, channels: Union[str, List[str], None] = None, *,
         patterns: Union[str, List[str], None] = None, decode: Union[bool, str] = True,
-        count: int = 100, timeout: float = 1.0, **kwargs,
-    ):
+        count: int = 100, timeout: float = 1.0,
+        url: Optional[str] = None, client_kwargs: Optional[Mapping[str, Any]] = None,
+        client: Optional[_AsyncClient] = None, cluster: bool = False, start: bool = False,
+        **kwargs: Any,
+    ) -> None:
         self.channels = list(dict.fromkeys(_names(channels, "channels"))) if channels else []
         self.patterns = list(dict.fromkeys(_names(patterns, "patterns"))) if patterns else []
         if not self.channels and not self.patterns:
             raise ValueError("from_redis_pubsub: give channels, patterns or both")
         self._pubsub = None
-        self._early = []  # messages that arrived with the subscription replies
-        super().__init__(decode=decode, count=count, timeout=timeout, **kwargs)
+        self._early: List[Any] = []  # messages that arrived with the subscription replies
+        super().__init__(decode=decode, count=count, timeout=timeout, url=url,
+                         client_kwargs=client_kwargs, client=client, cluster=cluster, start=start,
+                         **kwargs)
 
     def _describe(self):
         return ", ".join(
@@ -3675,8 +3700,8 @@ class _RedisSink(_RedisNode, Sink):
         else:
             self.plan = _PlainWrites(self)
         self._redis = None  # connected lazily, on the loop, by the first write
-        self._queue = []  # writes that wait for the next round trip
-        self._writing = []  # writes of the round trip under way
+        self._queue: List[_Write] = []  # writes that wait for the next round trip
+        self._writing: List[_Write] = []  # writes of the round trip under way
         self._unconfirmed = 0  # elements received, not yet written or failed
         self._written = self._refused_count = 0
         self._writer = None  # the task that runs round trips while any are queued
@@ -3703,7 +3728,7 @@ class _RedisSink(_RedisNode, Sink):
     def _describe(self):
         return "<routed>" if callable(self.target) else repr(_text(self.target))
 
-    def metrics(self) -> dict:
+    def metrics(self) -> Dict[str, Any]:
         """A snapshot of this sink's figures, counted since it was made;
         callable from any thread. ``written``: elements Redis stored;
         ``failed``: elements Redis refused (or that could not be written by
@@ -3713,7 +3738,7 @@ class _RedisSink(_RedisNode, Sink):
                 "in_flight": self._unconfirmed, "writing": len(self._writing)}
 
     @property
-    def connected(self):
+    def connected(self) -> bool:
         """Whether the sink holds a connection (from its first write until
         ``close()``)."""
         return self._redis is not None
@@ -3901,13 +3926,13 @@ class _RedisSink(_RedisNode, Sink):
 
     # ---- flush and close, from any thread -------------------------------
 
-    def flush(self):
+    def flush(self) -> Optional[Awaitable[None]]:
         """Wait until Redis has confirmed (or refused) every element received
         so far. Blocks in streamz's default mode; inside the event loop it
         returns an awaitable."""
         return self._on_loop(self._flush)
 
-    def close(self, timeout=FLUSH_DEADLINE):
+    def close(self, timeout: float = FLUSH_DEADLINE) -> Optional[Awaitable[None]]:
         """Write what is held (waiting at most ``timeout`` seconds for Redis),
         then close the connection. Elements still unwritten are logged and
         their upstream entries stay unacknowledged. A later element opens a
@@ -4038,9 +4063,12 @@ class to_redis_stream(_RedisSink):
     """
 
     def __init__(
-        self, upstream, stream: Union[str, Callable[[Any], str]], *, maxlen: Optional[int] = None,
-        approximate: bool = True, field: Optional[str] = None, **kwargs,
-    ):
+        self, upstream: Stream, stream: Union[str, Callable[[Any], str]], *, maxlen: Optional[int] = None,
+        approximate: bool = True, field: Optional[str] = None,
+        max_in_flight: int = MAX_IN_FLIGHT, url: Optional[str] = None,
+        client_kwargs: Optional[Mapping[str, Any]] = None, client: Optional[_AsyncClient] = None,
+        cluster: bool = False, exactly_once: bool = False, **kwargs: Any,
+    ) -> None:
         if not callable(stream):
             _key_name(stream, "stream")
         if maxlen is not None and (not isinstance(maxlen, int) or maxlen < 0):
@@ -4049,7 +4077,9 @@ class to_redis_stream(_RedisSink):
         self.maxlen = None if maxlen is None else int(maxlen)
         self.approximate = approximate
         self.field = field
-        super().__init__(upstream, **kwargs)
+        super().__init__(upstream, max_in_flight=max_in_flight, url=url,
+                         client_kwargs=client_kwargs, client=client, cluster=cluster,
+                         exactly_once=exactly_once, **kwargs)
 
     def _prepare_write(self, element, metadata):
         if type(element) is dict or isinstance(element, Mapping):
@@ -4102,14 +4132,21 @@ class to_redis_list(_RedisSink):
     >>> Stream.from_redis_list("jobs").map(str.upper).to_redis_list("done")  # doctest: +SKIP
     """
 
-    def __init__(self, upstream, key: Union[str, Callable[[Any], str]], *, side: str = "right", **kwargs):
+    def __init__(
+        self, upstream: Stream, key: Union[str, Callable[[Any], str]], *, side: str = "right",
+        max_in_flight: int = MAX_IN_FLIGHT, url: Optional[str] = None,
+        client_kwargs: Optional[Mapping[str, Any]] = None, client: Optional[_AsyncClient] = None,
+        cluster: bool = False, exactly_once: bool = False, **kwargs: Any,
+    ) -> None:
         if not callable(key):
             _key_name(key, "key")
         if side not in ("right", "left"):
             raise ValueError(f'side must be "right" or "left", not {side!r}')
         self.target = key
         self.side = side
-        super().__init__(upstream, **kwargs)
+        super().__init__(upstream, max_in_flight=max_in_flight, url=url,
+                         client_kwargs=client_kwargs, client=client, cluster=cluster,
+                         exactly_once=exactly_once, **kwargs)
 
     def _prepare_write(self, element, metadata):
         value = _redis_value(element, "the element")
@@ -4152,13 +4189,19 @@ class to_redis_pubsub(_RedisSink):
     >>> source.map(json.dumps).to_redis_pubsub("events")  # doctest: +SKIP
     """
 
-    def __init__(self, upstream, channel: Union[str, Callable[[Any], str]], **kwargs):
+    def __init__(
+        self, upstream: Stream, channel: Union[str, Callable[[Any], str]], *,
+        max_in_flight: int = MAX_IN_FLIGHT, url: Optional[str] = None,
+        client_kwargs: Optional[Mapping[str, Any]] = None, client: Optional[_AsyncClient] = None,
+        cluster: bool = False, **kwargs: Any,
+    ) -> None:
         if kwargs.get("exactly_once"):
             raise ValueError("exactly_once: Pub/Sub keeps nothing that a script could write with the acks")
         if not callable(channel):
             _key_name(channel, "channel")
         self.target = channel
-        super().__init__(upstream, **kwargs)
+        super().__init__(upstream, max_in_flight=max_in_flight, url=url,
+                         client_kwargs=client_kwargs, client=client, cluster=cluster, **kwargs)
 
     def _prepare_write(self, element, metadata):
         value = _redis_value(element, "the element")
@@ -4227,15 +4270,20 @@ class _KeySink(_RedisSink):
     shape = "value"  # what a value is, for the error of a wrong element
 
     def __init__(
-        self, upstream, key: Union[str, bytes, Callable[[Any], Union[str, bytes]], None] = None, *,
-        ttl: Optional[int] = None, increment: bool = False, **kwargs,
-    ):
+        self, upstream: Stream, key: Union[str, bytes, Callable[[Any], Union[str, bytes]], None] = None, *,
+        ttl: Optional[int] = None, increment: bool = False,
+        max_in_flight: int = MAX_IN_FLIGHT, url: Optional[str] = None,
+        client_kwargs: Optional[Mapping[str, Any]] = None, client: Optional[_AsyncClient] = None,
+        cluster: bool = False, exactly_once: bool = False, **kwargs: Any,
+    ) -> None:
         if key is not None and not callable(key):
             _key_name(key, "key")
         self.target = key
         self.ttl = _ttl(ttl)
         self.increment = bool(increment)
-        super().__init__(upstream, **kwargs)
+        super().__init__(upstream, max_in_flight=max_in_flight, url=url,
+                         client_kwargs=client_kwargs, client=client, cluster=cluster,
+                         exactly_once=exactly_once, **kwargs)
 
     def _describe(self):
         return "<(key, value) elements>" if self.target is None else super()._describe()
@@ -4514,13 +4562,18 @@ class to_redis_set(_KeySink):
     shape = "member"
 
     def __init__(
-        self, upstream, key: Union[str, bytes, Callable[[Any], Union[str, bytes]], None] = None, *,
-        ttl: Optional[int] = None, **kwargs,
-    ):
+        self, upstream: Stream, key: Union[str, bytes, Callable[[Any], Union[str, bytes]], None] = None, *,
+        ttl: Optional[int] = None,
+        max_in_flight: int = MAX_IN_FLIGHT, url: Optional[str] = None,
+        client_kwargs: Optional[Mapping[str, Any]] = None, client: Optional[_AsyncClient] = None,
+        cluster: bool = False, exactly_once: bool = False, **kwargs: Any,
+    ) -> None:
         if "increment" in kwargs:
             raise TypeError("increment: a set holds no numbers to add to; count with "
                             "to_redis_hash or to_redis_sorted_set (increment=True)")
-        super().__init__(upstream, key, ttl=ttl, **kwargs)
+        super().__init__(upstream, key, ttl=ttl, max_in_flight=max_in_flight, url=url,
+                         client_kwargs=client_kwargs, client=client, cluster=cluster,
+                         exactly_once=exactly_once, **kwargs)
 
     def _value(self, value):
         if isinstance(value, (list, tuple, set, frozenset)):
@@ -4576,9 +4629,16 @@ class to_redis_command(_RedisSink):
     >>> source.map(lambda e: ("PFADD", "visitors", e.fields["user"])).to_redis_command()  # doctest: +SKIP
     """
 
-    def __init__(self, upstream, **kwargs):
+    def __init__(
+        self, upstream: Stream, *,
+        max_in_flight: int = MAX_IN_FLIGHT, url: Optional[str] = None,
+        client_kwargs: Optional[Mapping[str, Any]] = None, client: Optional[_AsyncClient] = None,
+        cluster: bool = False, exactly_once: bool = False, **kwargs: Any,
+    ) -> None:
         self.target = None
-        super().__init__(upstream, **kwargs)
+        super().__init__(upstream, max_in_flight=max_in_flight, url=url,
+                         client_kwargs=client_kwargs, client=client, cluster=cluster,
+                         exactly_once=exactly_once, **kwargs)
 
     def _describe(self):
         return "<commands>"
