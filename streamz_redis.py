@@ -2316,12 +2316,12 @@ class _RedisSource(_SourceLifecycle):
         tracked = isinstance(origin, _Reference)
         if tracked:
             origin.fail()
-        self._failed += 1
         log.error(
             "%s: processing failed for %s (%s)%s", self, _name_of(value), _error_text(exc),
             "; not acknowledged" if tracked else "",
             exc_info=None if _logged_by_streamz(exc) else exc,
         )
+        self._failed += 1  # after the log line, as a sink counts: metrics() never runs ahead of it
 
     async def _emit_cancelled(self, value, origin, rest):
         if isinstance(origin, _Reference):
@@ -3946,28 +3946,40 @@ class _RedisSink(_RedisNode, Sink):
         refuses, in one pipeline; their replies go into ``replies``."""
         if self._redis is None:
             self._redis = self._new_client()
+        todo = await self._not_refused(writes, replies)
+        if not todo:
+            return
+        commands = self.plan.commands([writes[i] for i in todo])
+        self._take_replies(commands, todo, await self._send([c for c, _ in commands]), replies)
+
+    async def _not_refused(self, writes, replies):
+        """The indexes of the writes to send now: those without a reply yet
+        that the plan neither refuses (its refusal becomes their reply) nor
+        leaves to the next try (False: in order, after the others)."""
         todo = [i for i, reply in enumerate(replies) if reply is None]
-        later = set()  # what the plan leaves to the next try (False): in order, after the others
+        later = set()
         for i, refused in zip(todo, await self.plan.refused(self._redis, [writes[i] for i in todo])):
             if refused is False:
                 later.add(i)
             else:
                 replies[i] = refused
-        todo = [i for i in todo if replies[i] is None and i not in later]
-        if not todo:
-            return
-        commands = self.plan.commands([writes[i] for i in todo])
-        answers, carrying = iter(todo), []
-        for (command, carried), answer in zip(commands, await self._send([c for c, _ in commands])):
+        return [i for i in todo if replies[i] is None and i not in later]
+
+    def _take_replies(self, commands, todo, answers, replies):
+        """Each write's reply from the pipeline's ``answers``: a command
+        carries ``carried`` writes (0: a later step of the writes before it,
+        whose error fails them)."""
+        writes, carrying = iter(todo), []
+        for (command, carried), answer in zip(commands, answers):
             if carried:
-                carrying = [next(answers) for _ in range(carried)]
+                carrying = [next(writes) for _ in range(carried)]
                 if self.plan.splits_replies:  # a reply for each write the command carries
                     for i, reply in zip(carrying, self.plan.split(command, answer, carried)):
                         replies[i] = True if reply is None else reply  # None: no reply yet
                     continue
                 for i in carrying:
                     replies[i] = True if answer is None else answer
-            elif isinstance(answer, Exception):  # a later step of the writes before it
+            elif isinstance(answer, Exception):
                 for i in carrying:
                     replies[i] = answer
 

@@ -303,6 +303,11 @@ def reservations_key(stream):
     return f"{text}:exactly-once" if tagged else f"{{{text}}}:exactly-once"
 
 
+# What ExactlyOnce._refusal says of a stream entry too large for a script, which
+# is written on its own instead (ExactlyOnce._write_apart).
+_APART = object()
+
+
 class ExactlyOnce:
     """The write plan of an exactly-once sink (see the module's docstring)."""
 
@@ -373,49 +378,56 @@ class ExactlyOnce:
         slots of a Redis Cluster, or sources that read another Redis server
         (or database) than this sink writes to. A stream entry too large for
         a script is written here, apart (``True`` in its place)."""
-        topology = self.sink.topology
         await self._check_servers(client, writes)
-        refused, checked = [], self.sources_checked
+        refused = []
         self.steps = {}
         for write in writes:
             if refused and refused[-1] is False:
                 refused.append(False)  # after an element written apart: in a later try, in order
                 continue
             steps = self.steps[id(write)] = self.sink.write_steps(write)
-            size = max(len(step) - 2 for step in steps)
-            if write.key is None:
-                refused.append(ValueError(
-                    f"{self.sink}: exactly_once: a command without a key (its first argument) "
-                    "cannot be written with its entries' acknowledgements"))
-                continue
-            large = size > UNPACK_LIMIT and write.acks
-            apart = None
-            if topology.shards_keys:
-                keys = [write.key, *{ack.key for ack in write.acks}]
-                apart = topology.slots_apart([*keys, reservations_key(write.key)] if large else keys)
-            reasons = [checked[ack.ledger.source] for ack in write.acks if checked.get(ack.ledger.source)]
-            if large and not apart and not reasons and steps[0][0] == "XADD" and len(steps) == 1:
-                if refused:  # the writes before it first, through the pipeline
-                    refused.append(False)
-                else:  # first: alone, and what follows it in a later try
-                    refused.append(await self._write_apart(client, write, steps[0]))
-                    return refused + [False] * (len(writes) - 1)
-                continue
-            if large and not apart and not reasons:
-                refused.append(ValueError(
-                    f"{self.sink}: exactly_once: an element of {size} arguments to {steps[0][0]} "
-                    f"cannot be written by a script (Lua passes at most about {UNPACK_LIMIT}); "
-                    "its entries are not acknowledged: split it (max_deliveries sends it to the "
-                    "dead-letter stream)"))
-                continue
-            if apart:
-                refused.append(ValueError(
-                    f"{self.sink}: exactly_once: CROSSSLOT, the output and its entries' keys are in "
-                    f"different slots ({apart}); give them one hash tag, such as '{{orders}}' and "
-                    "'{orders}:out'"))
-            else:
-                refused.append(ValueError(f"{self.sink}: {reasons[0]}") if reasons else None)
+            why = self._refusal(write, steps)
+            if why is not _APART:
+                refused.append(why)
+            elif refused:  # the writes before it first, through the pipeline
+                refused.append(False)
+            else:  # first: alone, and what follows it in a later try
+                refused.append(await self._write_apart(client, write, steps[0]))
+                return refused + [False] * (len(writes) - 1)
         return refused
+
+    def _refusal(self, write, steps):
+        """Why no script can write ``write`` (an error to fail it with), or
+        _APART (a stream entry too large for a script, written on its own),
+        or None."""
+        size = max(len(step) - 2 for step in steps)
+        if write.key is None:
+            return ValueError(
+                f"{self.sink}: exactly_once: a command without a key (its first argument) "
+                "cannot be written with its entries' acknowledgements")
+        large = size > UNPACK_LIMIT and write.acks
+        apart = None
+        if self.sink.topology.shards_keys:
+            keys = [write.key, *{ack.key for ack in write.acks}]
+            apart = self.sink.topology.slots_apart([*keys, reservations_key(write.key)] if large else keys)
+        if apart:
+            return ValueError(
+                f"{self.sink}: exactly_once: CROSSSLOT, the output and its entries' keys are in "
+                f"different slots ({apart}); give them one hash tag, such as '{{orders}}' and "
+                "'{orders}:out'")
+        checked = self.sources_checked
+        reasons = [checked[ack.ledger.source] for ack in write.acks if checked.get(ack.ledger.source)]
+        if reasons:
+            return ValueError(f"{self.sink}: {reasons[0]}")
+        if large and steps[0][0] == "XADD" and len(steps) == 1:
+            return _APART
+        if large:
+            return ValueError(
+                f"{self.sink}: exactly_once: an element of {size} arguments to {steps[0][0]} "
+                f"cannot be written by a script (Lua passes at most about {UNPACK_LIMIT}); "
+                "its entries are not acknowledged: split it (max_deliveries sends it to the "
+                "dead-letter stream)")
+        return None
 
     async def _write_apart(self, client, write, command):
         """Write one stream entry too large for a script, and acknowledge its

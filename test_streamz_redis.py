@@ -653,6 +653,49 @@ def test_without_hiredis_packing_sources_and_sinks_go_through_redis_py_public_ap
     assert "done 20 pending 0 popped 5 read 20" in out.stdout
 
 
+PRODUCT_MODULES = ["streamz_redis.py", "streamz_redis_cluster.py", "streamz_redis_exactly_once.py",
+                   "streamz_redis_operations.py"]
+
+
+def test_no_class_of_the_product_modules_is_longer_than_400_lines():
+    # Their functions' complexity (15 at most) is ruff's C901, in pyproject.toml.
+    import ast
+
+    for name in PRODUCT_MODULES:
+        for node in ast.parse((HERE / name).read_text()).body:
+            if isinstance(node, ast.ClassDef):
+                assert node.end_lineno - node.lineno < 400, (name, node.name)
+
+
+# ---- Types: the nodes' own options are named parameters -------------------
+
+
+SOURCE_OPTIONS = {"url", "client_kwargs", "client", "cluster", "decode", "batch", "start", "count",
+                  "timeout"}
+SINK_OPTIONS = {"url", "client_kwargs", "client", "cluster", "max_in_flight", "exactly_once"}
+
+
+@pytest.mark.parametrize("name", streamz_redis.__all__[2:])
+def test_every_option_of_a_node_is_a_named_annotated_keyword_parameter(name):
+    """Editors and type checkers show them (streamz's own options stay in
+    **kwargs); the docs' Parameters name nothing that is not there."""
+    import inspect
+
+    node = getattr(streamz_redis, name)
+    parameters = inspect.signature(node).parameters
+    options = SOURCE_OPTIONS if name.startswith("from_") else SINK_OPTIONS
+    if name == "to_redis_pubsub":
+        options = options - {"exactly_once"}  # refused: Pub/Sub keeps nothing to write with the acks
+    if name == "from_redis_pubsub":
+        options = options - {"batch"}
+    assert options <= set(parameters), options - set(parameters)
+    for parameter in parameters.values():
+        if parameter.kind is parameter.KEYWORD_ONLY:
+            assert parameter.annotation is not parameter.empty, (name, parameter.name)
+    documented = set(re.findall(r"^    (\w+)(?:, \w+)* :", node.__doc__, re.M))
+    assert documented <= set(parameters) | {"upstream"}, documented - set(parameters)
+
+
 
 # --------------------------------------------------------------------------
 # from_redis_list

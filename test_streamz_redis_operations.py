@@ -59,6 +59,9 @@ def poison_entries_dead_lettered(r, stream, poison):
     source.start()
     wait_for(lambda: r.exists(f"{stream}:dead-letter") and r.xlen(f"{stream}:dead-letter") == len(poison)
              and pending(r, stream, "billing") == 0)
+    # Counted once the read's last move has answered (Redis moved them
+    # first); waited for before stop(), which may cancel a read still waiting.
+    wait_for(lambda: source.metrics()["dead_lettered"] == len(poison))
     source.stop()
     assert source.metrics()["dead_lettered"] == len(poison)
     return ids
