@@ -2711,15 +2711,9 @@ class from_redis_streams(_RedisSource):
         ``True`` (default) decodes field names and values as UTF-8, ``False``
         keeps them as ``bytes``, a string names another encoding. An entry
         that cannot be decoded is logged and skipped; it stays in the stream.
-    url : str, optional
-        As for ``from_redis_list``.
-    client_kwargs : dict, optional
-        As for ``from_redis_list``.
-    client : redis.asyncio.Redis, optional
-        As for ``from_redis_list``.
-    cluster : bool
-        As for ``from_redis_list``.
-    start : bool
+    url, client_kwargs, client : optional
+        As for ``from_redis_list``: a URL, a dict, a ``redis.asyncio`` client.
+    cluster, start : bool
         As for ``from_redis_list``.
     **kwargs
         As for ``from_redis_list``.
@@ -3156,28 +3150,18 @@ class from_redis_consumer_group(_RedisSource):
         to one), never further. A stream without groups is never trimmed.
         Needs ``eval``, ``xinfo``, ``xpending``, ``xrange`` and ``xtrim``.
     batch : bool
-        ``False`` (default) emits each entry; ``True`` emits a list of the up
-        to ``count`` entries of each read: fewer, larger emits, for pipelines
-        that need the throughput. A batch holds one reference and is
-        acknowledged (or left pending) as a whole.
+        As for ``from_redis_streams``: a list per read, acknowledged as a whole.
     decode : bool or str
         As for ``from_redis_streams``. An entry that cannot be decoded is
         logged and not acknowledged: it stays pending (and, with
         ``max_deliveries``, ends in the dead-letter stream).
-    url : str, optional
-        As for ``from_redis_list``.
-    client_kwargs : dict, optional
-        As for ``from_redis_list``.
-    client : redis.asyncio.Redis, optional
-        As for ``from_redis_list``.
-    cluster : bool
-        As for ``from_redis_list``.
-    start : bool
+    url, client_kwargs, client : optional
+        As for ``from_redis_list``: a URL, a dict, a ``redis.asyncio`` client.
+    cluster, start : bool
         As for ``from_redis_list``.
     **kwargs
         As for ``from_redis_list``.
     """
-
 
     def __init__(
         self, streams: Union[str, List[str], Mapping[str, str]], group: str, consumer: str, *,
@@ -3224,22 +3208,17 @@ class from_redis_consumer_group(_RedisSource):
     def metrics(self) -> Dict[str, Any]:
         """A snapshot of this source's figures: every source's, and the group's.
 
-        Callable from any thread; it does not wait on Redis.
-
         Returns
         -------
         dict
-            The figures of every source (``read``, ``emitted``, ``failed``,
-            ``acked``, ``in_flight``, ``oldest_in_flight_seconds``,
-            ``reconnects``, ``dead_lettered``), and from Redis, refreshed on
-            the loop about once a second (``None`` until known): ``lag``, the
-            group's entries not yet delivered to any of its consumers (summed
-            over the streams; ``None`` where Redis does not say and there are
-            more than LAG_COUNT_LIMIT to count), and ``pending``, the entries
-            delivered to this consumer and not yet acknowledged.
-            ``trimmed``: entries trimmed so far (with ``trim_acknowledged``).
-            With ``remove_idle_consumers``, ``removed_consumers``: consumers
-            removed from the group by this source so far.
+            Every source's figures (see ``from_redis_list.metrics``), and from
+            Redis, refreshed about once a second (``None`` until known):
+            ``lag``, the group's entries not yet delivered to any of its
+            consumers (summed over its streams; ``None`` where Redis does not
+            say and more than LAG_COUNT_LIMIT would be counted); ``pending``,
+            those delivered to this consumer and not yet acknowledged;
+            ``trimmed`` (with ``trim_acknowledged``) and ``removed_consumers``
+            (with ``remove_idle_consumers``), counted by this source.
         """
         figures = super().metrics()
         figures.update(lag=self._figures.lag, pending=self._figures.pending)
@@ -3537,15 +3516,9 @@ class from_redis_pubsub(_RedisSource):
         As for the other sources, but one read of a subscription waits at
         most 0.1 s (it cannot be woken by CLIENT UNBLOCK), so that ``stop()``
         returns at once.
-    url : str, optional
-        As for ``from_redis_list``.
-    client_kwargs : dict, optional
-        As for ``from_redis_list``.
-    client : redis.asyncio.Redis, optional
-        As for ``from_redis_list``.
-    cluster : bool
-        As for ``from_redis_list``.
-    start : bool
+    url, client_kwargs, client : optional
+        As for ``from_redis_list``: a URL, a dict, a ``redis.asyncio`` client.
+    cluster, start : bool
         As for ``from_redis_list``.
     **kwargs
         As for ``from_redis_list``.
