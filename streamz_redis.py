@@ -142,6 +142,13 @@ READ_STOP_DEADLINE = 0.5
 # before abandoning it (unacknowledged; the rest of its batch given back).
 EMIT_STOP_DEADLINE = 5.0
 
+# While a read's entries are emitted, the stream, consumer-group and list
+# sources already have their next read on the wire (one read ahead, never
+# more): Redis's work and the round trip overlap with the pipeline's. What a
+# read ahead brought and stop() finds unemitted is given back as the rest of
+# a read is. False: each read is sent once the one before it is emitted.
+READ_AHEAD = True
+
 # stop() gives the Redis sinks downstream this long to write what they hold,
 # then the acknowledgement ledger as long again to send its last acks; close()
 # of a sink waits as long by default. So stop() takes at most about
@@ -1699,15 +1706,17 @@ class _Readers:
         theirs for the next call, so that every slot's entries come through
         the one emit path. A connection whose read failed raises that error
         once, then reads again after its own back-off (at once after a MOVED
-        or ASK, which names the new owner), while the others go on."""
+        or ASK, which names the new owner), while the others go on. A read
+        that ``read_ahead`` started is taken first."""
         if len(self.wires) <= 1:
-            return await read(self.first)
+            wire = self.first
+            if wire is not None and wire.read is not None:
+                ahead, wire.read = wire.read, None
+                return await ahead
+            return await read(wire)
         loop = asyncio.get_running_loop()
         while True:
-            now = loop.time()
-            for wire in self.wires:
-                if wire.read is None and wire.retry_at <= now:
-                    wire.read = asyncio.ensure_future(read(wire))
+            now = self._start_reads(read, loop)
             reads = [wire.read for wire in self.wires if wire.read is not None]
             later = min([wire.retry_at - now for wire in self.wires if wire.read is None], default=None)
             if reads:
@@ -1717,6 +1726,54 @@ class _Readers:
             for wire in self.wires:
                 if wire.read is not None and wire.read.done():
                     return self._result(wire, loop.time())
+
+    def _start_reads(self, read, loop):
+        """A read on each connection that has none and whose back-off is
+        over; the loop's time."""
+        now = loop.time()
+        for wire in self.wires:
+            if wire.read is None and wire.retry_at <= now:
+                wire.read = asyncio.ensure_future(read(wire))
+        return now
+
+    async def read_ahead(self, read):
+        """Start the next reads, before the batch just read is emitted, and
+        let them go out: a task's first step runs on the next turn of the
+        loop, and the emit that follows may not yield until it is done."""
+        if self.wires:  # (a Pub/Sub source has none: it reads no further ahead)
+            self._start_reads(read, asyncio.get_running_loop())
+            await asyncio.sleep(0)
+
+    async def take_ahead(self):
+        """On stop(), with one connection: what its read ahead brought, or
+        [] (none, failed, or not answered in time)."""
+        if len(self.wires) != 1 or self.first.read is None:
+            return []
+        taken = await self._wake_and_take(self.wires)
+        return taken[0] if taken else []
+
+    async def _wake_and_take(self, wires):
+        """On stop(): the results of the reads under way on ``wires``, those
+        still blocked woken with CLIENT UNBLOCK (twice: the first can reach
+        Redis before the read it must wake), and cancelled if Redis has not
+        answered within READ_STOP_DEADLINE. Failed reads bring nothing."""
+        for _ in range(2):
+            blocked = [wire for wire in wires if wire.read is not None and not wire.read.done()]
+            if not blocked:
+                break
+            for wire in blocked:
+                asyncio.ensure_future(wire.unblock()).add_done_callback(_retrieve)
+            await asyncio.wait([wire.read for wire in blocked], timeout=READ_STOP_DEADLINE / 2)
+        taken = []
+        for wire in wires:
+            read, wire.read = wire.read, None
+            if read is None:
+                continue
+            if not read.done():
+                read.cancel()
+            elif not read.cancelled() and read.exception() is None and read.result():
+                taken.append(read.result())
+        return taken
 
     @staticmethod
     def _result(wire, now):
@@ -1734,19 +1791,10 @@ class _Readers:
         return result
 
     async def give_back_reads(self, give_back):
-        """On stop(), with several connections: what the reads not yet
-        emitted had read goes back (they were woken with the others)."""
-        reads = [wire.read for wire in self.wires if wire.read is not None]
-        if reads:
-            await asyncio.wait(reads, timeout=READ_STOP_DEADLINE)
-        for wire in self.wires:
-            read, wire.read = wire.read, None
-            if read is None:
-                continue
-            if not read.done():
-                read.cancel()
-            elif not read.cancelled() and read.exception() is None and read.result():
-                await give_back(read.result())
+        """On stop(): what the reads not yet emitted had read goes back (with
+        several connections, those woken with the others; or a read ahead)."""
+        for taken in await self._wake_and_take(self.wires):
+            await give_back(taken)
 
     async def close_idle(self):
         """The read loop was cancelled from outside (``asyncio.run`` ending
@@ -2039,16 +2087,24 @@ class _SourceLifecycle(_RedisNode, Source):
         """For the log line of start(): what the source reads, and from where."""
         return f"reading {self._describe()}"
 
+    def _tick(self):
+        """Called on the loop each second while a source that acknowledges runs."""
+
     async def _watch_in_flight(self, stopping):
         """Say when entries stop leaving the pipeline: nothing else would (the
-        read loop itself waits on them, as back-pressure)."""
+        read loop itself waits on them, as back-pressure). Each second, the
+        figures from Redis may be refreshed (``_tick``): a pipeline that
+        holds its entries reads nothing, and they would stay as they were."""
         warned_at = -math.inf
-        while STUCK_AFTER is not None:
+        while True:
             try:
-                await asyncio.wait_for(stopping.wait(), min(1.0, STUCK_AFTER / 2))
+                await asyncio.wait_for(stopping.wait(), 1.0 if STUCK_AFTER is None else min(1.0, STUCK_AFTER / 2))
                 return
             except asyncio.TimeoutError:
                 pass
+            self._tick()
+            if STUCK_AFTER is None:
+                continue
             age, now = self._ledger.oldest_in_flight_seconds(), time.monotonic()
             if age > STUCK_AFTER and now - warned_at >= STUCK_AFTER:
                 warned_at = now
@@ -2215,6 +2271,8 @@ class _RedisSource(_SourceLifecycle):
             backoff.reset()
             self._read_count += len(batch)
             self._after_read(batch)
+            if batch and READ_AHEAD and not self.stopped:
+                await self._readers.read_ahead(self._read)
             await self._emit_batch(batch)
 
     async def _handle_read_error(self, exc, delay):
@@ -2272,7 +2330,7 @@ class _RedisSource(_SourceLifecycle):
         for position, (value, origin) in enumerate(pairs):
             if self.stopped:
                 _never_emitted(pairs[position:])
-                await self._give_back(read if self.batch else pairs[position:])
+                await self._give_back_unemitted(read if self.batch else pairs[position:])
                 return
             # This is the per-entry path: inline, no coroutine per entry.
             tracked = isinstance(origin, _Reference)
@@ -2329,7 +2387,7 @@ class _RedisSource(_SourceLifecycle):
         if self._giving_up or _being_cancelled():
             # stop() abandoned this emit: what follows is given back.
             _never_emitted(rest)
-            await asyncio.shield(self._give_back(rest))
+            await asyncio.shield(self._give_back_unemitted(rest))
             raise asyncio.CancelledError
         # A future downstream was cancelled, not this source.
         log.error("%s: processing was cancelled for %s", self, _name_of(value))
@@ -2352,6 +2410,13 @@ class _RedisSource(_SourceLifecycle):
 
     async def _give_back(self, rest):
         """Return what was read but not emitted because of stop()."""
+
+    async def _give_back_unemitted(self, rest):
+        """stop() came mid-read: ``rest``, and after it what a read ahead
+        brought, go back together, in their order."""
+        ahead = await self._readers.take_ahead()
+        _never_emitted(ahead)
+        await self._give_back([*rest, *ahead])
 
     def _on_disconnect(self):
         """Called when the connection was lost while reading."""
@@ -2818,7 +2883,9 @@ class from_redis_streams(_RedisSource):
         # Read but not emitted: start() after stop() reads them again, from
         # just before the first of them in each stream.
         for entry, _ in reversed(rest):
-            self.last_ids[entry.stream] = _id_before(entry.id)
+            before = _id_before(entry.id)
+            if _id_order(before) < _id_order(self.last_ids[entry.stream]):  # only ever back
+                self.last_ids[entry.stream] = before
 
 
 # ---- The consumer group's parts: figures, claims, dead letters --------------
@@ -3237,6 +3304,9 @@ class from_redis_consumer_group(_RedisSource):
     def _after_read(self, batch):
         super()._after_read(batch)
         self._figures.after_read(self._redis)
+
+    def _tick(self):
+        self._figures.after_read(self._redis)  # at most every FIGURES_EVERY
 
     def _describe(self):
         names = ", ".join(map(repr, self.start_ids))

@@ -1660,10 +1660,121 @@ def test_batch_mode_emits_lists_of_up_to_count_entries_acked_together(server, r)
     wait_for(lambda: held.received)
     wait_for_acks(source)
     assert len(held.received[0]) == 100 and all(isinstance(e, Entry) for e in held.received[0])
-    assert pending(r, "s", "g") == 100  # the whole batch waits for the sink
+    # The whole batch waits for the sink; the next read, ahead, is pending
+    # for this consumer and not emitted (no further: see "One read ahead").
+    wait_for(lambda: pending(r, "s", "g") == (200 if streamz_redis.READ_AHEAD else 100))
+    assert len(held.received) == 1
     held.let_go(source)
     wait_for(lambda: sum(map(len, held.received)) == 250 and pending(r, "s", "g") == 0)
     assert [len(b) for b in held.received] == [100, 100, 50]
+
+
+# ---- One read ahead: the next read on the wire while a batch is emitted ----
+
+
+def reader_is_idle(r, name):
+    """The source's blocking connection (CLIENT SETNAME ``name``) has had
+    its last command answered and runs nothing now."""
+    rows = [row for row in r.client_list() if row.get("name") == name]
+    return bool(rows) and rows[0]["cmd"] in ("xreadgroup", "xread") and "b" not in rows[0]["flags"]
+
+
+def test_a_slow_pipeline_reads_one_read_ahead_and_no_further(server, r):
+    backlog(r, 1000)
+    source = Stream.from_redis_consumer_group("jobs", "workers", "w", count=100, batch=True)
+    held = HeldSink(source)
+    source.start()
+    name = streamz_redis.CLIENT_NAME_PREFIX + "workers/w/jobs"
+    # The first batch is held by the sink; the read ahead of it has been
+    # answered; the loop waits on the emit, so nothing reads further.
+    wait_for(lambda: pending(r, "jobs", "workers") == 200 and reader_is_idle(r, name))
+    assert len(held.received) == 1 and source.metrics()["read"] == 100
+    assert pending(r, "jobs", "workers") == 200
+    held.let_go(source)
+    wait_for(lambda: sum(map(len, held.received)) == 1000 and pending(r, "jobs", "workers") == 0)
+    source.stop()
+
+
+def test_turning_read_ahead_off_reads_only_after_each_emit(server, r, monkeypatch):
+    monkeypatch.setattr(streamz_redis, "READ_AHEAD", False)
+    backlog(r, 300)
+    source = Stream.from_redis_consumer_group("jobs", "workers", "w", count=100, batch=True)
+    held = HeldSink(source)
+    source.start()
+    name = streamz_redis.CLIENT_NAME_PREFIX + "workers/w/jobs"
+    wait_for(lambda: held.received and reader_is_idle(r, name))
+    assert pending(r, "jobs", "workers") == 100
+    held.let_go(source)
+    wait_for(lambda: sum(map(len, held.received)) == 300 and pending(r, "jobs", "workers") == 0)
+    source.stop()
+
+
+def stop_after(source, n):
+    """A sink that stops ``source`` from inside its own emit once it has
+    seen ``n`` elements: the read ahead of them is on the wire by then."""
+    seen = []
+
+    def take(x):
+        seen.append(x)
+        if len(seen) == n:
+            source.stop()
+
+    source.sink(take)
+    return seen
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_stop_gives_back_what_a_read_ahead_brought_to_a_stream_source(server, r, batch):
+    ids = [r.xadd("s", {"i": i}).decode() for i in range(250)]
+    source = Stream.from_redis_streams("s", start_id="0", count=100, batch=batch)
+    seen = stop_after(source, 1 if batch else 50)
+    source.start()
+    wait_for(lambda: not source.running)
+    emitted = [e.id for e in (seen[0] if batch else seen)]
+    assert emitted == ids[:len(emitted)] and len(emitted) in (50, 100)
+    again = Stream.from_redis_streams(dict(source.last_ids), count=100)  # resumes after the last emitted
+    rest = again.sink_to_list()
+    again.start()
+    wait_for(lambda: len(rest) >= 250 - len(emitted))
+    again.stop()
+    assert [e.id for e in rest] == ids[len(emitted):]
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_stop_leaves_what_a_read_ahead_brought_pending_for_the_consumer(server, r, batch):
+    ids = backlog(r, 250)
+    source = Stream.from_redis_consumer_group("jobs", "workers", "w", count=100, batch=batch)
+    seen = stop_after(source, 1 if batch else 50)
+    source.start()
+    wait_for(lambda: not source.running)
+    first = [e.id for e in (seen[0] if batch else seen)]
+    again = Stream.from_redis_consumer_group("jobs", "workers", "w", count=100)  # replays its pending
+    rest = again.sink_to_list()
+    again.start()
+    wait_for(lambda: len(rest) >= 250 - len(first) and pending(r, "jobs", "workers") == 0)
+    again.stop()
+    assert Counter(first + [e.id for e in rest]) == Counter(ids)  # none lost, none twice
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_stop_pushes_back_what_a_read_ahead_popped_from_a_list_in_order(server, r, batch):
+    r.rpush("jobs", *range(250))
+    source = Stream.from_redis_list("jobs", count=100, batch=batch)
+    seen = stop_after(source, 1 if batch else 50)
+    source.start()
+    wait_for(lambda: not source.running)
+    emitted = seen[0] if batch else seen
+    assert [int(x) for x in emitted + r.lrange("jobs", 0, -1)] == list(range(250))
+
+
+def test_stop_leaves_what_a_read_ahead_moved_in_the_processing_list(server, r):
+    r.rpush("jobs", *range(250))
+    source = Stream.from_redis_list("jobs", processing_list="jobs:processing", count=100)
+    seen = stop_after(source, 50)
+    source.start()
+    wait_for(lambda: not source.running)
+    left = r.lrange("jobs:processing", 0, -1) + r.lrange("jobs", 0, -1)
+    assert [int(x) for x in seen + left] == list(range(250))
 
 
 def test_batch_mode_for_streams_and_lists(server, r):
@@ -3405,13 +3516,19 @@ def test_a_consumer_group_says_how_far_behind_it_is_and_how_long_it_holds_an_ent
     source = Stream.from_redis_consumer_group("orders", "billing", "biller-1", start_id="0", count=1)
     held = HeldSink(source)
     source.start()
-    wait_for(lambda: held.received)  # the first order is held; four wait in Redis
-    wait_for(lambda: (source.metrics()["lag"], source.metrics()["pending"]) == (4, 1))
+    # The first order is held, the next one read ahead; three wait in Redis.
+    wait_for(lambda: held.received)
+    expected = (3, 2) if streamz_redis.READ_AHEAD else (4, 1)
+    wait_for(lambda: (source.metrics()["lag"], source.metrics()["pending"]) == expected)
     wait_for(lambda: source.metrics()["oldest_in_flight_seconds"] > 0.2)
     assert source.metrics()["in_flight"] == 1
+    # While the pipeline holds its entries the source reads nothing, and
+    # its figures still follow the stream (refreshed each FIGURES_EVERY).
+    ids += [r.xadd("orders", {"n": n}).decode() for n in range(5, 8)]
+    wait_for(lambda: source.metrics()["lag"] == expected[0] + 3)
 
     held.let_go(source)
-    wait_for(lambda: len(held.received) == 5 and source.metrics()["acked"] == 5)
+    wait_for(lambda: len(held.received) == 8 and source.metrics()["acked"] == 8)
     figures = source.metrics()
     assert (figures["in_flight"], figures["oldest_in_flight_seconds"]) == (0, 0.0)
     wait_for(lambda: (source.metrics()["lag"], source.metrics()["pending"]) == (0, 0))

@@ -760,6 +760,22 @@ async def ours_list(ctx, n, count):
     return await run_source(source, n)
 
 
+def read_ahead(on):
+    """A row's read-ahead on or off (streamz_redis.READ_AHEAD), set back after it."""
+    import streamz_redis
+
+    def wrap(row):
+        @functools.wraps(row)
+        async def run(*args, **kwargs):
+            was, streamz_redis.READ_AHEAD = streamz_redis.READ_AHEAD, on
+            try:
+                return await row(*args, **kwargs)
+            finally:
+                streamz_redis.READ_AHEAD = was
+        return run
+    return wrap
+
+
 async def ours_streams(ctx, n, count, batch=False, decode=True):
     import streamz_redis
     from tornado.ioloop import IOLoop
@@ -977,6 +993,10 @@ THROUGHPUT_ROWS = [
      "peer-asyncio-xread", VS_REDIS_PY),
     ('from_redis_consumer_group ("0", batch=True, acks)', "ours-group-batch", None, None,
      "peer-asyncio-group", VS_REDIS_PY),
+    ('from_redis_streams ("0", batch=True), read-ahead off', "ours-streams-batch-no-ahead", None,
+     None, "peer-asyncio-xread", None),
+    ('from_redis_consumer_group ("0", batch=True, acks), read-ahead off', "ours-group-batch-no-ahead",
+     None, None, "peer-asyncio-group", None),
     ('from_redis_streams ("0", batch=True, decode=False)', "ours-streams-batch-bytes", None,
      None, "peer-asyncio-xread", None),
     ('from_redis_consumer_group ("0", batch=True, decode=False, acks)', "ours-group-batch-bytes",
@@ -1010,6 +1030,8 @@ PEER_TABLE = [
     ("ceiling: the source's own work, no streamz", "same-work-group", "same-work-xread"),
     ("streamz_redis per entry", "ours-group", "ours-streams"),
     ("streamz_redis batch=True", "ours-group-batch", "ours-streams-batch"),
+    ("streamz_redis batch=True, read-ahead off", "ours-group-batch-no-ahead",
+     "ours-streams-batch-no-ahead"),
     # The peers keep redis-py's dict of bytes: the same work, without decoding.
     ("streamz_redis batch=True, decode=False", "ours-group-batch-bytes", "ours-streams-batch-bytes"),
 ]
@@ -1047,6 +1069,10 @@ FUNCTIONS = {
     "ours-group-cluster": ours_group_cluster,
     "ours-streams-batch": lambda ctx, n, count: ours_streams(ctx, n, count, batch=True),
     "ours-group-batch": lambda ctx, n, count: ours_group(ctx, n, count, batch=True),
+    "ours-streams-batch-no-ahead":
+        lambda ctx, n, count: read_ahead(False)(ours_streams)(ctx, n, count, batch=True),
+    "ours-group-batch-no-ahead":
+        lambda ctx, n, count: read_ahead(False)(ours_group)(ctx, n, count, batch=True),
     "ours-streams-batch-bytes":
         lambda ctx, n, count: ours_streams(ctx, n, count, batch=True, decode=False),
     "ours-group-batch-bytes":
@@ -1087,10 +1113,14 @@ async def throughput(args, url, only=None, cluster=None):
         await fill_cluster(cluster, args.n)
     rates = {row[1]: [] for row in rows}
     cpu = {row[1]: [] for row in rows}
+    redis_cpu = {row[1]: [] for row in rows if row[1] not in CLUSTER_ROWS}
     for _ in range(args.repeat):
         for key in rates:
             gc.collect()
+            before = await redis_cpu_seconds(url)
             wall, cpu_seconds = await FUNCTIONS[key](ctx, args.n, args.count)
+            if key in redis_cpu:
+                redis_cpu[key].append((await redis_cpu_seconds(url) - before) / args.n * 1e6)
             rates[key].append(args.n / wall)
             cpu[key].append(cpu_seconds / args.n * 1e6)
             r = client(url)  # drop what the row left behind, but keep the backlog
@@ -1101,7 +1131,18 @@ async def throughput(args, url, only=None, cluster=None):
     r = client(url)
     await r.delete(ctx.stream)
     await r.aclose()
-    return rates, cpu
+    return rates, cpu, redis_cpu
+
+
+async def redis_cpu_seconds(url):
+    """The Redis server's own CPU time so far (INFO cpu: user + system), the
+    physical limit of one Redis core: a row's share per entry is beside it."""
+    r = client(url)
+    try:
+        info = await r.info("cpu")
+    finally:
+        await r.aclose()
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 # --------------------------------------------------------------------------
@@ -1307,7 +1348,7 @@ def paired(values, key, other):
     return statistics.median(a / b for a, b in pairs) if pairs else None
 
 
-def table(args, rates, cpu, latencies, mem):
+def table(args, rates, cpu, redis_cpu, latencies, mem):
     header = ["Benchmark", "Result", "Detail", "vs streamz", "vs lean", "vs redis-py",
               "Target"]
     rows = []
@@ -1324,6 +1365,8 @@ def table(args, rates, cpu, latencies, mem):
         values = rates[key]
         detail = (f"median {statistics.median(values):,.0f} of {len(values)}; "
                   f"CPU {min(cpu[key]):.1f} us/msg")
+        if redis_cpu.get(key):
+            detail += f"; Redis CPU {statistics.median(redis_cpu[key]):.1f} us/msg"
         if key in COMPARED_TO and COMPARED_TO[key][0] in rates:
             other, what = COMPARED_TO[key]
             detail += f"; {paired(rates, key, other):.2f} of the {what} row (paired)"
@@ -1363,21 +1406,24 @@ def table(args, rates, cpu, latencies, mem):
     return grid(header, rows)
 
 
-def peer_table(rates, cpu):
+def peer_table(rates, cpu, redis_cpu):
     """Side by side with what users would otherwise write, and the targets
-    of ``batch=True`` against them."""
+    of ``batch=True`` against them. Redis's own CPU per entry is beside each:
+    one Redis core's limit, however fast the client."""
     header = ["Contender", "group + ack", "vs asyncio loop (paired)", "CPU us/entry",
-              "XREAD", "vs asyncio loop (paired)", "CPU us/entry "]
+              "Redis us/entry", "XREAD", "vs asyncio loop (paired)", "CPU us/entry ",
+              "Redis us/entry "]
     rows = []
     for name, *keys in PEER_TABLE:
         row = [name]
         for key, reference in zip(keys, PEER_REFERENCE):
             if key not in rates:
-                row += ["not run", "", ""]
+                row += ["not run", "", "", ""]
                 continue
             ratio = paired(rates, key, reference) if reference in rates else None
             row += [rate_text(max(rates[key])), "" if ratio is None else f"{ratio:.2f}",
-                    f"{statistics.median(cpu[key]):.2f}"]
+                    f"{statistics.median(cpu[key]):.2f}",
+                    f"{statistics.median(redis_cpu[key]):.2f}" if redis_cpu.get(key) else ""]
         rows.append(row)
     out = [grid(header, rows), ""]
     for how, ours in (("", ("ours-group-batch", "ours-streams-batch")),
@@ -1496,14 +1542,14 @@ def main(argv=None):
             cluster = None
     started = time.perf_counter()
     load_at_start = os.getloadavg()
-    rates, cpu, latencies, mem = {}, {}, {}, None
+    rates, cpu, redis_cpu, latencies, mem = {}, {}, {}, {}, None
     try:
         async def run():
-            nonlocal rates, cpu, mem
+            nonlocal rates, cpu, redis_cpu, mem
             if not args.skip_throughput:
                 print(f"throughput: {args.n:,} entries per row, {args.repeat} runs ...",
                       file=sys.stderr, flush=True)
-                rates, cpu = await throughput(args, server.url, args.only, cluster)
+                rates, cpu, redis_cpu = await throughput(args, server.url, args.only, cluster)
             if not args.skip_latency:
                 for which in ("streams", "group"):
                     print(f"latency {which}: {args.latency_seconds:g} s at "
@@ -1528,17 +1574,18 @@ def main(argv=None):
             f"{' '.join(f'{x:.2f}' for x in load_at_end)} at the end")
     print(env + f"; {time.perf_counter() - started:.0f} s in all; {load}")
     print()
-    print(table(args, rates, cpu, latencies, mem))
+    print(table(args, rates, cpu, redis_cpu, latencies, mem))
     if cluster_note:
         print(cluster_note)
     if rates:
         print()
-        print(peer_table(rates, cpu))
+        print(peer_table(rates, cpu, redis_cpu))
     print()
     print("reproduce with: " + reproduce(args))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rates": rates, "cpu_us_per_msg": cpu, "latency": latencies, "memory": mem,
+            json.dump({"rates": rates, "cpu_us_per_msg": cpu, "redis_cpu_us_per_msg": redis_cpu,
+                       "latency": latencies, "memory": mem,
                        "argv": sys.argv[1:], "environment": env, "load": load}, f, indent=1)
 
 
