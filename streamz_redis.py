@@ -2776,10 +2776,8 @@ class from_redis_streams(_RedisSource):
         ``True`` (default) decodes field names and values as UTF-8, ``False``
         keeps them as ``bytes``, a string names another encoding. An entry
         that cannot be decoded is logged and skipped; it stays in the stream.
-    url, client_kwargs, client : optional
-        As for ``from_redis_list``: a URL, a dict, a ``redis.asyncio`` client.
-    cluster, start : bool
-        As for ``from_redis_list``.
+    url, client_kwargs, client, cluster, start : optional
+        As for ``from_redis_list``: a URL, a dict, a client, and two bools.
     **kwargs
         As for ``from_redis_list``.
     """
@@ -3222,10 +3220,8 @@ class from_redis_consumer_group(_RedisSource):
         As for ``from_redis_streams``. An entry that cannot be decoded is
         logged and not acknowledged: it stays pending (and, with
         ``max_deliveries``, ends in the dead-letter stream).
-    url, client_kwargs, client : optional
-        As for ``from_redis_list``: a URL, a dict, a ``redis.asyncio`` client.
-    cluster, start : bool
-        As for ``from_redis_list``.
+    url, client_kwargs, client, cluster, start : optional
+        As for ``from_redis_list``: a URL, a dict, a client, and two bools.
     **kwargs
         As for ``from_redis_list``.
     """
@@ -3278,14 +3274,13 @@ class from_redis_consumer_group(_RedisSource):
         Returns
         -------
         dict
-            Every source's figures (see ``from_redis_list.metrics``), and from
-            Redis, refreshed about once a second (``None`` until known):
-            ``lag``, the group's entries not yet delivered to any of its
-            consumers (summed over its streams; ``None`` where Redis does not
-            say and more than LAG_COUNT_LIMIT would be counted); ``pending``,
-            those delivered to this consumer and not yet acknowledged;
-            ``trimmed`` (with ``trim_acknowledged``) and ``removed_consumers``
-            (with ``remove_idle_consumers``), counted by this source.
+            Every source's figures (see ``from_redis_list.metrics``), and
+            ``lag`` (the group's entries not yet delivered to any consumer,
+            summed over its streams; ``None`` where Redis does not say and
+            over LAG_COUNT_LIMIT) and ``pending`` (delivered to this consumer,
+            not yet acknowledged), from Redis about once a second (``None``
+            until known); ``trimmed`` and ``removed_consumers`` by this source,
+            with ``trim_acknowledged`` and ``remove_idle_consumers``.
         """
         figures = super().metrics()
         figures.update(lag=self._figures.lag, pending=self._figures.pending)
@@ -3586,10 +3581,8 @@ class from_redis_pubsub(_RedisSource):
         As for the other sources, but one read of a subscription waits at
         most 0.1 s (it cannot be woken by CLIENT UNBLOCK), so that ``stop()``
         returns at once.
-    url, client_kwargs, client : optional
-        As for ``from_redis_list``: a URL, a dict, a ``redis.asyncio`` client.
-    cluster, start : bool
-        As for ``from_redis_list``.
+    url, client_kwargs, client, cluster, start : optional
+        As for ``from_redis_list``: a URL, a dict, a client, and two bools.
     **kwargs
         As for ``from_redis_list``.
 
