@@ -220,12 +220,24 @@ class _EntryTuple(NamedTuple):
 class Entry(_EntryTuple):
     """One entry of a Redis Stream, as emitted by the stream sources.
 
-    It unpacks as ``stream, id, fields = entry``. ``stream`` and ``id`` are
-    ``str``; ``fields`` is a dict, decoded to ``str`` unless the source was
-    made with ``decode=False``. The attribute ``entry.deliveries`` is how many
-    times Redis has delivered the entry to the consumer group (1 for a first
-    delivery, more for a replayed or claimed one), or ``None`` from
-    ``from_redis_streams``.
+    It unpacks as ``stream, id, fields = entry``, a named tuple.
+
+    Parameters
+    ----------
+    stream : str
+        The stream the entry was read from.
+    id : str
+        The entry's id, ``"<ms>-<seq>"``.
+    fields : dict
+        The entry's fields, decoded to ``str`` unless the source was made
+        with ``decode=False``.
+
+    Attributes
+    ----------
+    deliveries : int or None
+        How many times Redis has delivered the entry to the consumer group
+        (1 for a first delivery, more for a replayed or claimed one), or
+        ``None`` from ``from_redis_streams``.
     """
 
     deliveries = None  # set on each entry of a consumer group (the instance's __dict__)
@@ -249,10 +261,18 @@ _new_tuple = tuple.__new__  # _new_tuple(Entry, (...)): an Entry without NamedTu
 class Message(NamedTuple):
     """One Pub/Sub message, as emitted by ``from_redis_pubsub``.
 
-    ``channel`` is the channel it was published to (``str``); ``data`` is the
-    payload, decoded to ``str`` unless the source was made with
-    ``decode=False``; ``pattern`` is the pattern that matched, for a
-    subscription by pattern, else ``None``.
+    A named tuple: ``channel, data, pattern = message``.
+
+    Parameters
+    ----------
+    channel : str
+        The channel it was published to.
+    data : str or bytes
+        The payload, decoded to ``str`` unless the source was made with
+        ``decode=False``.
+    pattern : str, optional
+        The pattern that matched, for a subscription by pattern, else
+        ``None``.
     """
 
     channel: str
@@ -1887,6 +1907,12 @@ class _SourceLifecycle(_RedisNode, Source):
         that reading needs, a key of the wrong type) here. Inside a running
         event loop (``asynchronous=True``) it returns an awaitable that does
         the same: ``await source.start()``.
+
+        Returns
+        -------
+        awaitable or None
+            ``None`` in streamz's default mode, once the source reads; inside
+            the event loop, an awaitable that is done once it reads.
         """
         self._check_process()
         if self._on_loop_thread():
@@ -1896,12 +1922,19 @@ class _SourceLifecycle(_RedisNode, Source):
         return None
 
     def stop(self) -> Optional[Awaitable[None]]:
-        """Stop reading, give back what was read but not emitted, let the
-        Redis sinks downstream write what they hold, flush acknowledgements
-        and close the connections.
+        """Stop reading, and finish what the source holds.
 
-        Blocks until done in streamz's default mode; inside the event loop it
-        returns an awaitable. ``start()`` afterwards resumes.
+        It gives back what was read but not emitted, lets the Redis sinks
+        downstream write what they hold, flushes acknowledgements and closes
+        the connections. Blocks until done in streamz's default mode; inside
+        the event loop it returns an awaitable. ``start()`` afterwards
+        resumes.
+
+        Returns
+        -------
+        awaitable or None
+            ``None`` in streamz's default mode, once stopped; inside the event
+            loop, an awaitable that is done once stopped.
         """
         if self._task is not None:
             self.stopped = True  # at once: no further entry is emitted
@@ -2160,17 +2193,22 @@ class _RedisSource(_SourceLifecycle):
         super().__init__(start=start, **kwargs)
 
     def metrics(self) -> Dict[str, Any]:
-        """A snapshot of this source's figures, counted since it was made;
-        callable from any thread.
+        """A snapshot of this source's figures, counted since it was made.
 
-        ``read``: entries (items, messages) read from Redis; ``emitted``:
-        emitted downstream; ``failed``: whose processing raised downstream;
-        ``acked``: acknowledgements Redis confirmed (consumer groups and the
-        reliable list); ``in_flight``: emitted and not yet done (held
-        somewhere in the pipeline); ``oldest_in_flight_seconds``: how long
-        ago the oldest of those was read (0.0 when none is); ``reconnects``:
-        connections lost while reading; ``dead_lettered``: entries or items
-        moved to the dead-letter stream or list.
+        Callable from any thread; it does not wait on Redis.
+
+        Returns
+        -------
+        dict
+            ``read``: entries (items, messages) read from Redis; ``emitted``:
+            emitted downstream; ``failed``: whose processing raised
+            downstream; ``acked``: acknowledgements Redis confirmed (consumer
+            groups and the reliable list); ``in_flight``: emitted and not yet
+            done (held somewhere in the pipeline);
+            ``oldest_in_flight_seconds``: how long ago the oldest of those
+            was read (0.0 when none is); ``reconnects``: connections lost
+            while reading; ``dead_lettered``: entries or items moved to the
+            dead-letter stream or list.
         """
         ledger = self._ledger
         return {
@@ -2518,9 +2556,11 @@ class from_redis_list(_RedisSource):
         keys read together by one command or script must share a slot (a
         reliable list's key, processing list and dead-letter list; a
         stream and its dead-letter stream): ``start()`` says which to rename.
+    start : bool
+        ``True`` calls ``start()`` when the source is made, as for any
+        streamz source.
     **kwargs
-        For ``streamz.Source``: ``start``, ``asynchronous``, ``loop``,
-        ``stream_name``.
+        For ``streamz.Source``: ``asynchronous``, ``loop``, ``stream_name``.
 
     Examples
     --------
@@ -2766,18 +2806,20 @@ class from_redis_streams(_RedisSource):
         ``"0"`` the beginning, or an explicit id ``"<ms>-<seq>"``.
     count : int
         Most entries read in one round trip.
+    timeout : float
+        Longest one blocking read waits on Redis, in seconds.
     batch : bool
         ``False`` (default) emits each entry; ``True`` emits a list of the up
         to ``count`` entries of each read: fewer, larger emits, for pipelines
         that need the throughput. A batch holds one reference and is
         acknowledged (or left pending) as a whole.
-    timeout : float
-        Longest one blocking read waits on Redis, in seconds.
     decode : bool or str
         ``True`` (default) decodes field names and values as UTF-8, ``False``
         keeps them as ``bytes``, a string names another encoding. An entry
         that cannot be decoded is logged and skipped; it stays in the stream.
-    url, client_kwargs, client, **kwargs
+    url, client_kwargs, client, cluster, start : optional
+        As for ``from_redis_list``: a URL, a dict, a client, and two bools.
+    **kwargs
         As for ``from_redis_list``.
     """
 
@@ -3185,11 +3227,6 @@ class from_redis_consumer_group(_RedisSource):
         a group that already exists.
     count : int
         Most entries read in one round trip.
-    batch : bool
-        ``False`` (default) emits each entry; ``True`` emits a list of the up
-        to ``count`` entries of each read: fewer, larger emits, for pipelines
-        that need the throughput. A batch holds one reference and is
-        acknowledged (or left pending) as a whole.
     timeout : float
         Longest one blocking read waits on Redis, in seconds.
     claim_idle : float, optional
@@ -3224,14 +3261,17 @@ class from_redis_consumer_group(_RedisSource):
         some group still needs (pending in any group, or not yet delivered
         to one), never further. A stream without groups is never trimmed.
         Needs ``eval``, ``xinfo``, ``xpending``, ``xrange`` and ``xtrim``.
+    batch : bool
+        As for ``from_redis_streams``: a list per read, acknowledged as a whole.
     decode : bool or str
         As for ``from_redis_streams``. An entry that cannot be decoded is
         logged and not acknowledged: it stays pending (and, with
         ``max_deliveries``, ends in the dead-letter stream).
-    url, client_kwargs, client, **kwargs
+    url, client_kwargs, client, cluster, start : optional
+        As for ``from_redis_list``: a URL, a dict, a client, and two bools.
+    **kwargs
         As for ``from_redis_list``.
     """
-
 
     def __init__(
         self, streams: Union[str, List[str], Mapping[str, str]], group: str, consumer: str, *,
@@ -3276,15 +3316,19 @@ class from_redis_consumer_group(_RedisSource):
                          url=url, client_kwargs=client_kwargs, client=client, cluster=cluster, start=start, **kwargs)
 
     def metrics(self) -> Dict[str, Any]:
-        """The figures of every source (see ``_RedisSource.metrics``), and
-        from Redis, refreshed on the loop about once a second (``None`` until
-        known): ``lag``, the group's entries not yet delivered to any of its
-        consumers (summed over the streams; ``None`` where Redis does not say
-        and there are more than LAG_COUNT_LIMIT to count), and ``pending``,
-        the entries delivered to this consumer and not yet acknowledged.
-        ``trimmed``: entries trimmed so far (with ``trim_acknowledged``).
-        With ``remove_idle_consumers``, ``removed_consumers``: consumers
-        removed from the group by this source so far."""
+        """A snapshot of this source's figures: every source's, and the group's.
+
+        Returns
+        -------
+        dict
+            Every source's figures (see ``from_redis_list.metrics``), and
+            ``lag`` (the group's entries not yet delivered to any consumer,
+            summed over its streams; ``None`` where Redis does not say and
+            over LAG_COUNT_LIMIT) and ``pending`` (delivered to this consumer,
+            not yet acknowledged), from Redis about once a second (``None``
+            until known); ``trimmed`` and ``removed_consumers`` by this source,
+            with ``trim_acknowledged`` and ``remove_idle_consumers``.
+        """
         figures = super().metrics()
         figures.update(lag=self._figures.lag, pending=self._figures.pending)
         figures.update(self._housekeeper.figures())
@@ -3584,7 +3628,9 @@ class from_redis_pubsub(_RedisSource):
         As for the other sources, but one read of a subscription waits at
         most 0.1 s (it cannot be woken by CLIENT UNBLOCK), so that ``stop()``
         returns at once.
-    url, client_kwargs, client, **kwargs
+    url, client_kwargs, client, cluster, start : optional
+        As for ``from_redis_list``: a URL, a dict, a client, and two bools.
+    **kwargs
         As for ``from_redis_list``.
 
     Examples
@@ -3846,18 +3892,24 @@ class _RedisSink(_RedisNode, Sink):
         return "<routed>" if callable(self.target) else repr(_text(self.target))
 
     def metrics(self) -> Dict[str, Any]:
-        """A snapshot of this sink's figures, counted since it was made;
-        callable from any thread. ``written``: elements Redis stored;
-        ``failed``: elements Redis refused (or that could not be written by
-        ``close()``); ``in_flight``: received and not yet confirmed;
-        ``writing``: of those, how many the round trip under way carries."""
+        """A snapshot of this sink's figures, counted since it was made.
+
+        Callable from any thread; it does not wait on Redis.
+
+        Returns
+        -------
+        dict
+            ``written``: elements Redis stored; ``failed``: elements Redis
+            refused (or that could not be written by ``close()``);
+            ``in_flight``: received and not yet confirmed; ``writing``: of
+            those, how many the round trip under way carries.
+        """
         return {"written": self._written, "failed": self._refused_count,
                 "in_flight": self._unconfirmed, "writing": len(self._writing)}
 
     @property
     def connected(self) -> bool:
-        """Whether the sink holds a connection (from its first write until
-        ``close()``)."""
+        """Whether the sink holds a connection: from its first write until ``close()``."""
         return self._redis is not None
 
     # ---- receiving ------------------------------------------------------
@@ -4056,17 +4108,40 @@ class _RedisSink(_RedisNode, Sink):
     # ---- flush and close, from any thread -------------------------------
 
     def flush(self) -> Optional[Awaitable[None]]:
-        """Wait until Redis has confirmed (or refused) every element received
-        so far. Blocks in streamz's default mode; inside the event loop it
-        returns an awaitable."""
+        """Wait until Redis has confirmed (or refused) every element received so far.
+
+        Blocks in streamz's default mode; inside the event loop it returns an
+        awaitable.
+
+        Returns
+        -------
+        awaitable or None
+            ``None`` in streamz's default mode, once flushed; inside the event
+            loop, an awaitable that is done once flushed.
+        """
         return self._on_loop(self._flush)
 
     def close(self, timeout: float = FLUSH_DEADLINE) -> Optional[Awaitable[None]]:
-        """Write what is held (waiting at most ``timeout`` seconds for Redis),
-        then close the connection. Elements still unwritten are logged and
-        their upstream entries stay unacknowledged. A later element opens a
-        new connection. Blocks in streamz's default mode; inside the event
-        loop it returns an awaitable."""
+        """Write what is held, then close the connection.
+
+        Elements still unwritten after ``timeout`` are logged and their
+        upstream entries stay unacknowledged. A later element opens a new
+        connection. A ``client`` given to the sink is left open. Blocks in
+        streamz's default mode; inside the event loop it returns an
+        awaitable.
+
+        Parameters
+        ----------
+        timeout : float
+            The longest it waits for Redis to confirm what is held, in
+            seconds (default ``FLUSH_DEADLINE``, 5 s).
+
+        Returns
+        -------
+        awaitable or None
+            ``None`` in streamz's default mode, once closed; inside the event
+            loop, an awaitable that is done once closed.
+        """
         return self._on_loop(self._close, timeout)
 
     def finish_at_exit(self, left):
@@ -4149,6 +4224,9 @@ class to_redis_stream(_RedisSink):
 
     Parameters
     ----------
+    upstream : streamz.Stream
+        The stream whose elements are written: ``stream.to_redis_stream(...)``
+        gives it.
     stream : str or callable
         The stream name, or a function of the element that returns it (for
         routing elements to several streams).
@@ -4159,11 +4237,6 @@ class to_redis_stream(_RedisSink):
         stream may then be slightly longer than ``maxlen``.
     field : str, optional
         The field under which an element that is not a mapping is stored.
-    exactly_once : bool
-        Write each element and acknowledge the consumer-group entries (or
-        reliable-list items) it came from in one script: after a crash the
-        output holds each input once. Raises at the first element if an
-        entry also reaches another sink; refuses a source on another server.
     max_in_flight : int
         How many elements may await Redis before upstream must wait.
     url : str, optional
@@ -4180,6 +4253,11 @@ class to_redis_stream(_RedisSink):
         closed by ``close()``. A Redis Cluster or Sentinel client works too.
     cluster : bool
         ``True`` when ``url`` names a node of a Redis Cluster.
+    exactly_once : bool
+        Write each element and acknowledge the consumer-group entries (or
+        reliable-list items) it came from in one script: after a crash the
+        output holds each input once. Raises at the first element if an
+        entry also reaches another sink; refuses a source on another server.
     **kwargs
         For ``streamz.Stream``: ``stream_name``.
 
@@ -4246,14 +4324,27 @@ class to_redis_list(_RedisSink):
 
     Parameters
     ----------
+    upstream : streamz.Stream
+        The stream whose elements are written: ``stream.to_redis_list(...)``
+        gives it.
     key : str or callable
         The list key, or a function of the element that returns it.
     side : {"right", "left"}
         ``"right"`` (default) appends with RPUSH, so that ``from_redis_list``
         (which pops from the left) reads in order; ``"left"`` uses LPUSH.
+    max_in_flight : int
+        As for ``to_redis_stream``.
+    url : str, optional
+        As for ``to_redis_stream``.
+    client_kwargs : dict, optional
+        As for ``to_redis_stream``.
+    client : redis.asyncio.Redis, optional
+        As for ``to_redis_stream``.
+    cluster : bool
+        As for ``to_redis_stream``.
     exactly_once : bool
         As for ``to_redis_stream``.
-    max_in_flight, url, client_kwargs, client, **kwargs
+    **kwargs
         As for ``to_redis_stream``.
 
     Examples
@@ -4308,9 +4399,22 @@ class to_redis_pubsub(_RedisSink):
 
     Parameters
     ----------
+    upstream : streamz.Stream
+        The stream whose elements are written: ``stream.to_redis_pubsub(...)``
+        gives it.
     channel : str or callable
         The channel, or a function of the element that returns it.
-    max_in_flight, url, client_kwargs, client, **kwargs
+    max_in_flight : int
+        As for ``to_redis_stream``.
+    url : str, optional
+        As for ``to_redis_stream``.
+    client_kwargs : dict, optional
+        As for ``to_redis_stream``.
+    client : redis.asyncio.Redis, optional
+        As for ``to_redis_stream``.
+    cluster : bool
+        As for ``to_redis_stream``.
+    **kwargs
         As for ``to_redis_stream``.
 
     Examples
@@ -4509,8 +4613,9 @@ def _added_up(pairs):
 
 @Stream.register_api()
 class to_redis_hash(_KeySink):
-    """Write each element, a mapping of field -> value, into a Redis hash
-    (HSET); with ``increment=True`` add each value to its field (HINCRBY,
+    """Write each element, a mapping of field -> value, into a Redis hash (HSET).
+
+    With ``increment=True`` it adds each value to its field (HINCRBY,
     HINCRBYFLOAT for a float): counters.
 
     Field names and values must be ``str``, ``bytes``, ``int`` or ``float``;
@@ -4524,21 +4629,34 @@ class to_redis_hash(_KeySink):
 
     Parameters
     ----------
+    upstream : streamz.Stream
+        The stream whose elements are written: ``stream.to_redis_hash(...)``
+        gives it.
     key : str or callable, optional
         The hash's key, or a function of the element that returns it. Without
         it, each element is a ``(key, mapping)`` tuple.
+    ttl : int, optional
+        Seconds: an EXPIRE of the key after each write, in the same round trip.
     increment : bool
         Add the values to the fields instead of setting them. A field that
         holds a fraction takes only floats (Redis's HINCRBY refuses it).
-    ttl : int, optional
-        Seconds: an EXPIRE of the key after each write, in the same round trip.
+    max_in_flight : int
+        As for ``to_redis_stream``.
+    url : str, optional
+        As for ``to_redis_stream``.
+    client_kwargs : dict, optional
+        As for ``to_redis_stream``.
+    client : redis.asyncio.Redis, optional
+        As for ``to_redis_stream``.
+    cluster : bool
+        As for ``to_redis_stream``.
     exactly_once : bool
         Write each element, increments included, and acknowledge the entries
         it came from in one script: through crashes and restarts, a counter
         fed by a consumer group counts each entry once. An element whose
         field holds no number Redis adds to is refused with nothing of it
         written; the elements beside it are written.
-    max_in_flight, url, client_kwargs, client, cluster, **kwargs
+    **kwargs
         As for ``to_redis_stream``.
 
     Examples
@@ -4573,8 +4691,9 @@ class to_redis_hash(_KeySink):
 
 @Stream.register_api()
 class to_redis_key(_KeySink):
-    """Set a Redis key to each element (SET, with EX when ``ttl`` is given),
-    or with ``increment=True`` add each element to the number it holds
+    """Set a Redis key to each element (SET, with EX when ``ttl`` is given).
+
+    With ``increment=True`` it adds each element to the number the key holds
     (INCRBY, INCRBYFLOAT for a float): a cache, or a counter.
 
     Values must be ``str``, ``bytes``, ``int`` or ``float``; increments an
@@ -4583,14 +4702,29 @@ class to_redis_key(_KeySink):
 
     Parameters
     ----------
+    upstream : streamz.Stream
+        The stream whose elements are written: ``stream.to_redis_key(...)``
+        gives it.
     key : str or callable, optional
         The key, or a function of the element that returns it. Without it,
         each element is a ``(key, value)`` tuple.
-    increment : bool
-        Add each element to the key's number instead of setting it.
     ttl : int, optional
         Seconds the key lives after each write.
-    exactly_once, max_in_flight, url, client_kwargs, client, cluster, **kwargs
+    increment : bool
+        Add each element to the key's number instead of setting it.
+    max_in_flight : int
+        As for ``to_redis_hash``.
+    url : str, optional
+        As for ``to_redis_hash``.
+    client_kwargs : dict, optional
+        As for ``to_redis_hash``.
+    client : redis.asyncio.Redis, optional
+        As for ``to_redis_hash``.
+    cluster : bool
+        As for ``to_redis_hash``.
+    exactly_once : bool
+        As for ``to_redis_hash``.
+    **kwargs
         As for ``to_redis_hash``.
 
     Examples
@@ -4620,9 +4754,11 @@ class to_redis_key(_KeySink):
 
 @Stream.register_api()
 class to_redis_sorted_set(_KeySink):
-    """Add each element, a ``(member, score)`` pair or a mapping of member
-    -> score, to a Redis sorted set (ZADD); with ``increment=True`` add each
-    score to its member's (ZINCRBY): leaderboards.
+    """Add each element, members and their scores, to a Redis sorted set (ZADD).
+
+    An element is a ``(member, score)`` pair or a mapping of member ->
+    score. With ``increment=True`` it adds each score to its member's
+    (ZINCRBY): leaderboards.
 
     Members must be ``str``, ``bytes``, ``int`` or ``float``; scores an int
     (within 64 bits) or a finite float. Errors, pipelining and guarantees are
@@ -4630,13 +4766,30 @@ class to_redis_sorted_set(_KeySink):
 
     Parameters
     ----------
+    upstream : streamz.Stream
+        The stream whose elements are written: ``stream.to_redis_sorted_set(...)``
+        gives it.
     key : str or callable, optional
         The sorted set's key, or a function of the element that returns it.
         Without it, each element is a ``(key, (member, score))`` tuple (or
         ``(key, mapping)``).
+    ttl : int, optional
+        As for ``to_redis_hash``.
     increment : bool
         Add the scores to the members' instead of setting them.
-    ttl, exactly_once, max_in_flight, url, client_kwargs, client, cluster, **kwargs
+    max_in_flight : int
+        As for ``to_redis_hash``.
+    url : str, optional
+        As for ``to_redis_hash``.
+    client_kwargs : dict, optional
+        As for ``to_redis_hash``.
+    client : redis.asyncio.Redis, optional
+        As for ``to_redis_hash``.
+    cluster : bool
+        As for ``to_redis_hash``.
+    exactly_once : bool
+        As for ``to_redis_hash``.
+    **kwargs
         As for ``to_redis_hash``.
 
     Examples
@@ -4670,17 +4823,35 @@ class to_redis_sorted_set(_KeySink):
 
 @Stream.register_api()
 class to_redis_set(_KeySink):
-    """Add each element to a Redis set (SADD): "seen" sets. An element is a
-    member (``str``, ``bytes``, ``int`` or ``float``), or a list, tuple or set
-    of members added together. Errors, pipelining and guarantees are as for
-    ``to_redis_hash``.
+    """Add each element to a Redis set (SADD): "seen" sets.
+
+    An element is a member (``str``, ``bytes``, ``int`` or ``float``), or a
+    list, tuple or set of members added together. Errors, pipelining and
+    guarantees are as for ``to_redis_hash``.
 
     Parameters
     ----------
+    upstream : streamz.Stream
+        The stream whose elements are written: ``stream.to_redis_set(...)``
+        gives it.
     key : str or callable, optional
         The set's key, or a function of the element that returns it. Without
         it, each element is a ``(key, member)`` tuple (or ``(key, members)``).
-    ttl, exactly_once, max_in_flight, url, client_kwargs, client, cluster, **kwargs
+    ttl : int, optional
+        As for ``to_redis_hash``.
+    max_in_flight : int
+        As for ``to_redis_hash``.
+    url : str, optional
+        As for ``to_redis_hash``.
+    client_kwargs : dict, optional
+        As for ``to_redis_hash``.
+    client : redis.asyncio.Redis, optional
+        As for ``to_redis_hash``.
+    cluster : bool
+        As for ``to_redis_hash``.
+    exactly_once : bool
+        As for ``to_redis_hash``.
+    **kwargs
         As for ``to_redis_hash``.
 
     Examples
@@ -4729,9 +4900,10 @@ _NOT_A_WRITE = frozenset("""
 
 @Stream.register_api()
 class to_redis_command(_RedisSink):
-    """Send each element, a command such as ``("PFADD", "visitors", user)``,
-    in the sinks' pipeline: the way to every write the other sinks do not
-    wrap.
+    """Send each element, a command such as ``("PFADD", "visitors", user)``.
+
+    It goes in the sinks' pipeline: the way to every write the other sinks
+    do not wrap.
 
     The command's name comes first, then its arguments (``str``, ``bytes``,
     ``int`` or ``float``). A command that blocks or changes the connection
@@ -4750,7 +4922,22 @@ class to_redis_command(_RedisSink):
 
     Parameters
     ----------
-    exactly_once, max_in_flight, url, client_kwargs, client, cluster, **kwargs
+    upstream : streamz.Stream
+        The stream whose elements are written: ``stream.to_redis_command(...)``
+        gives it.
+    max_in_flight : int
+        As for ``to_redis_stream``.
+    url : str, optional
+        As for ``to_redis_stream``.
+    client_kwargs : dict, optional
+        As for ``to_redis_stream``.
+    client : redis.asyncio.Redis, optional
+        As for ``to_redis_stream``.
+    cluster : bool
+        As for ``to_redis_stream``.
+    exactly_once : bool
+        As for ``to_redis_stream``.
+    **kwargs
         As for ``to_redis_stream``.
 
     Examples

@@ -8,8 +8,9 @@ from_redis_streams; from_redis_consumer_group (acknowledgements, replays,
 claim_idle, dead letters, delivery counts); batch mode; the lifecycle and
 errors of every source (start and stop, event loops, exit, permissions,
 lost connections, log lines); Pub/Sub; the sinks; metrics and logging;
-Sentinel; beyond one process, and Dask; the README's, the tutorial's and
-the examples' code, and the README's migration table.
+Sentinel; beyond one process, and Dask; the code of the README, of every
+docs page and of the examples, the docs site's layout, and the migration
+table.
 
 Redis Cluster, exactly-once writes and operating a stream (trimming,
 removing idle consumers, the command line) have test files of their own:
@@ -617,7 +618,7 @@ def test_the_core_runs_a_consumer_group_with_the_optional_modules_blocked(server
 
 def test_the_core_copied_alone_into_an_empty_folder_runs_the_quickstart_and_a_consumer_group(
         server, tmp_path):
-    quickstart = readme_code_blocks()[0]
+    quickstart = code_blocks(HERE / "docs" / "getting-started.rst")[0]  # from_redis_list's
     printed = run_without_optional_modules(tmp_path, quickstart, server, core=HERE / "streamz_redis.py")
     assert "['0', '1', '2', '3', '4']" in printed
     assert f"core: {tmp_path / 'streamz_redis.py'}" in printed  # the copy, not the installed one
@@ -2391,7 +2392,13 @@ def test_a_permission_taken_away_while_running_is_logged_backed_off_and_given_ba
         wait_for(lambda: [value_of(x) for x in seen] == ["back"], timeout=10)
 
 
-# The README's least-privilege rules per node (Permissions (ACL)).
+def docs_text(*pages):
+    """The text of docs pages (``"production"`` is docs/production.rst),
+    whitespace made single spaces, for looking up what they state."""
+    return " ".join(" ".join((HERE / "docs" / f"{page}.rst").read_text().split()) for page in pages)
+
+
+# The least-privilege rules per node (docs/production.rst, Permissions (ACL)).
 LEAST_PRIVILEGE = {
     "list": "+type +lpop +blpop +lpush +client|id +client|unblock",
     "reliable-list": "+type +lrange +lmove +blmove +evalsha +eval +script|load "
@@ -2402,10 +2409,10 @@ LEAST_PRIVILEGE = {
 
 
 @pytest.mark.parametrize("kind", LEAST_PRIVILEGE)
-def test_each_source_runs_with_the_readme_least_privilege_rules(server, r, kind):
-    readme = " ".join((HERE / "README.rst").read_text().split())
+def test_each_source_runs_with_the_documented_least_privilege_rules(server, r, kind):
+    documented = docs_text("production")
     for rule in LEAST_PRIVILEGE[kind].split():
-        assert rule in readme
+        assert rule in documented
     keys = {"list": "~L ~L:dead-letter", "reliable-list": "~L ~P ~L:dead-letter",
             "streams": "~S", "group": "~S ~S:dead-letter"}[kind]
     r.execute_command("ACL", "SETUSER", "least", "reset", "on", ">pw", "+ping", "+multi", "+discard",
@@ -2431,7 +2438,7 @@ def test_each_source_runs_with_the_readme_least_privilege_rules(server, r, kind)
     source.stop()  # CLIENT UNBLOCK, give back, acks: all allowed
 
 
-# The README's rows for the sinks of keys, each run under exactly its rules.
+# The documented rows for the sinks of keys, each run under exactly its rules.
 KEY_SINK_PRIVILEGE = {
     "hash": ("+hset +hincrby +hincrbyfloat +expire", "+hget",
              lambda s, **kw: s.map(lambda e: {"n": 1, "x": 0.5}).to_redis_hash(
@@ -2451,12 +2458,12 @@ KEY_SINK_PRIVILEGE = {
 @requires_redis_7
 @pytest.mark.parametrize("exactly_once", [False, True])
 @pytest.mark.parametrize("kind", KEY_SINK_PRIVILEGE)
-def test_each_sink_of_keys_runs_with_the_readme_least_privilege_rules(server, r, kind, exactly_once):
+def test_each_sink_of_keys_runs_with_the_documented_least_privilege_rules(server, r, kind, exactly_once):
     rules, counter_rules, make = KEY_SINK_PRIVILEGE[kind]
-    readme = " ".join((HERE / "README.rst").read_text().split())
+    documented = docs_text("production")
     rules += " +evalsha +script|load +info +xpending +xack " + counter_rules if exactly_once else ""
     for rule in rules.split():
-        assert rule in readme or kind == "command"  # its row: the commands it sends
+        assert rule in documented or kind == "command"  # its row: the commands it sends
     r.execute_command("ACL", "SETUSER", "least", "reset", "on", ">pw", "+ping", "+multi", "+discard",
                       *LEAST_PRIVILEGE["group"].split(), *rules.split(), "~S", "~S:dead-letter", "~O")
     url = user_url(server, "least")
@@ -4047,16 +4054,24 @@ def test_a_dask_pipeline_without_its_client_fails_loudly_at_start(server, r, das
 
 
 # --------------------------------------------------------------------------
-# The README, the tutorial and the examples
+# The README, the docs pages and the examples
 # --------------------------------------------------------------------------
 
 
-# ---- The README's code blocks and test command -----------------------------
+# ---- The code blocks of the README and of every docs page ------------------
 
 
-def readme_code_blocks():
-    text = (HERE / "README.rst").read_text()
-    blocks = re.findall(r"\.\. code-block:: python\n\n((?:    .*\n|\n)+)", text)
+DOCS = HERE / "docs"
+
+
+def documented_pages():
+    """README.rst, then every page of docs/."""
+    return [HERE / "README.rst", *sorted(DOCS.glob("*.rst"))]
+
+
+def code_blocks(page):
+    """The ``.. code-block:: python`` blocks of ``page``, dedented."""
+    blocks = re.findall(r"\.\. code-block:: python\n\n((?:    .*\n|\n)+)", page.read_text())
     return [textwrap.dedent(block) for block in blocks]
 
 
@@ -4074,12 +4089,33 @@ def run_code_block(server, code):
         assert line in printed, (line, printed)
 
 
-@pytest.mark.parametrize("number", range(len(readme_code_blocks())))
-def test_readme_code_block_runs(server, number):
-    code = readme_code_blocks()[number]
+@pytest.mark.parametrize("page, number", [
+    pytest.param(page, number, id=f"{page.stem}-{number}")
+    for page in documented_pages() for number in range(len(code_blocks(page)))
+])
+def test_docs_code_block_runs(server, page, number):
+    code = code_blocks(page)[number]
     if "distributed" in code:  # the Dask recipe, with the dask extra
         pytest.importorskip("distributed")
+    started = time.monotonic()
     run_code_block(server, code)
+    if page.name == "tutorial.rst":
+        assert time.monotonic() - started < 10, "a tutorial block should finish in seconds"
+
+
+def test_every_docs_page_is_in_the_site_and_the_readme_links_only_to_pages_that_exist():
+    index = (DOCS / "index.rst").read_text()
+    listed = set(re.findall(r"^   ([\w-]+)$", index, re.M))  # the toctrees' entries
+    assert listed == {page.stem for page in DOCS.glob("*.rst")} - {"index"}
+    readme = (HERE / "README.rst").read_text()
+    for target in re.findall(r"<(docs/[\w-]+\.rst)>`_", readme):
+        assert (HERE / target).exists(), target
+
+
+def test_the_api_reference_documents_every_public_name():
+    api = (DOCS / "api.rst").read_text()
+    documented = set(re.findall(r"^\.\. autoclass:: (\w+)$", api, re.M))
+    assert documented == set(streamz_redis.__all__)
 
 
 def test_readme_test_command_is_what_ci_runs():
@@ -4267,22 +4303,7 @@ def consumers_listed(r, example):
     return max(len(r.xinfo_consumers(stream, "my-group")) for stream in EXAMPLE_STREAMS)
 
 
-# ---- The tutorial (docs/tutorial.rst): its code blocks run -----------------
-
-
-def tutorial_code_blocks():
-    # The README's pattern (readme_code_blocks), on the tutorial.
-    text = (HERE / "docs" / "tutorial.rst").read_text()
-    blocks = re.findall(r"\.\. code-block:: python\n\n((?:    .*\n|\n)+)", text)
-    return [textwrap.dedent(block) for block in blocks]
-
-
-@pytest.mark.parametrize("number", range(len(tutorial_code_blocks())))
-def test_tutorial_code_block_runs(server, number):
-    code = tutorial_code_blocks()[number]
-    started = time.monotonic()
-    run_code_block(server, code)
-    assert time.monotonic() - started < 10, "a tutorial block should finish in seconds"
+# ---- The tutorial (docs/tutorial.rst): the README points to it -----------
 
 
 def test_the_readme_and_the_quickstart_point_to_the_tutorial():
@@ -4292,7 +4313,7 @@ def test_the_readme_and_the_quickstart_point_to_the_tutorial():
         assert (HERE / path).exists(), path
 
 
-# ---- Migrating from the original: the README's table, and no aliases -------
+# ---- Migrating from the original: docs/migrating.rst's table, no aliases --
 
 
 # Every public name and parameter of the original streamz_redis's nodes.
@@ -4306,15 +4327,14 @@ ORIGINAL_NAMES = [
 
 
 def test_the_migration_table_answers_every_name_of_the_original():
-    readme = (HERE / "README.rst").read_text()
-    section = readme.split("Migrating from the original streamz_redis\n---")[1]
+    section = (DOCS / "migrating.rst").read_text()
     for name in ORIGINAL_NAMES:
         # named in an inline literal, such as ``left=False`` or ``Stream.from_redis_lists(keys)``
         assert re.search(rf"``[^`]*\b{re.escape(name)}(?![\w])[^`]*``", section), name
 
 
 def test_the_original_node_names_are_not_aliases_of_ours():
-    # The README says why; adding an alias is a decision to change it there.
+    # docs/migrating.rst says why; adding an alias is a decision to change it there.
     for name in ("from_redis_lists", "from_redis_comsumer_group", "sink_to_redis_list",
                  "sink_to_redis_stream"):
         assert not hasattr(Stream, name), name

@@ -1,5 +1,5 @@
 """A consumer group feeding a Dask cluster: entries per second through the
-README's recipe (submit each entry, or each batch, as a task; buffer; gather
+recipe of docs/scaling.rst (submit each entry, or each batch, as a task; buffer; gather
 in order; a sink), on a LocalCluster of worker processes.
 
     python bench/dask_throughput.py --entries 2000 --batched-entries 50000 --workers 2

@@ -1,7 +1,7 @@
-"""The three quickstart examples of the README, against REDIS_URL (default
-redis://localhost:6379/0). Prints what each source emits. It uses keys of its
-own (``streamz-redis-quickstart:<pid>:...``) and removes them at the end, so
-it leaves your Redis as it found it.
+"""The three quickstart examples (docs/getting-started.rst), against
+REDIS_URL (default redis://localhost:6379/0). Prints what each source emits.
+It uses keys of its own (``streamz-redis-quickstart:<pid>:...``) and removes
+them at the end, so it leaves your Redis as it found it.
 
     python examples/quickstart.py
 
