@@ -2253,7 +2253,7 @@ class _RedisSource(_SourceLifecycle):
             command, exc = refused[0]
             raise redis.exceptions.NoPermissionError(
                 f"this Redis user may not run {command.upper()} as reading needs it "
-                f"({_error_text(exc)}); grant it (the README's Permissions (ACL) section lists what each node needs)"
+                f"({_error_text(exc)}); grant it (docs/production.rst, Permissions (ACL), lists what each node needs)"
             )
 
     def _block_seconds(self):
