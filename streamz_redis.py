@@ -312,18 +312,23 @@ def _raw_reply(response, **options):
     return response
 
 
-def _stream_entries(reply):
+def _stream_replies(reply):
     """A raw XREAD or XREADGROUP reply (a map in RESP3, a list of pairs in
-    RESP2, nil when nothing came) as ``[(stream, [(id, flat), ...]), ...]``
-    with ``str`` names and ids, leaving out streams that had nothing. ``flat``
-    is the entry's ``[field, value, ...]`` as Redis sent it."""
+    RESP2, nil when nothing came) as ``[(stream, [[id, flat], ...]), ...]``
+    with ``str`` names, leaving out streams that had nothing; ids are bytes
+    and ``flat`` is the entry's ``[field, value, ...]``, as Redis sent them
+    (the XREAD source decodes the ids as it builds each entry: one pass)."""
     if not reply:
         return []
     pairs = reply.items() if isinstance(reply, dict) else reply
+    return [(_text(name), entries) for name, entries in pairs if entries]
+
+
+def _stream_entries(reply):
+    """``_stream_replies`` with ``str`` ids: ``[(stream, [(id, flat), ...]), ...]``."""
     return [
-        (_text(name), [(raw_id.decode(), flat) for raw_id, flat in entries])
-        for name, entries in pairs
-        if entries
+        (name, [(raw_id.decode(), flat) for raw_id, flat in entries])
+        for name, entries in _stream_replies(reply)
     ]
 
 
@@ -2866,7 +2871,7 @@ class from_redis_streams(_RedisSource):
 
     async def _read(self, reader):
         names = reader.keys
-        reply = _stream_entries(await reader.execute(
+        reply = _stream_replies(await reader.execute(
             "XREAD", "COUNT", self.count, "BLOCK", int(self._block_seconds() * 1000),
             "STREAMS", *names, *[self.last_ids[name] for name in names], **NEVER_DECODE,
         ))
@@ -2874,34 +2879,34 @@ class from_redis_streams(_RedisSource):
             await self._check_went_back(names)
             return []
         for name, entries in reply:
-            self.last_ids[name] = entries[-1][0]
+            self.last_ids[name] = entries[-1][0].decode()
         return _Later(self._entries_of, reply)
 
     async def _entries_of(self, reply):
-        """The ``(Entry, None)`` pairs of an XREAD reply; an entry that cannot
-        be decoded is logged and skipped (it stays in the stream)."""
-        try:  # the common case, inline: it runs once per entry
+        """The ``(Entry, None)`` pairs of ``_stream_replies``; an entry that
+        cannot be decoded is logged and skipped (it stays in the stream)."""
+        try:  # the common case, inline, from the raw reply: it runs once per entry
             decode = _field_decoder(self._encoding)
             return [
-                (_new_tuple(Entry, (name, entry_id, dict(zip(pairs, pairs)))), None)
+                (_new_tuple(Entry, (name, raw_id.decode(), dict(zip(pairs, pairs)))), None)
                 for name, entries in reply
-                for entry_id, flat in entries
+                for raw_id, flat in entries
                 for pairs in (decode(flat),)
             ]
         except UnicodeDecodeError:
             pass  # the loop below says which entry
         batch = []
         for name, entries in reply:
-            for entry_id, flat in entries:
+            for raw_id, flat in entries:
                 try:
                     fields = _entry_fields(flat, self._encoding)
                 except UnicodeDecodeError as exc:
                     log.error(
                         "%s: entry %s of stream %r cannot be decoded (%s); skipped, "
-                        "it stays in the stream", self, entry_id, name, exc,
+                        "it stays in the stream", self, raw_id.decode(), name, exc,
                     )
                     continue
-                batch.append((_new_tuple(Entry, (name, entry_id, fields)), None))
+                batch.append((_new_tuple(Entry, (name, raw_id.decode(), fields)), None))
         return batch
 
     async def _check_went_back(self, names):

@@ -196,6 +196,18 @@ def test_an_xreadgroup_reply_keeps_a_pending_entry_deleted_since_with_its_nil_fi
     assert streamz_redis._stream_entries(reply) == [("orders", [("1-0", [b"n", b"1"]), ("1-1", None)])]
 
 
+@pytest.mark.parametrize("reply", [
+    [[b"orders", [[b"1-0", [b"n", b"1"]], [b"1-1", None]]], [b"refunds", []]],
+    {b"orders": [[b"1-0", [b"n", b"1"]], [b"1-1", None]], b"refunds": []},
+    None, [], {},
+], ids=["resp2", "resp3", "nil", "empty-resp2", "empty-resp3"])
+def test_the_raw_stream_replies_are_the_entries_with_ids_as_redis_sent_them(reply):
+    raw = streamz_redis._stream_replies(reply)
+    assert [(name, [(i.decode(), flat) for i, flat in entries]) for name, entries in raw] == \
+        streamz_redis._stream_entries(reply)
+    assert all(isinstance(i, bytes) for _, entries in raw for i, _ in entries)
+
+
 # ---- XAUTOCLAIM replies ----------------------------------------------------
 
 
