@@ -1127,7 +1127,8 @@ async def throughput(args, url, only=None, cluster=None):
         await fill_cluster(cluster, args.n)
     rates = {row[1]: [] for row in rows}
     cpu = {row[1]: [] for row in rows}
-    redis_cpu = {row[1]: [] for row in rows if row[1] not in CLUSTER_ROWS}
+    # (not for the cluster row, whose servers are others, nor for the streamz ceilings, which use none)
+    redis_cpu = {row[1]: [] for row in rows if row[1] not in CLUSTER_ROWS and not row[1].startswith("streamz-")}
     for _ in range(args.repeat):
         for key in rates:
             gc.collect()
@@ -1347,6 +1348,53 @@ def grid(header, rows):
     return "\n".join(out)
 
 
+# The docs' tables (--rst): the main table's rows by topic, as the name of a
+# row tells it, each a list-table without the columns it leaves empty.
+RST_TOPICS = [
+    ("The ceilings: streamz alone, redis-py alone, and the sources' own work without streamz:",
+     lambda name: name.startswith("ceiling:") and "pipelined" not in name and "RPUSH of" not in name),
+    ("The peers: what users would otherwise write:",
+     lambda name: name.startswith("peer:") and "pipelined" not in name),
+    ("The sources, one entry per emit:",
+     lambda name: name.startswith("from_redis") and "batch=True" not in name),
+    ("The sources with ``batch=True``:", lambda name: name.startswith("from_redis")),
+    ("The sinks, beside the hand-written pipelined loops doing the same writes:",
+     lambda name: "pipelined" in name or "RPUSH of" in name or name.startswith("to_redis")),
+    ("Latency and memory:", lambda name: True),
+]
+
+
+def list_table(header, rows):
+    lines = [".. list-table::", "   :header-rows: 1", ""]
+    for row in [header, *rows]:
+        for i, cell in enumerate(row):
+            lines.append(("   * - " if i == 0 else "     - ") + str(cell).strip())
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def rst_tables(header, rows):
+    """The main table as the docs show it: a list-table per topic."""
+    out, left = [], list(rows)
+    for title, belongs in RST_TOPICS:
+        mine = [row for row in left if belongs(row[0])]
+        left = [row for row in left if row not in mine]
+        if not mine:
+            continue
+        keep = [i for i in range(len(header)) if i == 0 or any(str(row[i]).strip() for row in mine)]
+        out += [title, "", list_table([header[i] for i in keep], [[row[i] for i in keep] for row in mine]), ""]
+    return "\n".join(out)
+
+
+def rst_peer_tables(header, rows):
+    """The side-by-side table as the docs show it: group + ack, then XREAD."""
+    out = []
+    for title, columns in (("Reading a consumer group and acknowledging (XREADGROUP + XACK):", range(1, 5)),
+                           ("Reading with XREAD:", range(5, 9))):
+        keep = [0, *columns]
+        out += [title, "", list_table([header[i].strip() for i in keep], [[row[i] for i in keep] for row in rows]), ""]
+    return "\n".join(out)
+
+
 def rate_text(value):
     return f"{value:,.0f} msg/s"
 
@@ -1362,7 +1410,7 @@ def paired(values, key, other):
     return statistics.median(a / b for a, b in pairs) if pairs else None
 
 
-def table(args, rates, cpu, redis_cpu, latencies, mem):
+def table(args, rates, cpu, redis_cpu, latencies, mem, render=None):
     header = ["Benchmark", "Result", "Detail", "vs streamz", "vs lean", "vs redis-py",
               "Target"]
     rows = []
@@ -1417,10 +1465,10 @@ def table(args, rates, cpu, redis_cpu, latencies, mem):
             f"{'' if complete else ' (time cap)'} in {mem['seconds']:.0f} s",
             "", "", "", f"< 50 MB: {verdict(growth < 50)}",
         ])
-    return grid(header, rows)
+    return (render or grid)(header, rows)
 
 
-def peer_table(rates, cpu, redis_cpu):
+def peer_table(rates, cpu, redis_cpu, render=None):
     """Side by side with what users would otherwise write, and the targets
     of ``batch=True`` against them. Redis's own CPU per entry is beside each:
     one Redis core's limit, however fast the client."""
@@ -1439,7 +1487,7 @@ def peer_table(rates, cpu, redis_cpu):
                     f"{statistics.median(cpu[key]):.2f}",
                     f"{statistics.median(redis_cpu[key]):.2f}" if redis_cpu.get(key) else ""]
         rows.append(row)
-    out = [grid(header, rows), ""]
+    out = [(render or grid)(header, rows), ""]
     for how, ours in (("", ("ours-group-batch", "ours-streams-batch")),
                       (", decode=False", ("ours-group-batch-bytes", "ours-streams-batch-bytes"))):
         for peer, *keys in PEER_TARGETS:
@@ -1449,6 +1497,7 @@ def peer_table(rates, cpu, redis_cpu):
                 speed = paired(rates, mine, key)
                 thrift = paired(cpu, key, mine)  # their CPU per entry over ours
                 out.append(
+                    ("- " if render else "") +
                     f"target: batch=True{how} {what} against {peer}: throughput {speed:.2f} "
                     f"(>= {PEER_SPEED:.2f}: {verdict(speed >= PEER_SPEED)}), its CPU per entry "
                     f"over ours {thrift:.2f} (>= {PEER_THRIFT:.2f}: {verdict(thrift >= PEER_THRIFT)})")
@@ -1527,6 +1576,8 @@ def parse(argv):
     p.add_argument("--skip-latency", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--json", metavar="FILE", help="also write the raw numbers here")
+    p.add_argument("--rst", metavar="FILE", help="also write the tables as the docs show them "
+                   "(docs/performance-run.rst)")
     p.add_argument("--_produce", nargs=4, help=argparse.SUPPRESS)
     p.add_argument("--_memory", nargs=7, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -1596,6 +1647,17 @@ def main(argv=None):
         print(peer_table(rates, cpu, redis_cpu))
     print()
     print("reproduce with: " + reproduce(args))
+    if args.rst:
+        with open(args.rst, "w") as f:
+            f.write("\n".join([
+                ".. The output of bench/bench.py --rst; regenerate it, do not edit it.", "",
+                f"This run: {env}; {time.perf_counter() - started:.0f} s in all; {load}.", "",
+                table(args, rates, cpu, redis_cpu, latencies, mem, render=rst_tables), "",
+                "Side by side with what users would otherwise write, with Redis's own CPU per "
+                "entry beside each (one Redis core's limit, however fast the client):", "",
+                peer_table(rates, cpu, redis_cpu, render=rst_peer_tables) if rates else "", "",
+                "Reproduce with:", "", ".. code-block:: sh", "", "    " + reproduce(args), "",
+            ]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rates": rates, "cpu_us_per_msg": cpu, "redis_cpu_us_per_msg": redis_cpu,
