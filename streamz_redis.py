@@ -4337,18 +4337,8 @@ class to_redis_list(_RedisSink):
     side : {"right", "left"}
         ``"right"`` (default) appends with RPUSH, so that ``from_redis_list``
         (which pops from the left) reads in order; ``"left"`` uses LPUSH.
-    max_in_flight : int
-        As for ``to_redis_stream``.
-    url : str, optional
-        As for ``to_redis_stream``.
-    client_kwargs : dict, optional
-        As for ``to_redis_stream``.
-    client : redis.asyncio.Redis, optional
-        As for ``to_redis_stream``.
-    cluster : bool
-        As for ``to_redis_stream``.
-    exactly_once : bool
-        As for ``to_redis_stream``.
+    max_in_flight, url, client_kwargs, client, cluster, exactly_once : optional
+        As for ``to_redis_stream``: an int, a URL, a dict, a client, and two bools.
     **kwargs
         As for ``to_redis_stream``.
 
@@ -4409,16 +4399,8 @@ class to_redis_pubsub(_RedisSink):
         gives it.
     channel : str or callable
         The channel, or a function of the element that returns it.
-    max_in_flight : int
-        As for ``to_redis_stream``.
-    url : str, optional
-        As for ``to_redis_stream``.
-    client_kwargs : dict, optional
-        As for ``to_redis_stream``.
-    client : redis.asyncio.Redis, optional
-        As for ``to_redis_stream``.
-    cluster : bool
-        As for ``to_redis_stream``.
+    max_in_flight, url, client_kwargs, client, cluster : optional
+        As for ``to_redis_stream``: an int, a URL, a dict, a client, and a bool.
     **kwargs
         As for ``to_redis_stream``.
 
@@ -4645,16 +4627,8 @@ class to_redis_hash(_KeySink):
     increment : bool
         Add the values to the fields instead of setting them. A field that
         holds a fraction takes only floats (Redis's HINCRBY refuses it).
-    max_in_flight : int
-        As for ``to_redis_stream``.
-    url : str, optional
-        As for ``to_redis_stream``.
-    client_kwargs : dict, optional
-        As for ``to_redis_stream``.
-    client : redis.asyncio.Redis, optional
-        As for ``to_redis_stream``.
-    cluster : bool
-        As for ``to_redis_stream``.
+    max_in_flight, url, client_kwargs, client, cluster : optional
+        As for ``to_redis_stream``: an int, a URL, a dict, a client, and a bool.
     exactly_once : bool
         Write each element, increments included, and acknowledge the entries
         it came from in one script: through crashes and restarts, a counter
@@ -4717,18 +4691,8 @@ class to_redis_key(_KeySink):
         Seconds the key lives after each write.
     increment : bool
         Add each element to the key's number instead of setting it.
-    max_in_flight : int
-        As for ``to_redis_hash``.
-    url : str, optional
-        As for ``to_redis_hash``.
-    client_kwargs : dict, optional
-        As for ``to_redis_hash``.
-    client : redis.asyncio.Redis, optional
-        As for ``to_redis_hash``.
-    cluster : bool
-        As for ``to_redis_hash``.
-    exactly_once : bool
-        As for ``to_redis_hash``.
+    max_in_flight, url, client_kwargs, client, cluster, exactly_once : optional
+        As for ``to_redis_hash``: an int, a URL, a dict, a client, and two bools.
     **kwargs
         As for ``to_redis_hash``.
 
@@ -4782,18 +4746,8 @@ class to_redis_sorted_set(_KeySink):
         As for ``to_redis_hash``.
     increment : bool
         Add the scores to the members' instead of setting them.
-    max_in_flight : int
-        As for ``to_redis_hash``.
-    url : str, optional
-        As for ``to_redis_hash``.
-    client_kwargs : dict, optional
-        As for ``to_redis_hash``.
-    client : redis.asyncio.Redis, optional
-        As for ``to_redis_hash``.
-    cluster : bool
-        As for ``to_redis_hash``.
-    exactly_once : bool
-        As for ``to_redis_hash``.
+    max_in_flight, url, client_kwargs, client, cluster, exactly_once : optional
+        As for ``to_redis_hash``: an int, a URL, a dict, a client, and two bools.
     **kwargs
         As for ``to_redis_hash``.
 
@@ -4844,18 +4798,8 @@ class to_redis_set(_KeySink):
         it, each element is a ``(key, member)`` tuple (or ``(key, members)``).
     ttl : int, optional
         As for ``to_redis_hash``.
-    max_in_flight : int
-        As for ``to_redis_hash``.
-    url : str, optional
-        As for ``to_redis_hash``.
-    client_kwargs : dict, optional
-        As for ``to_redis_hash``.
-    client : redis.asyncio.Redis, optional
-        As for ``to_redis_hash``.
-    cluster : bool
-        As for ``to_redis_hash``.
-    exactly_once : bool
-        As for ``to_redis_hash``.
+    max_in_flight, url, client_kwargs, client, cluster, exactly_once : optional
+        As for ``to_redis_hash``: an int, a URL, a dict, a client, and two bools.
     **kwargs
         As for ``to_redis_hash``.
 
@@ -4930,18 +4874,8 @@ class to_redis_command(_RedisSink):
     upstream : streamz.Stream
         The stream whose elements are written: ``stream.to_redis_command(...)``
         gives it.
-    max_in_flight : int
-        As for ``to_redis_stream``.
-    url : str, optional
-        As for ``to_redis_stream``.
-    client_kwargs : dict, optional
-        As for ``to_redis_stream``.
-    client : redis.asyncio.Redis, optional
-        As for ``to_redis_stream``.
-    cluster : bool
-        As for ``to_redis_stream``.
-    exactly_once : bool
-        As for ``to_redis_stream``.
+    max_in_flight, url, client_kwargs, client, cluster, exactly_once : optional
+        As for ``to_redis_stream``: an int, a URL, a dict, a client, and two bools.
     **kwargs
         As for ``to_redis_stream``.
 
