@@ -1788,12 +1788,15 @@ class _Readers:
             await asyncio.sleep(0)
 
     async def take_ahead(self):
-        """On stop(), with one connection: what its read ahead brought, or
-        [] (none, failed, or not answered in time)."""
-        if len(self.wires) != 1 or self.first.read is None:
+        """On stop(): what the reads under way brought (a read ahead; with
+        several connections, the others' reads too), or [] (none, failed, or
+        not answered in time). Taken with the rest of the read being
+        emitted, so that they go back together: on a Redis Cluster the read
+        ahead is on the connection of the batch being emitted, and a list's
+        items it popped must go back behind that batch's, not in front."""
+        if not any(wire.read is not None for wire in self.wires):
             return []
-        taken = await self._wake_and_take(self.wires)
-        return taken[0] if taken else []
+        return [pair for taken in await self._wake_and_take(self.wires) for pair in taken]
 
     async def _wake_and_take(self, wires):
         """On stop(): the results of the reads under way on ``wires``, those
