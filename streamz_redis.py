@@ -1788,12 +1788,15 @@ class _Readers:
             await asyncio.sleep(0)
 
     async def take_ahead(self):
-        """On stop(), with one connection: what its read ahead brought, or
-        [] (none, failed, or not answered in time)."""
-        if len(self.wires) != 1 or self.first.read is None:
+        """On stop(): what the reads under way brought (a read ahead; with
+        several connections, the others' reads too), or [] (none, failed, or
+        not answered in time). Taken with the rest of the read being
+        emitted, so that they go back together: on a Redis Cluster the read
+        ahead is on the connection of the batch being emitted, and a list's
+        items it popped must go back behind that batch's, not in front."""
+        if not any(wire.read is not None for wire in self.wires):
             return []
-        taken = await self._wake_and_take(self.wires)
-        return taken[0] if taken else []
+        return [pair for taken in await self._wake_and_take(self.wires) for pair in taken]
 
     async def _wake_and_take(self, wires):
         """On stop(): the results of the reads under way on ``wires``, those
@@ -2194,6 +2197,7 @@ class _RedisSource(_SourceLifecycle):
         self._encoding = _encoding_of(decode)
         self.batch = bool(batch)
         self._read_count = self._emitted = self._failed = self._reconnects = 0
+        self._unemitted = None  # the read being emitted (see _read_and_emit)
         self._dead_lettered = 0
         super().__init__(start=start, **kwargs)
 
@@ -2313,13 +2317,19 @@ class _RedisSource(_SourceLifecycle):
             if backoff.delay > BACKOFF_FIRST:
                 log.info("%s: Redis answers again; reading", self)
             backoff.reset()
-            if batch and READ_AHEAD and not self.stopped:
-                await self._readers.read_ahead(self._read)
-            if batch.__class__ is _Later:
-                batch = await batch.decode(batch.reply)
-            self._read_count += len(batch)
-            self._after_read(batch)
-            await self._emit_batch(batch)
+            # What the read ahead must know is read and not yet emitted (a
+            # consumer group's claim must not take it): as Redis sent it.
+            self._unemitted = batch
+            try:
+                if batch and READ_AHEAD and not self.stopped:
+                    await self._readers.read_ahead(self._read)
+                if batch.__class__ is _Later:
+                    batch = self._unemitted = await batch.decode(batch.reply)
+                self._read_count += len(batch)
+                self._after_read(batch)
+                await self._emit_batch(batch)
+            finally:
+                self._unemitted = None
 
     async def _handle_read_error(self, exc, delay):
         """Log a failed read; True if it was recovered from and can be
@@ -3433,6 +3443,7 @@ class from_redis_consumer_group(_RedisSource):
         replay = {name: self._replay_from[name] for name in reader.keys if name in self._replay_from}
         if not replay:
             return None  # replayed; other slots' streams may not be yet
+        held = self._held_now()
         reply = _stream_entries(await reader.execute(
             "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", self.count,
             "STREAMS", *replay, *replay.values(), **NEVER_DECODE,
@@ -3447,18 +3458,37 @@ class from_redis_consumer_group(_RedisSource):
             return None
         for name, entries in reply:
             self._replay_from[name] = entries[-1][0]
-        return await self._batch_of(reply, await self._delivery_counts(reply))
+        return await self._batch_of(reply, await self._delivery_counts(reply), held)
 
     async def _claim(self, reader):
         """One step of a claim sweep; at its end, the housekeeper's turn
         (``remove_idle_consumers``: a dead consumer's entries were claimed by
         the sweep once idle for ``claim_idle``)."""
+        held = self._held_now()
         reply, swept = await self._claims.step(reader)
         if swept:
             await self._housekeeper.after_sweep(self._redis)
         if not reply:
             return []
-        return await self._batch_of(reply, await self._delivery_counts(reply))
+        return await self._batch_of(reply, await self._delivery_counts(reply), held)
+
+    def _held_now(self):
+        """What a replay or a claim about to be sent must skip: the entries
+        held in the pipeline or whose ack is queued or being sent, taken
+        before the command. Taken after its reply, an ack confirmed in the
+        meantime (sent before the claim reached Redis, or after) would be
+        missing, and its entry, claimed while its ack was on its way, emitted
+        a second time. With a read ahead, the entries of the read being
+        emitted too."""
+        held = self._ledger.held()
+        # A claim sent ahead, while a read is emitted: that read's entries
+        # are this source's too, though not yet tracked.
+        unemitted = self._unemitted
+        if unemitted.__class__ is _Later:
+            held.update((name, entry_id) for name, entries in unemitted.reply for entry_id, _ in entries)
+        elif unemitted:
+            held.update((ack.key, ack.item) for _, ack in unemitted)
+        return held
 
     async def _delivery_counts(self, reply):
         """How many times Redis has delivered each entry of ``reply``, now
@@ -3478,10 +3508,11 @@ class from_redis_consumer_group(_RedisSource):
             for entry_id, count in _delivery_counts(next(answers)).items()
         }
 
-    async def _batch_of(self, reply, counts=None):
+    async def _batch_of(self, reply, counts=None, held=()):
         """Entries of an XREADGROUP or XAUTOCLAIM reply, as ``(Entry, _Ack)``.
 
-        ``counts`` has the delivery counts of replayed and claimed entries;
+        ``counts`` has the delivery counts of replayed and claimed entries,
+        ``held`` what of them is still this source's (``_held_now``);
         entries read with ``>`` are on their first delivery."""
         if counts is None:
             try:
@@ -3489,7 +3520,6 @@ class from_redis_consumer_group(_RedisSource):
             except UnicodeDecodeError:
                 pass  # the slow path below says which entry, and leaves it pending
         ledger = self._ledger
-        held = ledger.held() if counts is not None else ()
         batch, gone, dead = [], [], []
         for name, entries in reply:
             for entry_id, flat in entries:

@@ -1789,6 +1789,88 @@ def test_stop_leaves_what_a_read_ahead_moved_in_the_processing_list(server, r):
     assert [int(x) for x in seen + left] == list(range(250))
 
 
+def idle_ms_of_pending(r, stream, group):
+    """The idle times (ms) of the group's pending entries, as XPENDING says."""
+    return [row["time_since_delivered"] for row in r.xpending_range(stream, group, "-", "+", 10000)]
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+@pytest.mark.parametrize("batch", [False, True])
+def test_a_claim_sweep_skips_the_entries_whose_ack_is_on_its_way(server, r, monkeypatch, batch, ahead):
+    # The first read is held for longer than claim_idle; once let go, its
+    # acks are sent as the next read (a claim sweep, due) claims it: what was
+    # held when the claim was sent is skipped, even if its ack is confirmed
+    # before the claim's reply is read (with or without a read ahead).
+    monkeypatch.setattr(streamz_redis, "READ_AHEAD", ahead)
+    ids = backlog(r, 300)
+    source = Stream.from_redis_consumer_group("jobs", "workers", "w", count=100, batch=batch,
+                                              claim_idle=0.2)
+    held = HeldSink(source)
+    source.start()
+    wait_for(lambda: held.received and pending(r, "jobs", "workers") == (200 if ahead else 100))
+    wait_for(lambda: min(idle_ms_of_pending(r, "jobs", "workers")) > 400)
+    held.let_go(source)
+    seen = lambda: [e.id for x in held.received for e in (x if batch else [x])]  # noqa: E731
+    wait_for(lambda: set(seen()) == set(ids) and pending(r, "jobs", "workers") == 0)
+    wait_for(lambda: source.metrics()["acked"] >= 300)
+    source.stop()
+    assert sorted(c for c in Counter(seen()).values() if c > 1) == []
+    assert len(seen()) == 300
+
+
+class HoldOne:
+    """An async sink that holds its ``nth`` element (from 0) until the test
+    lets it go; the others pass."""
+
+    def __init__(self, upstream, nth):
+        self.received = []
+        self.nth = nth
+        self.release = None
+        upstream.sink(self.hold)
+
+    async def hold(self, x):
+        if self.release is None:
+            self.release = asyncio.Event()
+        self.received.append(x)
+        if len(self.received) == self.nth + 1:
+            await self.release.wait()
+
+    def let_go(self, source):
+        source.loop.add_callback(self.release.set)
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_a_claim_sweep_never_claims_what_it_has_read_and_not_yet_emitted(server, r, batch):
+    # The sink holds the last entry of the second read (batch=True: the
+    # second read, of 50) while the third, read ahead of it, waits (delivered
+    # to this consumer) for longer than claim_idle. Once it is let go, the
+    # third is taken and the next read ahead is a claim sweep: it must not
+    # claim the third read's entries (about to be emitted, not tracked yet),
+    # nor the held one (its ack on its way), or they are emitted twice.
+    ids = backlog(r, 150 if batch else 300)
+    source = Stream.from_redis_consumer_group("jobs", "workers", "w", count=100, batch=batch,
+                                              claim_idle=0.2)
+    held = HoldOne(source, 1 if batch else 199)
+    source.start()
+    wait_for(lambda: held.release is not None and len(held.received) == held.nth + 1)
+    if batch:  # the read ahead waits for new entries: they come now, at once (MULTI)
+        with r.pipeline(transaction=True) as pipe:
+            for i in range(150, 250):
+                pipe.xadd("jobs", {"i": i})
+            ids += [i.decode() for i in pipe.execute()]
+    wait_for(lambda: pending(r, "jobs", "workers") == (150 if batch else 101))
+    # What is pending (the held entries and the read ahead of them) is idle
+    # for longer than claim_idle: the next sweep is due and finds it.
+    wait_for(lambda: min(idle_ms_of_pending(r, "jobs", "workers")) > 400)
+    held.let_go(source)
+    seen = lambda: [e.id for x in held.received for e in (x if batch else [x])]  # noqa: E731
+    wait_for(lambda: set(seen()) == set(ids) and pending(r, "jobs", "workers") == 0)
+    wait_for(lambda: source.metrics()["acked"] >= len(ids))
+    source.stop()
+    assert sorted(c for c in Counter(seen()).values() if c > 1) == []
+    assert len(seen()) == len(ids)
+
+
 def test_batch_mode_for_streams_and_lists(server, r):
     for i in range(5):
         r.xadd("s", {"i": i})

@@ -682,3 +682,27 @@ def test_counters_on_a_cluster_are_routed_by_slot_and_exactly_once_where_they_sh
     assert writer.exists("per-page") == 0 and pending(writer, "{views}", "apart") == 30
     assert any("CROSSSLOT" in m and "hash tag" in m for m in caplog.messages)
     writer.close()
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_stop_pushes_back_what_a_read_ahead_popped_from_a_list_in_order_on_a_cluster(cluster, batch):
+    # Two keys in two slots: a blocking connection each. The read ahead
+    # popped the next items of the key whose batch is being emitted; stop()
+    # gives them back behind the rest of that batch, not in front of it.
+    writer = cluster.client()
+    writer.rpush("a", *range(250))
+    source = Stream.from_redis_list(["a", "b"], count=100, batch=batch, url=cluster.url, cluster=True)
+    seen = []
+
+    def take(x):
+        seen.append(x)
+        if len(seen) == (1 if batch else 50):
+            source.stop()
+
+    source.sink(take)
+    source.start()
+    wait_for(lambda: not source.running)
+    emitted = seen[0] if batch else seen
+    assert [int(x) for x in emitted + writer.lrange("a", 0, -1)] == list(range(250))
+    assert writer.llen("b") == 0
+    writer.close()
