@@ -1794,33 +1794,39 @@ class _Readers:
         emitted, so that they go back together: on a Redis Cluster the read
         ahead is on the connection of the batch being emitted, and a list's
         items it popped must go back behind that batch's, not in front."""
-        if not any(wire.read is not None for wire in self.wires):
-            return []
         return [pair for taken in await self._wake_and_take(self.wires) for pair in taken]
 
     async def _wake_and_take(self, wires):
         """On stop(): the results of the reads under way on ``wires``, those
         still blocked woken with CLIENT UNBLOCK (twice: the first can reach
         Redis before the read it must wake), and cancelled if Redis has not
-        answered within READ_STOP_DEADLINE. Failed reads bring nothing."""
+        answered within READ_STOP_DEADLINE. Failed reads bring nothing. Each
+        read is taken off its connection first, so that no other give-back
+        (stop() after an abandoned emit) takes it too."""
+        reads = [(wire, wire.read) for wire in wires if wire.read is not None]
+        for wire, _ in reads:
+            wire.read = None
         for _ in range(2):
-            blocked = [wire for wire in wires if wire.read is not None and not wire.read.done()]
+            blocked = [(wire, read) for wire, read in reads if not read.done()]
             if not blocked:
                 break
-            for wire in blocked:
+            for wire, _ in blocked:
                 asyncio.ensure_future(wire.unblock()).add_done_callback(_retrieve)
-            await asyncio.wait([wire.read for wire in blocked], timeout=READ_STOP_DEADLINE / 2)
-        taken = []
-        for wire in wires:
-            read, wire.read = wire.read, None
-            if read is None:
-                continue
-            if not read.done():
-                read.cancel()
-            elif not read.cancelled() and read.exception() is None and read.result():
-                result = read.result()
-                taken.append(await result.decode(result.reply) if result.__class__ is _Later else result)
-        return taken
+            await asyncio.wait([read for _, read in blocked], timeout=READ_STOP_DEADLINE / 2)
+        taken = [await self._brought(read) for _, read in reads]
+        return [pairs for pairs in taken if pairs]
+
+    @staticmethod
+    async def _brought(read):
+        """What a read taken on stop() brought, decoded; nothing where it
+        failed, was cancelled, or has not finished (it is cancelled)."""
+        if not read.done():
+            read.cancel()
+            return None
+        if read.cancelled() or read.exception() is not None:
+            return None
+        result = read.result()
+        return await result.decode(result.reply) if result.__class__ is _Later else result
 
     @staticmethod
     def _result(wire, now):
@@ -1884,6 +1890,7 @@ class _SourceLifecycle(_RedisNode, Source):
         self._redis = None  # pooled connections: non-blocking commands, acks
         self._readers = _Readers()  # the blocking reads' own connections
         self._task = None  # the read loop
+        self._finishing = False  # stop() is under way: see running
         self._lock = None  # see _lifecycle()
         self._stopping = None  # an asyncio.Event, set by stop()
         self._reading = False  # the read loop is waiting on Redis
@@ -1898,7 +1905,7 @@ class _SourceLifecycle(_RedisNode, Source):
     @property
     def running(self) -> bool:
         """True from ``start()`` until ``stop()`` has finished."""
-        return self._task is not None
+        return self._task is not None or self._finishing
 
     def _report_failed_start(self, starting):
         if not starting.cancelled() and starting.exception() is not None:
@@ -2056,14 +2063,18 @@ class _SourceLifecycle(_RedisNode, Source):
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
-        await self._end(task, left)
-        await self._readers.give_back_reads(self._give_back)
-        self._task = None
-        _live_nodes.discard(self)
-        stopped = "stopped"
-        if self._ledger is not None:
-            stopped += await self._flush_acks(left)
-        await self._close()
+        self._finishing = True  # running, until the acks are flushed and the connections closed
+        try:
+            await self._end(task, left)
+            await self._readers.give_back_reads(self._give_back)
+            self._task = None
+            _live_nodes.discard(self)
+            stopped = "stopped"
+            if self._ledger is not None:
+                stopped += await self._flush_acks(left)
+            await self._close()
+        finally:
+            self._finishing = False
         log.info("%s: %s", self, stopped)
 
     async def _flush_acks(self, left):
@@ -2330,6 +2341,22 @@ class _RedisSource(_SourceLifecycle):
                 await self._emit_batch(batch)
             finally:
                 self._unemitted = None
+
+    def _held_now(self):
+        """What a replay or a claim about to be sent must skip: the entries
+        (items) held in the pipeline or whose ack is queued or being sent,
+        taken before the command. Taken after its reply, an ack confirmed in
+        the meantime would be missing, and its entry, claimed while its ack
+        was on its way, emitted a second time. With a read ahead, the
+        entries of the read being emitted too (this source's, though not yet
+        tracked; a ``_Later`` holds a stream reply)."""
+        held = self._ledger.held()
+        unemitted = self._unemitted
+        if unemitted.__class__ is _Later:
+            held.update((name, entry_id) for name, entries in unemitted.reply for entry_id, _ in entries)
+        elif unemitted:
+            held.update((ack.key, ack.item) for _, ack in unemitted if isinstance(ack, _Ack))
+        return held
 
     async def _handle_read_error(self, exc, delay):
         """Log a failed read; True if it was recovered from and can be
@@ -2696,11 +2723,12 @@ class from_redis_list(_RedisSource):
             # Items a crash, a stop() or a lost connection left in the
             # processing list come first; the flag is cleared only once the
             # LRANGE succeeded.
+            # Items still on their way through the pipeline are in the
+            # processing list too; not twice (taken before the LRANGE: see
+            # _held_now).
+            held = self._held_now()
             items = await self._redis.lrange(processing, 0, -1)
             self._replay_processing = False
-            # Items still on their way through the pipeline are in the
-            # processing list too; not twice.
-            held = self._ledger.held()
             items = [item for item in items if (processing, item) not in held]
             if items:
                 log.info("%s: emitting %d items left in %r", self, len(items), processing)
@@ -2949,6 +2977,24 @@ class from_redis_streams(_RedisSource):
 
 
 # ---- The consumer group's parts: figures, claims, dead letters --------------
+
+
+async def _delivered(client, group, consumer, reply):
+    """How many times Redis has delivered each entry of ``reply`` (replayed
+    or claimed, now pending in ``consumer``): (stream, id) -> count."""
+    # One XPENDING per entry (pipelined): a range from the first id to the
+    # last would also count the consumer's other pending entries.
+    async with client.pipeline(transaction=False) as pipe:
+        for name, entries in reply:
+            for entry_id, _ in entries:
+                pipe.xpending_range(name, group, entry_id, entry_id, 1, consumername=consumer)
+        answers = iter(await pipe.execute())
+    return {
+        (name, entry_id): count
+        for name, entries in reply
+        for _ in entries
+        for entry_id, count in _delivery_counts(next(answers)).items()
+    }
 
 
 async def _group_lag(client, stream, group_info, last_id):
@@ -3458,7 +3504,7 @@ class from_redis_consumer_group(_RedisSource):
             return None
         for name, entries in reply:
             self._replay_from[name] = entries[-1][0]
-        return await self._batch_of(reply, await self._delivery_counts(reply), held)
+        return await self._batch_of(reply, await _delivered(self._redis, self.group, self.consumer, reply), held)
 
     async def _claim(self, reader):
         """One step of a claim sweep; at its end, the housekeeper's turn
@@ -3470,43 +3516,7 @@ class from_redis_consumer_group(_RedisSource):
             await self._housekeeper.after_sweep(self._redis)
         if not reply:
             return []
-        return await self._batch_of(reply, await self._delivery_counts(reply), held)
-
-    def _held_now(self):
-        """What a replay or a claim about to be sent must skip: the entries
-        held in the pipeline or whose ack is queued or being sent, taken
-        before the command. Taken after its reply, an ack confirmed in the
-        meantime (sent before the claim reached Redis, or after) would be
-        missing, and its entry, claimed while its ack was on its way, emitted
-        a second time. With a read ahead, the entries of the read being
-        emitted too."""
-        held = self._ledger.held()
-        # A claim sent ahead, while a read is emitted: that read's entries
-        # are this source's too, though not yet tracked.
-        unemitted = self._unemitted
-        if unemitted.__class__ is _Later:
-            held.update((name, entry_id) for name, entries in unemitted.reply for entry_id, _ in entries)
-        elif unemitted:
-            held.update((ack.key, ack.item) for _, ack in unemitted)
-        return held
-
-    async def _delivery_counts(self, reply):
-        """How many times Redis has delivered each entry of ``reply``, now
-        pending in this consumer: (stream, id) -> count."""
-        # One XPENDING per entry (pipelined): a range from the first id to
-        # the last would also count this consumer's other pending entries.
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for name, entries in reply:
-                for entry_id, _ in entries:
-                    pipe.xpending_range(name, self.group, entry_id, entry_id, 1,
-                                        consumername=self.consumer)
-            answers = iter(await pipe.execute())
-        return {
-            (name, entry_id): count
-            for name, entries in reply
-            for _ in entries
-            for entry_id, count in _delivery_counts(next(answers)).items()
-        }
+        return await self._batch_of(reply, await _delivered(self._redis, self.group, self.consumer, reply), held)
 
     async def _batch_of(self, reply, counts=None, held=()):
         """Entries of an XREADGROUP or XAUTOCLAIM reply, as ``(Entry, _Ack)``.
