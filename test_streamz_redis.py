@@ -94,18 +94,21 @@ def wait_for_acks(source):
 
 
 class HeldSink:
-    """An async sink that holds each element until the test lets it go."""
+    """An async sink that holds each element (or only its ``nth``, from 0,
+    letting the others pass) until the test lets it go."""
 
-    def __init__(self, upstream):
+    def __init__(self, upstream, nth=None):
         self.received = []
         self.release = None
+        self.nth = nth
         upstream.sink(self.hold)
 
     async def hold(self, x):
         if self.release is None:
             self.release = asyncio.Event()
         self.received.append(x)
-        await self.release.wait()
+        if self.nth is None or len(self.received) == self.nth + 1:
+            await self.release.wait()
 
     def let_go(self, source):
         source.loop.add_callback(self.release.set)
@@ -1818,27 +1821,6 @@ def test_a_claim_sweep_skips_the_entries_whose_ack_is_on_its_way(server, r, monk
     assert len(seen()) == 300
 
 
-class HoldOne:
-    """An async sink that holds its ``nth`` element (from 0) until the test
-    lets it go; the others pass."""
-
-    def __init__(self, upstream, nth):
-        self.received = []
-        self.nth = nth
-        self.release = None
-        upstream.sink(self.hold)
-
-    async def hold(self, x):
-        if self.release is None:
-            self.release = asyncio.Event()
-        self.received.append(x)
-        if len(self.received) == self.nth + 1:
-            await self.release.wait()
-
-    def let_go(self, source):
-        source.loop.add_callback(self.release.set)
-
-
 @pytest.mark.parametrize("batch", [False, True])
 def test_a_claim_sweep_never_claims_what_it_has_read_and_not_yet_emitted(server, r, batch):
     # The sink holds the last entry of the second read (batch=True: the
@@ -1850,7 +1832,7 @@ def test_a_claim_sweep_never_claims_what_it_has_read_and_not_yet_emitted(server,
     ids = backlog(r, 150 if batch else 300)
     source = Stream.from_redis_consumer_group("jobs", "workers", "w", count=100, batch=batch,
                                               claim_idle=0.2)
-    held = HoldOne(source, 1 if batch else 199)
+    held = HeldSink(source, 1 if batch else 199)
     source.start()
     wait_for(lambda: held.release is not None and len(held.received) == held.nth + 1)
     if batch:  # the read ahead waits for new entries: they come now, at once (MULTI)
